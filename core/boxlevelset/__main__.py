@@ -1,0 +1,3 @@
+from boxlevelset.cli import main
+
+raise SystemExit(main())

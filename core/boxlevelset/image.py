@@ -1,0 +1,113 @@
+"""Image normalisation shared by the engine: dtype handling, CT windowing, box checks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+# CT window presets as (level, width) in Hounsfield units.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "abdomen": (40.0, 400.0),
+    "liver": (60.0, 160.0),
+    "lung": (-600.0, 1500.0),
+    "bone": (400.0, 1800.0),
+}
+
+Window = tuple[float, float] | str | None
+
+
+def resolve_window(window: Window) -> tuple[float, float] | None:
+    """Turn a preset name or a (level, width) pair into (level, width)."""
+    if window is None:
+        return None
+    if isinstance(window, str):
+        try:
+            return WINDOW_PRESETS[window.lower()]
+        except KeyError:
+            raise ValueError(
+                f"unknown window preset {window!r}; choose one of {sorted(WINDOW_PRESETS)} "
+                "or give (level, width)"
+            ) from None
+    level, width = (float(v) for v in window)
+    if width <= 0:
+        raise ValueError(f"window width must be positive, got {width}")
+    return level, width
+
+
+def apply_window(image: np.ndarray, window: Window) -> np.ndarray:
+    """Map Hounsfield units to [0, 1] through a (level, width) window or a preset name."""
+    resolved = resolve_window(window)
+    if resolved is None:
+        raise ValueError("apply_window needs a window")
+    level, width = resolved
+    lo = level - width / 2.0
+    return np.clip((np.asarray(image, dtype=np.float32) - lo) / width, 0.0, 1.0)
+
+
+def as_float_image(image: np.ndarray, window: Window = None) -> np.ndarray:
+    """Return an HxWxC float32 image in [0, 1].
+
+    uint8 is divided by 255, uint16 by 65535 then stretched to its own range (microscopy
+    rarely fills 16 bits), floats are min-max scaled unless already in [0, 1]. With a
+    window, values are treated as Hounsfield units and windowed first. Raises ValueError
+    for wrong dimensions or non-finite values.
+    """
+    arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[2] not in (1, 2, 3, 4) and arr.shape[0] in (1, 3, 4):
+        raise ValueError(f"image must be HxW or HxWxC (channels last), got shape {arr.shape}")
+    if arr.ndim not in (2, 3) or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"image must be HxW or HxWxC, got shape {arr.shape}")
+    if arr.dtype == bool:
+        arr = arr.astype(np.float32)
+    if not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(f"image must be numeric, got dtype {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise ValueError("image contains NaN or inf values")
+    if arr.ndim == 3 and arr.shape[2] == 4:  # drop alpha
+        arr = arr[..., :3]
+    resolved = resolve_window(window)
+    if resolved is not None:
+        out = apply_window(arr, resolved)
+    elif arr.dtype == np.uint8:
+        out = arr.astype(np.float32) / 255.0
+    else:
+        out = arr.astype(np.float32)
+        lo, hi = float(out.min()), float(out.max())
+        if arr.dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
+            pass
+        elif hi > lo:
+            out = (out - lo) / (hi - lo)
+        else:
+            out = np.zeros_like(out)
+    if out.ndim == 2:
+        out = out[..., None]
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def as_boxes(boxes: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+    """Validate boxes as an Nx4 float array of (x0, y0, x1, y1); empty input gives 0x4."""
+    arr = np.asarray(boxes, dtype=np.float64)
+    if arr.size == 0:
+        return np.zeros((0, 4), dtype=np.float64)
+    if arr.ndim == 1 and arr.shape[0] == 4:
+        arr = arr[None]
+    if arr.ndim != 2 or arr.shape[1] != 4:
+        raise ValueError(f"boxes must be an Nx4 array of (x0, y0, x1, y1), got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError("boxes contain NaN or inf values")
+    return arr
+
+
+def clip_boxes(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Clip (x0, y0, x1, y1) boxes to the image and raise ValueError on any of zero area."""
+    arr = as_boxes(boxes).copy()
+    arr[:, [0, 2]] = arr[:, [0, 2]].clip(0, width)
+    arr[:, [1, 3]] = arr[:, [1, 3]].clip(0, height)
+    bad = np.flatnonzero((arr[:, 2] <= arr[:, 0]) | (arr[:, 3] <= arr[:, 1]))
+    if bad.size:
+        raise ValueError(
+            f"box {int(bad[0])} {as_boxes(boxes)[bad[0]].tolist()} has zero area inside the "
+            f"{width}x{height} image ({bad.size} such boxes)"
+        )
+    return arr
