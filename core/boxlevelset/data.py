@@ -1,0 +1,688 @@
+"""Reading images, CT volumes and box-labeled folders (COCO, Pascal VOC, plain images).
+
+A box-labeled folder is `images/` plus a COCO `annotations.json` whose annotations need only
+`bbox` (x, y, w, h) and `category_id`; a `segmentation` is kept for scoring only. CT image
+entries point at a volume file (or DICOM series folder) and name their slice with
+`slice_index`, the z index of the array SimpleITK returns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from .export import (
+    atomic_path,
+    atomic_write,
+    decode_segmentation,
+    masks_to_rle,
+    segmentation_to_rle,
+)
+from .image import Window, apply_window, resolve_window
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
+
+
+class ImageReadError(ValueError):
+    """An image or volume file is missing, corrupt or of an unsupported kind (message names it)."""
+
+
+def _lower_suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def is_volume_path(path: str | os.PathLike) -> bool:
+    """True for volume files SimpleITK reads (.nii, .nii.gz, .nrrd, .mha, .mhd) or folders."""
+    path = Path(path)
+    return path.is_dir() or _lower_suffix(path) in VOLUME_SUFFIXES
+
+
+# ----------------------------------------------------------------------------- 2D images
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read a PNG/JPEG/TIFF/BMP file as HxW or HxWxC (RGB/RGBA order), keeping its dtype.
+
+    uint8, uint16 and float images come back unchanged in value; JPEG EXIF orientation is
+    applied. Raises ImageReadError naming the file if it is missing, corrupt or unsupported.
+    """
+    import cv2
+
+    path = Path(path)
+    suffix = _lower_suffix(path)
+    if suffix not in IMAGE_SUFFIXES:
+        raise ImageReadError(
+            f"{path}: unsupported image type {suffix or '(no suffix)'!r}; "
+            f"expected one of {', '.join(IMAGE_SUFFIXES)}"
+        )
+    if not path.is_file():
+        raise ImageReadError(f"{path}: file does not exist")
+    if suffix in (".tif", ".tiff"):
+        image = _read_tiff(path)
+    else:
+        # np.fromfile + imdecode also works for non-ASCII paths, where cv2.imread fails.
+        data = np.fromfile(str(path), dtype=np.uint8)
+        flags = cv2.IMREAD_COLOR if suffix in (".jpg", ".jpeg") else cv2.IMREAD_UNCHANGED
+        image = cv2.imdecode(data, flags) if data.size else None
+        if image is None:
+            raise ImageReadError(f"{path}: cannot decode image (corrupt or not a {suffix} file)")
+        if image.ndim == 3 and image.shape[2] == 3:
+            image = image[..., ::-1]
+        elif image.ndim == 3 and image.shape[2] == 4:
+            image = image[..., [2, 1, 0, 3]]
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[..., 0]
+    if image.ndim not in (2, 3) or image.size == 0:
+        raise ImageReadError(f"{path}: expected a 2D image, got an array of shape {image.shape}")
+    return np.ascontiguousarray(image)
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    import tifffile
+
+    try:
+        image = tifffile.imread(path)
+    except Exception as err:  # tifffile raises many kinds of errors for bad files
+        raise ImageReadError(f"{path}: cannot read TIFF ({err})") from err
+    image = np.asarray(image)
+    # Planar RGB (C, H, W) stored by some microscopes: move channels last.
+    if image.ndim == 3 and image.shape[0] in (3, 4) and image.shape[2] not in (3, 4):
+        image = np.moveaxis(image, 0, -1)
+    return image
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(height, width) from the file header without decoding pixels; ImageReadError if bad."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise ImageReadError(f"{path}: file does not exist")
+    suffix = _lower_suffix(path)
+    if suffix not in IMAGE_SUFFIXES:
+        raise ImageReadError(f"{path}: unsupported image type {suffix!r}")
+    if suffix in (".tif", ".tiff"):
+        image = _read_tiff(path)
+        return int(image.shape[0]), int(image.shape[1])
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            if suffix in (".jpg", ".jpeg"):
+                # read_image applies EXIF orientation, so report the rotated size.
+                orientation = im.getexif().get(0x0112, 1)
+                if orientation in (5, 6, 7, 8):
+                    width, height = height, width
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ImageReadError(f"{path}: cannot read image header ({err})") from err
+    return int(height), int(width)
+
+
+# ----------------------------------------------------------------------------- volumes
+
+
+@dataclass
+class Volume:
+    """A CT/MR volume: array (z, y, x) float32 (Hounsfield units for CT) plus its geometry."""
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+    path: Path | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+
+def read_volume(path: str | os.PathLike) -> Volume:
+    """Read a volume with SimpleITK: .nii/.nii.gz/.nrrd/.mha/.mhd file or a DICOM series folder.
+
+    The array is (z, y, x) float32; spacing and origin are (x, y, z) like SimpleITK, direction
+    the 9 row-major entries of the 3x3 direction matrix. A 2D file becomes a single slice.
+    Raises ImageReadError naming the path when it is missing, unreadable or not a volume.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"{path}: file or folder does not exist")
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            series = reader.GetGDCMSeriesIDs(str(path))
+            if not series:
+                raise ImageReadError(f"{path}: folder holds no DICOM series")
+            # Several series in one folder: take the one with the most slices.
+            files = max((reader.GetGDCMSeriesFileNames(str(path), s) for s in series), key=len)
+            reader.SetFileNames(files)
+            image = reader.Execute()
+        else:
+            if _lower_suffix(path) not in VOLUME_SUFFIXES:
+                raise ImageReadError(
+                    f"{path}: unsupported volume type; expected {', '.join(VOLUME_SUFFIXES)} "
+                    "or a DICOM series folder"
+                )
+            image = sitk.ReadImage(str(path))
+    except RuntimeError as err:  # SimpleITK reports every read failure as RuntimeError
+        raise ImageReadError(f"{path}: cannot read volume ({str(err).strip().splitlines()[-1]})") \
+            from err
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise ImageReadError(f"{path}: volume has vector pixels; expected a scalar (CT) volume")
+    dim = image.GetDimension()
+    if dim == 2:
+        image = sitk.JoinSeries(image)
+    elif dim != 3:
+        raise ImageReadError(f"{path}: expected a 3D volume, got {dim} dimensions")
+    array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    return Volume(
+        array=array,
+        spacing=tuple(float(v) for v in image.GetSpacing()),
+        origin=tuple(float(v) for v in image.GetOrigin()),
+        direction=tuple(float(v) for v in image.GetDirection()),
+        path=path,
+    )
+
+
+def write_label_volume(path: str | os.PathLike, labels: np.ndarray, like: Volume) -> Path:
+    """Write a (z, y, x) integer label volume atomically with `like`'s spacing/origin/direction.
+
+    The format follows the suffix (.nii, .nii.gz, .nrrd, .mha); labels are stored as uint8,
+    uint16 or int32, the smallest that fits.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if _lower_suffix(path) not in (".nii", ".nii.gz", ".nrrd", ".mha"):
+        raise ValueError(f"{path}: label volumes are written as .nii, .nii.gz, .nrrd or .mha")
+    labels = np.asarray(labels)
+    if labels.shape != like.array.shape:
+        raise ValueError(
+            f"{path}: labels shape {labels.shape} differs from the volume's {like.array.shape}"
+        )
+    if labels.dtype == bool:
+        labels = labels.astype(np.uint8)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{path}: labels must be integers, got dtype {labels.dtype}")
+    lo, hi = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
+    if lo < 0:
+        raise ValueError(f"{path}: labels must be non-negative")
+    dtype = np.uint8 if hi < 256 else np.uint16 if hi < 65536 else np.int32
+    image = sitk.GetImageFromArray(np.ascontiguousarray(labels.astype(dtype)))
+    image.SetSpacing([float(v) for v in like.spacing])
+    image.SetOrigin([float(v) for v in like.origin])
+    image.SetDirection([float(v) for v in like.direction])
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(image, str(tmp), True)  # True: compress where the format allows
+    return path
+
+
+# ----------------------------------------------------------------------------- records
+
+
+@dataclass
+class Record:
+    """One image (or CT slice) of a box-labeled folder and its boxes.
+
+    boxes are (x0, y0, x1, y1) float32 pixels clipped to the image; category_ids are the
+    folder's category ids; segmentations holds, per box, a COCO RLE dict, a polygon list or
+    None. slice_index is the z index for CT entries (path is then the volume), else None.
+    """
+
+    image_id: int
+    file_name: str
+    path: Path
+    width: int
+    height: int
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    category_ids: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+    segmentations: list = field(default_factory=list)
+    slice_index: int | None = None
+
+
+class BoxFolder:
+    """A loaded box-labeled folder: categories, records and image/mask access."""
+
+    def __init__(
+        self,
+        root: Path,
+        categories: list[dict],
+        records: list[Record],
+        window: Window = "abdomen",
+    ) -> None:
+        self.root = Path(root)
+        self.categories = categories
+        self.records = records
+        self.window = resolve_window(window)
+        self._volumes: dict[Path, Volume] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[Record]:
+        return iter(self.records)
+
+    def __getitem__(self, index: int) -> Record:
+        return self.records[index]
+
+    def __repr__(self) -> str:
+        boxes = sum(len(r.boxes) for r in self.records)
+        return (f"BoxFolder({str(self.root)!r}, {len(self.records)} images, {boxes} boxes, "
+                f"{len(self.categories)} categories)")
+
+    @property
+    def class_names(self) -> list[str]:
+        """Category names in category order (index = 0-based label)."""
+        return [c["name"] for c in self.categories]
+
+    def volume(self, record: Record) -> Volume:
+        """The (cached) volume a CT record points at."""
+        if record.slice_index is None:
+            raise ValueError(f"{record.path}: record is a 2D image, not a volume slice")
+        path = record.path
+        if path not in self._volumes:
+            self._volumes[path] = read_volume(path)
+        return self._volumes[path]
+
+    def load_image(self, record: Record) -> np.ndarray:
+        """The record's pixels: the 2D image as read, or the CT slice windowed to uint8 HxW."""
+        if record.slice_index is None:
+            return read_image(record.path)
+        hu = self.volume(record).array[record.slice_index]
+        window = self.window or resolve_window("abdomen")
+        return np.round(apply_window(hu, window) * 255.0).astype(np.uint8)
+
+    def gt_masks(self, record: Record) -> np.ndarray | None:
+        """Decode the record's segmentations to bool [N, H, W]; None if any box has none."""
+        if any(s is None for s in record.segmentations):
+            return None
+        masks = np.zeros((len(record.segmentations), record.height, record.width), dtype=bool)
+        for i, seg in enumerate(record.segmentations):
+            try:
+                masks[i] = decode_segmentation(seg, record.height, record.width)
+            except ValueError as err:
+                raise ValueError(f"{record.file_name}: annotation {i}: {err}") from err
+        return masks
+
+    def _gt_rles(self, record: Record) -> list[dict | None]:
+        # Convert straight to RLE (no decode/encode round trip: thousands of nuclei stay fast).
+        if any(s is None for s in record.segmentations):
+            return [None] * len(record.boxes)
+        out = []
+        for i, seg in enumerate(record.segmentations):
+            try:
+                out.append(segmentation_to_rle(seg, record.height, record.width))
+            except ValueError as err:
+                raise ValueError(f"{record.file_name}: annotation {i}: {err}") from err
+        return out
+
+    def to_coco_gt(self) -> dict:
+        """A COCO ground-truth dict (segmentations as RLE, area, iscrowd 0) for pycocotools.
+
+        Boxes without a segmentation get no "segmentation" key (mask AP then refuses them).
+        """
+        images, annotations = [], []
+        for rec in self.records:
+            image = {"id": rec.image_id, "file_name": rec.file_name,
+                     "width": rec.width, "height": rec.height}
+            if rec.slice_index is not None:
+                image["slice_index"] = rec.slice_index
+            images.append(image)
+            rles = self._gt_rles(rec)
+            for box, cat, rle in zip(rec.boxes, rec.category_ids, rles):
+                x0, y0, x1, y1 = (float(v) for v in box)
+                ann = {"id": len(annotations) + 1, "image_id": rec.image_id,
+                       "category_id": int(cat), "bbox": [x0, y0, x1 - x0, y1 - y0],
+                       "iscrowd": 0}
+                if rle is not None:
+                    ann["segmentation"] = rle
+                    ann["area"] = float(mask_utils.area(rle))
+                else:
+                    ann["area"] = (x1 - x0) * (y1 - y0)
+                annotations.append(ann)
+        return {"images": images, "annotations": annotations,
+                "categories": [dict(c) for c in self.categories]}
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_box_folder(path: str | os.PathLike, window: Window = "abdomen") -> BoxFolder:
+    """Load a box-labeled folder.
+
+    Recognised layouts, in this order: a COCO `annotations.json` (or a path to any COCO .json)
+    with images under `images/` (or beside the json); Pascal VOC (`Annotations/*.xml` +
+    `JPEGImages/`, categories from the <name> tags, sorted); a plain folder of images (or its
+    `images/` subfolder), giving records without boxes. Missing or unreadable images are
+    skipped with a warning naming them; boxes are clipped to the image and zero-area ones are
+    dropped (count logged); crowd annotations (iscrowd 1) are left out. `window` is used by
+    load_image for CT slices. Raises ValueError naming the folder if it holds no images.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: folder does not exist")
+    if path.is_file():
+        if path.suffix.lower() != ".json":
+            raise ValueError(f"{path}: expected a folder or a COCO .json file")
+        return _load_coco(path, path.parent, window)
+    if (path / "annotations.json").is_file():
+        return _load_coco(path / "annotations.json", path, window)
+    if (path / "Annotations").is_dir():
+        return _load_voc(path, window)
+    return _load_plain(path, window)
+
+
+def _resolve_file(root: Path, file_name: str) -> Path:
+    candidate = Path(file_name)
+    if candidate.is_absolute():
+        return candidate
+    for base in (root / "images", root):
+        if (base / candidate).exists():
+            return base / candidate
+    return root / "images" / candidate
+
+
+def _clip_and_filter(boxes: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """Clip xyxy boxes to the image; return (clipped boxes, keep mask); log dropped ones."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    finite = np.isfinite(boxes).all(axis=1)
+    boxes = np.where(finite[:, None], boxes, 0.0)
+    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width)
+    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height)
+    keep = finite & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return boxes.astype(np.float32), keep
+
+
+def _check_image(path: Path, height: int | None, width: int | None) -> tuple[int, int] | None:
+    """Header-check a 2D image; warn naming it and return None if it cannot be used."""
+    try:
+        h, w = _image_size(path)
+    except ImageReadError as err:
+        warnings.warn(f"skipping unreadable image: {err}", stacklevel=4)
+        return None
+    if height is not None and width is not None and (h, w) != (int(height), int(width)):
+        warnings.warn(
+            f"skipping {path}: annotation says {width}x{height} but the image is {w}x{h}",
+            stacklevel=4,
+        )
+        return None
+    return h, w
+
+
+def _load_coco(json_path: Path, root: Path, window: Window) -> BoxFolder:
+    try:
+        coco = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{json_path}: cannot read COCO JSON ({err})") from err
+    if not isinstance(coco, dict) or not isinstance(coco.get("images"), list):
+        raise ValueError(f"{json_path}: not a COCO file (needs an 'images' list)")
+    if not coco["images"]:
+        raise ValueError(f"{root}: {json_path.name} lists no images")
+    categories = [{"id": int(c["id"]), "name": str(c["name"])}
+                  for c in sorted(coco.get("categories", []), key=lambda c: int(c["id"]))]
+    cat_ids = {c["id"] for c in categories}
+
+    per_image: dict[int, list[dict]] = {}
+    for ann in coco.get("annotations", []):
+        per_image.setdefault(int(ann["image_id"]), []).append(ann)
+    image_ids = {int(im["id"]) for im in coco["images"]}
+    orphans = sum(len(v) for k, v in per_image.items() if k not in image_ids)
+    if orphans:
+        logger.warning("%s: %d annotations refer to unknown image ids; ignored", json_path, orphans)
+
+    folder = BoxFolder(root, categories, [], window)
+    dropped = crowd = 0
+    checked: dict[Path, tuple[int, int] | None] = {}
+    for im in coco["images"]:
+        file_name = str(im["file_name"])
+        path = _resolve_file(root, file_name)
+        slice_index = im.get("slice_index")
+        height, width = im.get("height"), im.get("width")
+        if slice_index is not None or is_volume_path(path):
+            slice_index = int(slice_index or 0)
+            try:
+                vol = folder.volume(Record(0, file_name, path, 0, 0, slice_index=slice_index))
+            except ImageReadError as err:
+                warnings.warn(f"skipping unreadable volume: {err}", stacklevel=3)
+                continue
+            depth, h, w = vol.array.shape
+            if not 0 <= slice_index < depth:
+                warnings.warn(f"skipping {path}: slice_index {slice_index} outside 0..{depth - 1}",
+                              stacklevel=3)
+                continue
+            if height is not None and width is not None and (int(height), int(width)) != (h, w):
+                warnings.warn(f"skipping {path}[{slice_index}]: annotation says {width}x{height} "
+                              f"but the slice is {w}x{h}", stacklevel=3)
+                continue
+        else:
+            if path not in checked:
+                checked[path] = _check_image(path, height, width)
+            if checked[path] is None:
+                continue
+            h, w = checked[path]
+
+        boxes, cats, segs = [], [], []
+        for ann in per_image.get(int(im["id"]), []):
+            if ann.get("iscrowd", 0):
+                crowd += 1
+                continue
+            if "bbox" not in ann or len(ann["bbox"]) != 4:
+                raise ValueError(f"{json_path}: annotation {ann.get('id')} has no 4-number bbox")
+            cat = int(ann["category_id"])
+            if cat not in cat_ids:
+                raise ValueError(
+                    f"{json_path}: annotation {ann.get('id')} has category_id {cat}, "
+                    f"which is not among the categories {sorted(cat_ids)}"
+                )
+            x, y, bw, bh = (float(v) for v in ann["bbox"])
+            boxes.append((x, y, x + bw, y + bh))
+            cats.append(cat)
+            segs.append(ann.get("segmentation") or None)
+        clipped, keep = _clip_and_filter(np.array(boxes), w, h)
+        dropped += int((~keep).sum())
+        folder.records.append(Record(
+            image_id=int(im["id"]), file_name=file_name, path=path, width=w, height=h,
+            boxes=clipped[keep], category_ids=np.array(cats, dtype=np.int64)[keep] if cats
+            else np.zeros((0,), np.int64),
+            segmentations=[s for s, k in zip(segs, keep) if k], slice_index=slice_index,
+        ))
+    if dropped:
+        logger.warning("%s: dropped %d boxes with zero area inside their image", json_path, dropped)
+    if crowd:
+        logger.info("%s: left out %d crowd annotations", json_path, crowd)
+    if not folder.records:
+        raise ValueError(f"{root}: no readable images among the {len(coco['images'])} listed")
+    return folder
+
+
+def _xml_text(node: ET.Element, tag: str, source: Path) -> str:
+    found = node.find(tag)
+    if found is None or found.text is None:
+        raise ValueError(f"{source}: missing <{tag}>")
+    return found.text.strip()
+
+
+def _load_voc(root: Path, window: Window) -> BoxFolder:
+    xml_files = sorted((root / "Annotations").glob("*.xml"))
+    if not xml_files:
+        raise ValueError(f"{root}: Annotations/ holds no .xml files")
+    parsed = []
+    for xml_path in xml_files:
+        try:
+            tree = ET.parse(xml_path).getroot()
+        except ET.ParseError as err:
+            raise ValueError(f"{xml_path}: cannot parse XML ({err})") from err
+        objects = []
+        for obj in tree.findall("object"):
+            bnd = obj.find("bndbox")
+            if bnd is None:
+                raise ValueError(f"{xml_path}: <object> without <bndbox>")
+            coords = [float(_xml_text(bnd, t, xml_path)) for t in ("xmin", "ymin", "xmax", "ymax")]
+            objects.append((_xml_text(obj, "name", xml_path), coords))
+        fname_node = tree.find("filename")
+        file_name = (fname_node.text.strip() if fname_node is not None and fname_node.text
+                     else xml_path.stem + ".jpg")
+        size = tree.find("size")
+        hw = None
+        if size is not None and size.find("width") is not None and size.find("height") is not None:
+            hw = (int(float(_xml_text(size, "height", xml_path))),
+                  int(float(_xml_text(size, "width", xml_path))))
+        parsed.append((xml_path, file_name, hw, objects))
+
+    names = sorted({name for _, _, _, objs in parsed for name, _ in objs})
+    categories = [{"id": i, "name": n} for i, n in enumerate(names, start=1)]
+    by_name = {c["name"]: c["id"] for c in categories}
+    folder = BoxFolder(root, categories, [], window)
+    dropped = 0
+    for image_id, (xml_path, file_name, hw, objects) in enumerate(parsed, start=1):
+        path = root / "JPEGImages" / file_name
+        if not path.exists() and (root / "JPEGImages" / (xml_path.stem + ".jpg")).exists():
+            path = root / "JPEGImages" / (xml_path.stem + ".jpg")
+        # Some VOC XMLs carry a 0x0 <size>; then trust the image itself.
+        size = _check_image(path, *(hw if hw and min(hw) > 0 else (None, None)))
+        if size is None:
+            continue
+        h, w = size
+        # VOC pixels are 1-based and inclusive: xmin=1 is the first column, so shift the
+        # top-left corner by one and keep xmax as the exclusive right edge.
+        boxes = np.array([[c[0] - 1, c[1] - 1, c[2], c[3]] for _, c in objects], np.float64)
+        clipped, keep = _clip_and_filter(boxes, w, h)
+        dropped += int((~keep).sum())
+        cats = np.array([by_name[n] for n, _ in objects], dtype=np.int64).reshape(-1)
+        folder.records.append(Record(
+            image_id=image_id, file_name=path.name, path=path, width=w, height=h,
+            boxes=clipped[keep], category_ids=cats[keep],
+            segmentations=[None] * int(keep.sum()),
+        ))
+    if dropped:
+        logger.warning("%s: dropped %d boxes with zero area inside their image", root, dropped)
+    if not folder.records:
+        raise ValueError(f"{root}: no readable images among {len(parsed)} VOC annotations")
+    return folder
+
+
+def _load_plain(root: Path, window: Window) -> BoxFolder:
+    base = root / "images" if (root / "images").is_dir() else root
+    files = sorted(p for p in base.iterdir()
+                   if p.is_file() and _lower_suffix(p) in IMAGE_SUFFIXES + VOLUME_SUFFIXES)
+    if not files:
+        raise ValueError(f"{root}: no images found (and no annotations.json or Annotations/)")
+    folder = BoxFolder(root, [], [], window)
+    for path in files:
+        if _lower_suffix(path) in VOLUME_SUFFIXES:
+            # A volume in a plain folder: one record per slice.
+            try:
+                vol = folder.volume(Record(0, path.name, path, 0, 0, slice_index=0))
+            except ImageReadError as err:
+                warnings.warn(f"skipping unreadable volume: {err}", stacklevel=3)
+                continue
+            depth, h, w = vol.array.shape
+            for z in range(depth):
+                folder.records.append(Record(len(folder.records) + 1, path.name, path, w, h,
+                                             slice_index=z))
+            continue
+        size = _check_image(path, None, None)
+        if size is None:
+            continue
+        folder.records.append(Record(len(folder.records) + 1, path.name, path, size[1], size[0]))
+    if not folder.records:
+        raise ValueError(f"{root}: none of the {len(files)} image files could be read")
+    return folder
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def _write_image(path: Path, image: np.ndarray) -> None:
+    import cv2
+    import tifffile
+
+    image = np.asarray(image)
+    if image.ndim not in (2, 3):
+        raise ValueError(f"{path.name}: image must be HxW or HxWxC, got shape {image.shape}")
+    suffix = _lower_suffix(path)
+    if suffix in (".tif", ".tiff"):
+        with atomic_path(path) as tmp:
+            tifffile.imwrite(tmp, image, photometric="rgb" if image.ndim == 3 and
+                             image.shape[2] in (3, 4) else "minisblack")
+        return
+    if suffix not in (".png", ".jpg", ".jpeg", ".bmp"):
+        raise ValueError(f"{path.name}: cannot write images of type {suffix!r}")
+    if image.dtype not in (np.uint8, np.uint16) or (image.dtype == np.uint16 and suffix != ".png"):
+        raise ValueError(
+            f"{path.name}: {suffix} holds uint8 (PNG also uint16), got {image.dtype}; "
+            "use a .tif name for other types"
+        )
+    if image.ndim == 3 and image.shape[2] == 3:
+        image = image[..., ::-1]
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = image[..., [2, 1, 0, 3]]
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(str(tmp), np.ascontiguousarray(image)):
+            raise OSError(f"{path}: OpenCV could not write the image")
+
+
+def save_box_folder(
+    path: str | os.PathLike,
+    images: Sequence[tuple[str, np.ndarray, Any, Any, Any]],
+    categories: Sequence[dict],
+) -> Path:
+    """Write a box-labeled folder: images/<file_name> and a COCO annotations.json.
+
+    images: (file_name, image HxW(xC), boxes Nx4 xyxy, category_ids N, masks [N,H,W] or None)
+    per image; masks, when given, are stored as RLE segmentations. Every file is written
+    atomically and annotations.json last, so a half-written folder never looks complete.
+    load_box_folder reads the result back to the same boxes, categories and masks.
+    """
+    root = Path(path)
+    cats = [{"id": int(c["id"]), "name": str(c["name"])} for c in categories]
+    cat_ids = {c["id"] for c in cats}
+    names = [str(item[0]) for item in images]
+    if len(set(names)) != len(names):
+        raise ValueError("save_box_folder: file names must be unique")
+    coco_images, annotations = [], []
+    for image_id, (file_name, image, boxes, category_ids, masks) in enumerate(images, start=1):
+        image = np.asarray(image)
+        h, w = image.shape[:2]
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        category_ids = np.asarray(category_ids, dtype=np.int64).reshape(-1)
+        if len(category_ids) != len(boxes):
+            raise ValueError(f"{file_name}: {len(boxes)} boxes but {len(category_ids)} categories")
+        unknown = set(category_ids.tolist()) - cat_ids
+        if unknown:
+            raise ValueError(f"{file_name}: category ids {sorted(unknown)} are not in categories")
+        rles: list[dict | None] = [None] * len(boxes)
+        if masks is not None:
+            masks = np.asarray(masks, dtype=bool).reshape(-1, h, w)
+            if len(masks) != len(boxes):
+                raise ValueError(f"{file_name}: {len(boxes)} boxes but {len(masks)} masks")
+            rles = masks_to_rle(masks)
+        _write_image(root / "images" / file_name, image)
+        coco_images.append({"id": image_id, "file_name": file_name, "width": int(w),
+                            "height": int(h)})
+        for i, (box, cat, rle) in enumerate(zip(boxes, category_ids, rles)):
+            # float32 -> float keeps the exact value, so x + w recovers x1 bit for bit.
+            x0, y0, x1, y1 = (float(v) for v in box)
+            ann = {"id": len(annotations) + 1, "image_id": image_id, "category_id": int(cat),
+                   "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0,
+                   "area": float(masks[i].sum()) if rle is not None else (x1 - x0) * (y1 - y0)}
+            if rle is not None:
+                ann["segmentation"] = rle
+            annotations.append(ann)
+    coco = {"images": coco_images, "annotations": annotations, "categories": cats}
+    with atomic_write(root / "annotations.json") as handle:
+        json.dump(coco, handle)
+    return root

@@ -1,0 +1,336 @@
+"""Writing results: atomic files, COCO JSON with RLE masks, label images.
+
+Everything here writes through a temporary file in the destination folder followed by
+os.replace, so a crash or a full disk never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+# Multi-part suffixes that writers (SimpleITK, cv2) recognise only as a whole.
+_COMPOUND_SUFFIXES = (".nii.gz", ".tar.gz")
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in _COMPOUND_SUFFIXES:
+        if name.endswith(suffix):
+            return path.name[-len(suffix):]
+    return path.suffix
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path (same folder, same suffix) that replaces `path` on success.
+
+    For writers that want a file name rather than a file object (cv2.imwrite, SimpleITK,
+    tifffile): they pick the format from the suffix, so the temporary name keeps it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_suffix(path))
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        _match_umask(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -> Iterator[IO]:
+    """Open a temporary file next to `path` for writing; on success it replaces `path`.
+
+    `mode` is "w" (text, utf-8 by default) or "wb". On an exception the temporary file is
+    removed and `path` is left untouched.
+    """
+    if "r" in mode or "a" in mode or "+" in mode:
+        raise ValueError(f"atomic_write only supports write modes ('w', 'wb'), got {mode!r}")
+    if "b" not in mode:
+        open_kwargs.setdefault("encoding", "utf-8")
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **open_kwargs) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _match_umask(path: Path) -> None:
+    # mkstemp creates 0600 files; give the result the permissions a plain open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _as_mask_stack(masks: np.ndarray | Sequence[np.ndarray], name: str = "masks") -> np.ndarray:
+    """Return masks as a bool array [N, H, W] (a list of HxW masks is stacked)."""
+    if isinstance(masks, np.ndarray):
+        arr = masks
+    else:
+        masks = list(masks)
+        if not masks:
+            return np.zeros((0, 0, 0), dtype=bool)
+        arr = np.stack([np.asarray(m) for m in masks])
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise ValueError(f"{name} must be [N, H, W] (or HxW), got shape {arr.shape}")
+    return arr.astype(bool, copy=False)
+
+
+def masks_to_rle(masks: np.ndarray | Sequence[np.ndarray]) -> list[dict]:
+    """Encode bool masks [N, H, W] as COCO RLE dicts {"size": [H, W], "counts": str}."""
+    arr = _as_mask_stack(masks)
+    if arr.shape[0] == 0:
+        return []
+    # pycocotools wants Fortran-ordered uint8 H x W x N.
+    rles = mask_utils.encode(np.asfortranarray(arr.transpose(1, 2, 0).astype(np.uint8)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")  # bytes are not JSON serialisable
+    return rles
+
+
+def segmentation_to_rle(segmentation: Any, height: int, width: int) -> dict:
+    """Turn any COCO segmentation (polygon list, uncompressed or compressed RLE) into one RLE.
+
+    The returned RLE has str counts. Raises ValueError for malformed input or a size that
+    disagrees with (height, width).
+    """
+    if isinstance(segmentation, list):
+        polys = [p for p in segmentation if len(p) >= 6]  # a polygon needs 3 points
+        if not polys:
+            raise ValueError("polygon segmentation has no polygon with at least 3 points")
+        rle = mask_utils.merge(mask_utils.frPyObjects(polys, height, width))
+    elif isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
+        size = [int(v) for v in segmentation["size"]]
+        if size != [height, width]:
+            raise ValueError(f"RLE size {size} does not match image size [{height}, {width}]")
+        if isinstance(segmentation["counts"], list):  # uncompressed RLE
+            rle = mask_utils.frPyObjects(segmentation, height, width)
+        else:
+            rle = dict(segmentation)
+    else:
+        raise ValueError(f"unsupported segmentation of type {type(segmentation).__name__}")
+    rle = dict(rle)
+    if isinstance(rle["counts"], bytes):
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """Decode any COCO segmentation to a bool HxW mask."""
+    rle = segmentation_to_rle(segmentation, height, width)
+    return mask_utils.decode(rle).astype(bool)
+
+
+def _rle_bbox_area(rle: dict) -> tuple[list[float], float]:
+    bbox = [float(v) for v in mask_utils.toBbox(rle)]
+    return bbox, float(mask_utils.area(rle))
+
+
+def coco_results(
+    image_id: int,
+    masks: np.ndarray | Sequence[np.ndarray],
+    scores: Sequence[float] | np.ndarray,
+    category_ids: Sequence[int] | np.ndarray,
+) -> list[dict]:
+    """COCO result entries (image_id, category_id, segmentation RLE, score, bbox, area).
+
+    `category_ids` are COCO category ids (not 0-based label indices). The bbox and area come
+    from the mask so they stay consistent with the segmentation.
+    """
+    rles = masks_to_rle(masks)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    category_ids = np.asarray(category_ids).reshape(-1)
+    if not (len(rles) == len(scores) == len(category_ids)):
+        raise ValueError(
+            f"masks, scores and category_ids differ in length: {len(rles)}, {len(scores)}, "
+            f"{len(category_ids)}"
+        )
+    results = []
+    for rle, score, cat in zip(rles, scores, category_ids):
+        bbox, area = _rle_bbox_area(rle)
+        results.append({
+            "image_id": int(image_id),
+            "category_id": int(cat),
+            "segmentation": rle,
+            "score": float(score),
+            "bbox": bbox,
+            "area": area,
+        })
+    return results
+
+
+def _annotations_from(entry: dict, images_by_id: dict[int, dict]) -> list[dict]:
+    """Expand one annotation argument of write_coco into COCO annotation dicts (no ids yet)."""
+    if "image_id" not in entry:
+        raise ValueError(f"annotation without image_id: keys {sorted(entry)}")
+    image_id = int(entry["image_id"])
+    if image_id not in images_by_id:
+        raise ValueError(f"annotation refers to image_id {image_id}, which is not in images")
+    image = images_by_id[image_id]
+    h, w = int(image["height"]), int(image["width"])
+    if "masks" in entry:  # one entry per image holding all of its instances
+        masks = _as_mask_stack(entry["masks"])
+        n = masks.shape[0]
+        cats = np.asarray(entry.get("category_ids", [1] * n)).reshape(-1)
+        scores = entry.get("scores")
+        if len(cats) != n or (scores is not None and len(scores) != n):
+            raise ValueError(f"image {image_id}: masks, category_ids and scores differ in length")
+        singles = [
+            {"image_id": image_id, "mask": masks[i], "category_id": int(cats[i]),
+             **({"score": float(scores[i])} if scores is not None else {})}
+            for i in range(n)
+        ]
+        return [a for s in singles for a in _annotations_from(s, images_by_id)]
+    if "mask" in entry:
+        mask = np.asarray(entry["mask"], dtype=bool)
+        if mask.shape != (h, w):
+            raise ValueError(f"image {image_id}: mask shape {mask.shape} is not ({h}, {w})")
+        rle = masks_to_rle(mask[None])[0]
+    elif "segmentation" in entry:
+        rle = segmentation_to_rle(entry["segmentation"], h, w)
+    else:
+        raise ValueError(f"image {image_id}: annotation needs 'mask', 'masks' or 'segmentation'")
+    bbox, area = _rle_bbox_area(rle)
+    out = {
+        "image_id": image_id,
+        "category_id": int(entry.get("category_id", 1)),
+        "bbox": [float(v) for v in entry["bbox"]] if "bbox" in entry else bbox,
+        "area": area,
+        "iscrowd": 0,
+        "segmentation": rle,
+    }
+    if entry.get("score") is not None:
+        out["score"] = float(entry["score"])
+    return [out]
+
+
+def write_coco(
+    path: str | os.PathLike,
+    images: Sequence[dict],
+    annotations: Sequence[dict],
+    categories: Sequence[dict],
+) -> Path:
+    """Write a COCO instance-segmentation JSON atomically and return its path.
+
+    images: dicts with file_name, height, width, id (extra keys such as slice_index are kept).
+    annotations: either one dict per instance with image_id, category_id, and "mask" (bool HxW)
+    or "segmentation" (RLE/polygon), optional "score" and "bbox" (x, y, w, h); or one dict per
+    image with image_id, "masks" [N,H,W], "category_ids" [N] and optional "scores" [N].
+    Masks are stored as RLE; bbox and area are computed from the mask unless bbox is given.
+    """
+    images = [dict(im) for im in images]
+    for im in images:
+        missing = {"file_name", "height", "width", "id"} - set(im)
+        if missing:
+            raise ValueError(f"image entry {im} lacks {sorted(missing)}")
+    images_by_id = {int(im["id"]): im for im in images}
+    if len(images_by_id) != len(images):
+        raise ValueError("image ids must be unique")
+    cats = [{"id": int(c["id"]), "name": str(c["name"]), **{k: v for k, v in c.items()
+            if k not in ("id", "name")}} for c in categories]
+    anns = [a for entry in annotations for a in _annotations_from(entry, images_by_id)]
+    known = {c["id"] for c in cats}
+    unknown = sorted({a["category_id"] for a in anns} - known)
+    if unknown:
+        raise ValueError(f"annotations use category ids {unknown} that are not in categories")
+    for i, ann in enumerate(anns, start=1):
+        ann["id"] = i
+    coco = {"images": images, "annotations": anns, "categories": cats}
+    path = Path(path)
+    with atomic_write(path) as handle:
+        json.dump(coco, handle)
+    return path
+
+
+def read_coco_masks(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Read a COCO JSON back into {file_name: (masks bool [N,H,W], category_ids int64 [N])}.
+
+    Images without annotations map to an empty [0, H, W] stack. CT entries that share a
+    volume file are keyed "file_name[slice_index]" so slices do not overwrite each other.
+    """
+    path = Path(path)
+    try:
+        coco = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read COCO JSON ({err})") from err
+    if not isinstance(coco, dict) or "images" not in coco or "annotations" not in coco:
+        raise ValueError(f"{path}: not a COCO file (needs 'images' and 'annotations')")
+    per_image: dict[int, list[dict]] = {int(im["id"]): [] for im in coco["images"]}
+    for ann in coco["annotations"]:
+        if int(ann["image_id"]) not in per_image:
+            raise ValueError(f"{path}: annotation {ann.get('id')} refers to unknown image")
+        per_image[int(ann["image_id"])].append(ann)
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for im in coco["images"]:
+        h, w = int(im["height"]), int(im["width"])
+        anns = [a for a in per_image[int(im["id"])] if a.get("segmentation") is not None]
+        masks = np.zeros((len(anns), h, w), dtype=bool)
+        for i, ann in enumerate(anns):
+            try:
+                masks[i] = decode_segmentation(ann["segmentation"], h, w)
+            except ValueError as err:
+                raise ValueError(f"{path}: annotation {ann.get('id')}: {err}") from err
+        cats = np.array([int(a["category_id"]) for a in anns], dtype=np.int64)
+        key = im["file_name"]
+        if im.get("slice_index") is not None:
+            key = f"{key}[{int(im['slice_index'])}]"
+        out[key] = (masks, cats)
+    return out
+
+
+def masks_to_labels(masks: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    """Paint masks [N, H, W] into an int32 label image (1..N); earlier masks win overlaps."""
+    arr = _as_mask_stack(masks)
+    if arr.shape[0] == 0:
+        raise ValueError("masks_to_labels needs at least one mask to know the image size")
+    labels = np.zeros(arr.shape[1:], dtype=np.int32)
+    for i, m in enumerate(arr, start=1):
+        labels[m & (labels == 0)] = i
+    return labels
+
+
+def write_label_image(path: str | os.PathLike, labels: np.ndarray) -> Path:
+    """Write an HxW integer label image atomically: .png as uint16, .tif/.tiff as uint16/int32."""
+    import cv2  # local: keep `import boxlevelset.export` light
+    import tifffile
+
+    path = Path(path)
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"{path}: label image must be HxW, got shape {labels.shape}")
+    if labels.dtype == bool:
+        labels = labels.astype(np.uint8)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{path}: labels must be integers, got dtype {labels.dtype}")
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"{path}: labels must be non-negative")
+    top = int(labels.max()) if labels.size else 0
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        if top > np.iinfo(np.uint16).max:
+            raise ValueError(f"{path}: {top} labels do not fit a 16-bit PNG; write a .tif instead")
+        with atomic_path(path) as tmp:
+            if not cv2.imwrite(str(tmp), labels.astype(np.uint16)):
+                raise OSError(f"{path}: OpenCV could not write the PNG")
+    elif suffix in (".tif", ".tiff"):
+        dtype = np.uint16 if top <= np.iinfo(np.uint16).max else np.int32
+        with atomic_path(path) as tmp:
+            tifffile.imwrite(tmp, labels.astype(dtype), compression="zlib")
+    else:
+        raise ValueError(f"{path}: label images are written as .png or .tif, not {suffix!r}")
+    return path
