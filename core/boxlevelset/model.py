@@ -1,0 +1,648 @@
+"""SOLOv2 with the box-supervised level-set instance loss, its box-prompted Predictor and checkpoints.
+
+Training sees only boxes (``supervision="box"``): focal loss on the category grid plus, for each
+positive cell, the level-set instance loss of DESIGN.md Eq. 11 on the cell's mask. With
+``supervision="mask"`` the instance loss is SOLOv2's dice on ground-truth masks (the ceiling).
+Masks are compared at output stride 4/4/8/16/16 for the five levels (the stride-4 dynamic-conv
+output average-pooled) unless ``per_level_mask_stride`` is off (then all at stride 4).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from boxlevelset.heads import FPN, GridHead, MaskFeatureHead
+from boxlevelset.image import Window, as_boxes, as_float_image
+from boxlevelset.losses import (
+    LevelSetWeights,
+    dice_loss,
+    levelset_instance_loss,
+    sigmoid_focal_loss,
+)
+from boxlevelset.targets import assign_targets, masks_to_boxes, matrix_nms, points_nms
+
+SIZE_DIVISOR = 32
+
+
+@dataclass
+class Instances:
+    """Instances of one image: masks [N, H, W] bool, boxes [N, 4] xyxy, labels [N], scores [N]."""
+
+    masks: np.ndarray
+    boxes: np.ndarray
+    labels: np.ndarray
+    scores: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a SOLOv2 level-set model (stored inside checkpoints)."""
+
+    backbone: str = "resnet50"
+    num_classes: int = 20
+    class_names: tuple[str, ...] = ()
+    frozen_stages: int = 1
+    # Network widths (SOLOv2 defaults; the lite preset shrinks them).
+    fpn_channels: int = 256
+    head_channels: int = 256
+    stacked_convs: int = 4
+    mask_feature_channels: int = 256
+    mask_feature_mid_channels: int = 128
+    # Grid levels (P2 halved, P3, P4, P5, P6 at P5 size).
+    num_grids: tuple[int, ...] = (40, 36, 24, 16, 12)
+    scale_ranges: tuple[tuple[float, float], ...] = (
+        (1, 96), (48, 192), (96, 384), (192, 768), (384, 2048)
+    )
+    strides: tuple[int, ...] = (8, 8, 16, 32, 32)
+    sigma: float = 0.2
+    min_box_pixels: float = 10.0
+    per_level_mask_stride: bool = True
+    # Losses.
+    supervision: str = "box"
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    loss_category: float = 1.0
+    lambda_image: float = 0.05
+    lambda_feature: float = 5.0
+    alpha_box: float = 3.0
+    gamma: float = 1e-5
+    dice_weight: float = 3.0
+    feature_guide_channels: int = 9
+    tree_sigma_image: float = 0.02
+    tree_sigma_feature: float = 1.0
+    tree_filter_max_side: int = 96
+    # Inference.
+    score_threshold: float = 0.1
+    mask_threshold: float = 0.5
+    nms_pre: int = 500
+    nms_kernel: str = "gaussian"
+    nms_sigma: float = 2.0
+    update_threshold: float = 0.025
+    max_per_image: int = 100
+    # Input: shorter side resized to input_size, longer side capped at max_size, padded to /32.
+    input_size: int = 800
+    max_size: int = 1333
+    pixel_mean: tuple[float, float, float] | None = None
+    pixel_std: tuple[float, float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.supervision not in ("box", "mask"):
+            raise ValueError(f"supervision must be 'box' or 'mask', got {self.supervision!r}")
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        self.class_names = tuple(str(n) for n in self.class_names) or tuple(
+            f"class_{i}" for i in range(self.num_classes)
+        )
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"class_names has {len(self.class_names)} names for num_classes={self.num_classes}"
+            )
+        self.num_grids = tuple(int(s) for s in self.num_grids)
+        self.scale_ranges = tuple((float(a), float(b)) for a, b in self.scale_ranges)
+        self.strides = tuple(int(s) for s in self.strides)
+        if not len(self.num_grids) == len(self.scale_ranges) == len(self.strides) == 5:
+            raise ValueError("num_grids, scale_ranges and strides need one entry per level (5)")
+        for name in ("pixel_mean", "pixel_std"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, tuple(float(v) for v in value))
+
+    @property
+    def mask_strides(self) -> tuple[int, ...]:
+        """Output stride of the training masks per level (4/4/8/16/16, or 4 everywhere)."""
+        if not self.per_level_mask_stride:
+            return (4,) * len(self.strides)
+        return tuple(max(4, s // 2) for s in self.strides)
+
+    @classmethod
+    def lite(cls, **overrides: Any) -> ModelConfig:
+        """A small CPU-friendly configuration: EfficientNet-Lite0, narrow FPN and heads."""
+        base: dict[str, Any] = dict(
+            backbone="efficientnet_lite0",
+            fpn_channels=64,
+            head_channels=64,
+            stacked_convs=2,
+            mask_feature_channels=64,
+            mask_feature_mid_channels=64,
+            input_size=512,
+            max_size=853,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Rebuild from ``asdict`` output (lists become tuples); unknown keys are warned about."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            warnings.warn(f"ModelConfig ignores unknown keys {unknown}", stacklevel=2)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def pad_to_multiple(images: Tensor, divisor: int = SIZE_DIVISOR) -> Tensor:
+    """Zero-pad [B, C, H, W] on the right and bottom to multiples of ``divisor``."""
+    h, w = images.shape[-2:]
+    ph, pw = (-h) % divisor, (-w) % divisor
+    if ph or pw:
+        images = F.pad(images, (0, pw, 0, ph))
+    return images
+
+
+@dataclass
+class _Features:
+    """Everything the heads produce for a batch (cached by the Predictor)."""
+
+    mask_feature: Tensor  # [B, E, H/4, W/4]
+    cates: list[Tensor]  # per level [B, K, S, S]
+    kernels: list[Tensor]  # per level [B, E, S, S]
+    input_size: tuple[int, int] = field(default=(0, 0))  # padded network input (H, W)
+
+
+class SOLOv2(nn.Module):
+    """SOLOv2 instance segmentation trained from boxes with level-set evolution (or from masks)."""
+
+    def __init__(self, config: ModelConfig, pretrained: bool | str = True) -> None:
+        super().__init__()
+        from boxlevelset.backbone import build_backbone
+
+        self.config = config
+        self.backbone = build_backbone(
+            config.backbone, pretrained=pretrained, frozen_stages=config.frozen_stages
+        )
+        if config.pixel_mean is None:
+            config.pixel_mean = tuple(float(v) for v in self.backbone.pixel_mean)
+        if config.pixel_std is None:
+            config.pixel_std = tuple(float(v) for v in self.backbone.pixel_std)
+        self.register_buffer(
+            "pixel_mean", torch.tensor(config.pixel_mean).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor(config.pixel_std).view(1, 3, 1, 1), persistent=False
+        )
+        c = config.fpn_channels
+        self.fpn = FPN(self.backbone.out_channels, c)
+        self.grid_head = GridHead(
+            c,
+            config.head_channels,
+            config.stacked_convs,
+            config.num_classes,
+            config.mask_feature_channels,
+            config.num_grids,
+        )
+        self.mask_head = MaskFeatureHead(
+            c, config.mask_feature_mid_channels, config.mask_feature_channels
+        )
+        # Learned guide of the second tree filter (DESIGN: one 3x3 conv over the mask feature).
+        self.guide_conv = nn.Conv2d(
+            config.mask_feature_channels, config.feature_guide_channels, 3, padding=1
+        )
+
+    # ------------------------------------------------------------------ shared pieces
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.config.class_names
+
+    def normalize(self, images: Tensor) -> Tensor:
+        return (images - self.pixel_mean) / self.pixel_std
+
+    def features(self, images: Tensor) -> _Features:
+        """Backbone, FPN, grid heads and mask feature for [B, 3, H, W] RGB 0-255 (padded)."""
+        x = self.normalize(images)
+        fpn = self.fpn(self.backbone(x))
+        cates, kernels = self.grid_head(fpn)
+        mask_feature = self.mask_head(fpn[:4])
+        return _Features(mask_feature, cates, kernels, tuple(images.shape[-2:]))
+
+    def forward(
+        self, images: Tensor, targets: list[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """Losses (dict of scalars, keys ``loss_*``; their sum is the training loss) when
+        training, or per-image detections ``dict(masks, boxes, labels, scores)`` in eval mode.
+
+        images: [B, 3, H, W] float RGB in 0-255; padded to a multiple of 32 here if needed.
+        targets: per image dict(boxes [N, 4] xyxy pixels, labels [N] 0-based, masks [N, H, W]
+        bool, the last only for ``supervision="mask"``).
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+        images = pad_to_multiple(images.float())
+        feats = self.features(images)
+        if self.training:
+            if targets is None or len(targets) != images.shape[0]:
+                raise ValueError("training needs one target dict per image")
+            return self.losses(images, feats, targets)
+        return [self.detect(feats, b) for b in range(images.shape[0])]
+
+    # ------------------------------------------------------------------ training
+    def losses(
+        self, images: Tensor, feats: _Features, targets: list[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        cfg = self.config
+        b_count = images.shape[0]
+        height, width = images.shape[-2:]
+        mask_strides = cfg.mask_strides
+        cate_targets = []  # per level [B, S, S]
+        pos_kernels, pos_boxes, pos_batch, pos_stride, pos_object = [], [], [], [], []
+        for b, tgt in enumerate(targets):
+            boxes = tgt["boxes"].to(images.device, torch.float32).reshape(-1, 4)
+            labels = tgt["labels"].to(images.device, torch.long).reshape(-1)
+            level_targets = assign_targets(
+                boxes, labels, (height, width), cfg.num_grids, cfg.scale_ranges,
+                mask_strides, cfg.sigma, cfg.min_box_pixels,
+            )
+            for level, lt in enumerate(level_targets):
+                if b == 0:
+                    cate_targets.append([])
+                cate_targets[level].append(lt.labels)
+                cells = torch.nonzero(lt.objects.flatten() >= 0, as_tuple=False).flatten()
+                if cells.numel() == 0:
+                    continue
+                objs = lt.objects.flatten()[cells]
+                kern = feats.kernels[level][b].flatten(1)[:, cells].T  # [n, E]
+                pos_kernels.append(kern)
+                pos_boxes.append(boxes[objs])
+                pos_object.append(objs)
+                pos_batch.append(torch.full_like(objs, b))
+                pos_stride.append(torch.full_like(objs, mask_strides[level]))
+
+        # Category: focal loss over every cell of every level, normalised by positives + 1.
+        logits = torch.cat(
+            [c.permute(0, 2, 3, 1).reshape(-1, cfg.num_classes) for c in feats.cates]
+        )
+        labels = torch.cat([torch.stack(t).flatten() for t in cate_targets])
+        onehot = torch.zeros_like(logits)
+        fg = labels >= 0
+        onehot[fg, labels[fg]] = 1.0
+        num_pos = int(fg.sum())
+        loss_cate = sigmoid_focal_loss(logits, onehot, cfg.focal_alpha, cfg.focal_gamma)
+        losses = {"loss_category": cfg.loss_category * loss_cate / (num_pos + 1)}
+
+        keys = ["loss_dice"] if cfg.supervision == "mask" else [
+            "loss_box_projection", "loss_levelset_image", "loss_levelset_feature"
+        ]
+        guide = self.guide_conv(feats.mask_feature) if cfg.supervision == "box" else None
+        if not pos_kernels:
+            # No positives: zero, but connected to every branch the instance loss would train.
+            zero = sum(k.sum() for k in feats.kernels) * 0.0 + feats.mask_feature.sum() * 0.0
+            if guide is not None:
+                zero = zero + guide.sum() * 0.0
+            losses.update({k: zero for k in keys})
+            return losses
+
+        kernels = torch.cat(pos_kernels)
+        boxes = torch.cat(pos_boxes)
+        batch_index = torch.cat(pos_batch)
+        strides = torch.cat(pos_stride)
+        objects = torch.cat(pos_object)
+        # Dynamic 1x1 convs, one matmul per image.
+        mask_logits = self.dynamic_masks(feats.mask_feature, kernels, batch_index)  # [P, h4, w4]
+        sums = {k: mask_logits.new_zeros(()) for k in keys}
+        for stride in torch.unique(strides).tolist():
+            sel = torch.nonzero(strides == stride, as_tuple=False).flatten()
+            factor = stride // 4
+            logits_s = mask_logits[sel]
+            if factor > 1:
+                logits_s = F.avg_pool2d(logits_s[:, None], factor)[:, 0]
+            if cfg.supervision == "mask":
+                gt = torch.stack(
+                    [self._target_mask(targets, int(b), int(o), (height, width))
+                     for b, o in zip(batch_index[sel].tolist(), objects[sel].tolist())]
+                )
+                gt = (F.avg_pool2d(gt[:, None], stride)[:, 0] >= 0.5).float()
+                sums["loss_dice"] = sums["loss_dice"] + cfg.dice_weight * dice_loss(
+                    logits_s.sigmoid(), gt
+                ).sum()
+                continue
+            terms = levelset_instance_loss(
+                logits_s,
+                boxes[sel] / stride,
+                batch_index[sel],
+                F.avg_pool2d(self.normalize(images), stride),
+                F.avg_pool2d(images / 255.0, stride),
+                F.avg_pool2d(guide, factor) if factor > 1 else guide,
+                self.levelset_weights,
+            )
+            for name, value in terms.items():
+                sums["loss_" + name] = sums["loss_" + name] + value.sum()
+        total = len(kernels)
+        losses.update({k: v / total for k, v in sums.items()})
+        return losses
+
+    @property
+    def levelset_weights(self) -> LevelSetWeights:
+        c = self.config
+        return LevelSetWeights(
+            lambda_image=c.lambda_image,
+            lambda_feature=c.lambda_feature,
+            alpha_box=c.alpha_box,
+            gamma=c.gamma,
+            tree_sigma_image=c.tree_sigma_image,
+            tree_sigma_feature=c.tree_sigma_feature,
+            tree_filter_max_side=c.tree_filter_max_side,
+        )
+
+    @staticmethod
+    def _target_mask(
+        targets: list[dict[str, Tensor]], b: int, obj: int, size: tuple[int, int]
+    ) -> Tensor:
+        if "masks" not in targets[b]:
+            raise ValueError("supervision='mask' needs 'masks' in every target dict")
+        m = targets[b]["masks"][obj].float()
+        h, w = m.shape[-2:]
+        return F.pad(m, (0, size[1] - w, 0, size[0] - h))
+
+    @staticmethod
+    def dynamic_masks(mask_feature: Tensor, kernels: Tensor, batch_index: Tensor) -> Tensor:
+        """Mask logits [N, h, w]: kernel n (1x1 conv weights) applied to its image's mask feature."""
+        b_count, e, h, w = mask_feature.shape
+        out = mask_feature.new_empty((len(kernels), h, w))
+        for b in torch.unique(batch_index).tolist():
+            sel = torch.nonzero(batch_index == b, as_tuple=False).flatten()
+            out = out.index_copy(
+                0, sel, (kernels[sel] @ mask_feature[b].reshape(e, -1)).view(-1, h, w)
+            )
+        return out
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def detect(
+        self, feats: _Features, b: int = 0, score_threshold: float | None = None
+    ) -> dict[str, Tensor]:
+        """SOLOv2 post-processing of image ``b``: masks at the padded input size (bool)."""
+        probs, labels, scores = self.detect_probs(feats, b, score_threshold)
+        h, w = feats.input_size
+        masks = _threshold_resized(probs, (h, w), (h, w), (h, w), self.config.mask_threshold)
+        return {
+            "masks": masks,
+            "boxes": masks_to_boxes(masks),
+            "labels": labels,
+            "scores": scores,
+        }
+
+    @torch.no_grad()
+    def detect_probs(
+        self, feats: _Features, b: int = 0, score_threshold: float | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Mask probabilities at stride 4 [N, h4, w4], labels [N] and scores [N] for image b."""
+        cfg = self.config
+        thr = cfg.score_threshold if score_threshold is None else float(score_threshold)
+        cates = torch.cat(
+            [points_nms(c[b : b + 1].sigmoid())[0].flatten(1).T for c in feats.cates]
+        )  # [cells, K]
+        kernels = torch.cat([k[b].flatten(1).T for k in feats.kernels])  # [cells, E]
+        cell_strides = torch.cat(
+            [torch.full((s * s,), st, device=cates.device) for s, st in zip(cfg.num_grids, cfg.strides)]
+        )
+        empty = (
+            feats.mask_feature.new_zeros((0,) + tuple(feats.mask_feature.shape[-2:])),
+            torch.zeros(0, dtype=torch.long, device=cates.device),
+            cates.new_zeros(0),
+        )
+        cand = torch.nonzero(cates > thr, as_tuple=False)
+        if cand.numel() == 0:
+            return empty
+        scores = cates[cand[:, 0], cand[:, 1]]
+        labels = cand[:, 1]
+        probs = self.dynamic_masks(
+            feats.mask_feature[b : b + 1], kernels[cand[:, 0]], torch.zeros_like(labels)
+        ).sigmoid()
+        masks = probs > cfg.mask_threshold
+        areas = masks.flatten(1).sum(1).float()
+        keep = areas > cell_strides[cand[:, 0]]  # drop masks smaller than their level's stride
+        if not keep.any():
+            return empty
+        probs, masks, areas, scores, labels = (
+            probs[keep], masks[keep], areas[keep], scores[keep], labels[keep]
+        )
+        maskness = (probs * masks).flatten(1).sum(1) / areas
+        scores = scores * maskness
+        order = scores.argsort(descending=True)[: cfg.nms_pre]
+        probs, masks, scores, labels = probs[order], masks[order], scores[order], labels[order]
+        scores = matrix_nms(masks, labels, scores, cfg.nms_kernel, cfg.nms_sigma)
+        keep = scores >= cfg.update_threshold
+        probs, scores, labels = probs[keep], scores[keep], labels[keep]
+        order = scores.argsort(descending=True)[: cfg.max_per_image]
+        return probs[order], labels[order], scores[order]
+
+    # ------------------------------------------------------------------ numpy front end
+    def resized_size(self, height: int, width: int) -> tuple[tuple[int, int], float]:
+        """Network input size (before padding) and scale for an image of the given size."""
+        cfg = self.config
+        scale = min(cfg.input_size / min(height, width), cfg.max_size / max(height, width))
+        return (max(1, round(height * scale)), max(1, round(width * scale))), scale
+
+    def preprocess(self, image: np.ndarray, window: Window = None) -> tuple[Tensor, float]:
+        """numpy image (HxW or HxWxC, any dtype, CT with a window) -> ([1, 3, H', W'] 0-255
+        RGB padded to /32 on the model's device, scale from original to network pixels)."""
+        import cv2
+
+        img = as_float_image(image, window)
+        if img.shape[2] == 1:
+            img = np.repeat(img, 3, axis=2)
+        elif img.shape[2] == 2:  # two-channel microscopy: show as R, G with an empty B
+            img = np.concatenate([img, np.zeros_like(img[..., :1])], axis=2)
+        (nh, nw), scale = self.resized_size(*img.shape[:2])
+        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        img = cv2.resize(img, (nw, nh), interpolation=interp)
+        tensor = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)) * 255.0)[None]
+        return pad_to_multiple(tensor.to(self.device)), scale
+
+    @torch.no_grad()
+    def predict(
+        self, image: np.ndarray, window: Window = None, score_threshold: float | None = None
+    ) -> Instances:
+        """Every instance in one numpy image, masks at the image's own size."""
+        return Predictor(self).set_image(image, window).predict(score_threshold)
+
+
+def _threshold_resized(
+    probs: Tensor,
+    padded: tuple[int, int],
+    valid: tuple[int, int],
+    out: tuple[int, int],
+    threshold: float,
+    chunk: int = 16,
+) -> Tensor:
+    """Stride-4 probabilities -> bool masks: upsample to the padded input, crop the valid
+    region, resize to ``out``; in chunks so 100 full-size float masks never sit in memory."""
+    result = torch.zeros((len(probs),) + tuple(out), dtype=torch.bool, device=probs.device)
+    for i in range(0, len(probs), chunk):
+        p = F.interpolate(probs[i : i + chunk, None], size=padded, mode="bilinear",
+                          align_corners=False)
+        p = p[..., : valid[0], : valid[1]]
+        if tuple(p.shape[-2:]) != tuple(out):
+            p = F.interpolate(p, size=out, mode="bilinear", align_corners=False)
+        result[i : i + chunk] = p[:, 0] > threshold
+    return result
+
+
+class Predictor:
+    """SamPredictor-style front end: ``set_image`` runs the network once; each box then costs a
+    kernel lookup and one 1x1 dynamic conv."""
+
+    def __init__(self, model: SOLOv2) -> None:
+        self.model = model
+        self._feats: _Features | None = None
+        self._orig: tuple[int, int] = (0, 0)
+        self._valid: tuple[int, int] = (0, 0)
+        self._scale = 1.0
+
+    @property
+    def is_image_set(self) -> bool:
+        return self._feats is not None
+
+    @torch.no_grad()
+    def set_image(self, image: np.ndarray, window: Window = None) -> Predictor:
+        """Preprocess ``image`` and cache its backbone, FPN, grid and mask features."""
+        tensor, scale = self.model.preprocess(image, window)
+        self._orig = tuple(np.asarray(image).shape[:2])
+        self._valid, self._scale = self.model.resized_size(*self._orig)
+        was_training = self.model.training
+        self.model.eval()  # frozen statistics for inference; the caller's mode is restored
+        try:
+            self._feats = self.model.features(tensor)
+        finally:
+            self.model.train(was_training)
+        return self
+
+    def reset_image(self) -> None:
+        self._feats = None
+
+    def _require(self) -> _Features:
+        if self._feats is None:
+            raise RuntimeError("call set_image(image) before predicting")
+        return self._feats
+
+    def level_for_box(self, size: float) -> int:
+        """FPN level whose scale range holds ``size`` = sqrt(w h) in network pixels.
+
+        Where ranges overlap, the level whose range centre (geometric) is nearest in log scale
+        wins; outside every range, the nearest range."""
+        ranges = np.log(np.asarray(self.model.config.scale_ranges, dtype=np.float64))
+        size = np.log(max(float(size), 1e-6))
+        inside = (ranges[:, 0] <= size) & (size <= ranges[:, 1])
+        if inside.any():
+            dist = np.where(inside, np.abs(size - ranges.mean(1)), np.inf)
+        else:
+            dist = np.abs(ranges - size).min(1)
+        return int(np.argmin(dist))
+
+    @torch.no_grad()
+    def predict_boxes(self, boxes: np.ndarray | Sequence[Sequence[float]]) -> list[np.ndarray]:
+        """One bool HxW mask (original image size) per xyxy box, zero outside its box."""
+        feats = self._require()
+        cfg = self.model.config
+        arr = as_boxes(boxes)
+        if len(arr) == 0:
+            return []
+        h0, w0 = self._orig
+        ph, pw = feats.input_size
+        net = arr * self._scale
+        kernels = []
+        for x0, y0, x1, y1 in net:
+            level = self.level_for_box(np.sqrt(max(x1 - x0, 0) * max(y1 - y0, 0)))
+            s = cfg.num_grids[level]
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            i = min(s - 1, max(0, int(cy / ph * s)))
+            j = min(s - 1, max(0, int(cx / pw * s)))
+            kernels.append(feats.kernels[level][0, :, i, j])
+        kern = torch.stack(kernels)
+        probs = self.model.dynamic_masks(
+            feats.mask_feature, kern, torch.zeros(len(kern), dtype=torch.long, device=kern.device)
+        ).sigmoid()
+        masks = _threshold_resized(
+            probs, feats.input_size, self._valid, self._orig, cfg.mask_threshold
+        ).cpu().numpy()
+        out = []
+        for m, (x0, y0, x1, y1) in zip(masks, arr):
+            inside = np.zeros_like(m)
+            c0, r0 = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
+            c1, r1 = min(w0, int(np.ceil(x1))), min(h0, int(np.ceil(y1)))
+            inside[r0:r1, c0:c1] = True
+            out.append(m & inside)
+        return out
+
+    @torch.no_grad()
+    def predict(self, score_threshold: float | None = None) -> Instances:
+        """Every instance of the cached image (SOLOv2 inference), masks at the original size."""
+        feats = self._require()
+        probs, labels, scores = self.model.detect_probs(feats, 0, score_threshold)
+        masks = _threshold_resized(
+            probs, feats.input_size, self._valid, self._orig, self.model.config.mask_threshold
+        )
+        nonempty = masks.flatten(1).any(1)
+        masks, labels, scores = masks[nonempty], labels[nonempty], scores[nonempty]
+        return Instances(
+            masks=masks.cpu().numpy(),
+            boxes=masks_to_boxes(masks).cpu().numpy().astype(np.float32),
+            labels=labels.cpu().numpy().astype(np.int64),
+            scores=scores.cpu().numpy().astype(np.float32),
+        )
+
+
+# ---------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: str | os.PathLike, model: SOLOv2, **extra: Any) -> Path:
+    """Write dict(model=state_dict, config=asdict(config), **extra) atomically (temp + replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"model": model.state_dict(), "config": asdict(model.config), **extra}
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by ``save_checkpoint``; clear errors for wrong files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception:
+        try:  # checkpoints with extra Python objects (e.g. a TrainConfig holding Paths)
+            state = torch.load(path, map_location=device, weights_only=False)
+        except Exception as exc:
+            raise ValueError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"{path}: not a boxlevelset checkpoint (needs 'model' and 'config')")
+    return state
+
+
+def load_model(path_or_name: str | os.PathLike, device: str | torch.device | None = None) -> SOLOv2:
+    """SOLOv2 from a checkpoint path, on ``device`` (default: CUDA if available), in eval mode."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    state = load_checkpoint(path_or_name, "cpu")
+    config = ModelConfig.from_dict(dict(state["config"]))
+    model = SOLOv2(config, pretrained=False)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval()
