@@ -1,0 +1,156 @@
+"""Export: atomic writes, RLE, COCO JSON round trip, label images."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+from pycocotools import mask as mask_utils
+
+from boxlevelset.export import (
+    atomic_write,
+    coco_results,
+    masks_to_labels,
+    masks_to_rle,
+    read_coco_masks,
+    segmentation_to_rle,
+    write_coco,
+    write_label_image,
+)
+
+
+def _random_masks(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, h, w), dtype=bool)
+    for i in range(n):
+        y0, x0 = rng.integers(0, h - 4), rng.integers(0, w - 4)
+        masks[i, y0:y0 + rng.integers(2, 8), x0:x0 + rng.integers(2, 8)] = True
+        masks[i] ^= rng.random((h, w)) < 0.02  # irregular shapes, not just rectangles
+    return masks
+
+
+def test_atomic_write_replaces_only_on_success(tmp_path):
+    target = tmp_path / "out.json"
+    with atomic_write(target) as f:
+        f.write("first")
+    assert target.read_text() == "first"
+    with pytest.raises(RuntimeError):
+        with atomic_write(target) as f:
+            f.write("half")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # no temp left behind
+    with pytest.raises(ValueError):
+        with atomic_write(target, "r"):
+            pass
+
+
+def test_masks_to_rle_round_trip():
+    masks = _random_masks(5, 23, 31)
+    rles = masks_to_rle(masks)
+    assert len(rles) == 5 and all(isinstance(r["counts"], str) for r in rles)
+    json.dumps(rles)  # serialisable
+    decoded = np.stack([mask_utils.decode(r) for r in rles]).astype(bool)
+    np.testing.assert_array_equal(decoded, masks)
+    assert masks_to_rle(np.zeros((0, 4, 4), bool)) == []
+
+
+def test_polygon_and_uncompressed_rle_convert():
+    poly = [[2.0, 2.0, 8.0, 2.0, 8.0, 6.0, 2.0, 6.0]]  # rectangle
+    rle = segmentation_to_rle(poly, 10, 12)
+    assert rle["size"] == [10, 12] and mask_utils.area(rle) > 0
+    m = mask_utils.decode(rle).astype(bool)
+    uncompressed = {"size": [10, 12], "counts": [int(v) for v in _runs(m)]}
+    np.testing.assert_array_equal(mask_utils.decode(segmentation_to_rle(uncompressed, 10, 12)), m)
+    with pytest.raises(ValueError, match="size"):
+        segmentation_to_rle(rle, 11, 12)
+
+
+def _runs(mask: np.ndarray) -> list[int]:
+    flat = mask.T.reshape(-1).astype(np.int8)  # column-major like COCO
+    change = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
+    return np.diff(np.concatenate([[0], change])).tolist()
+
+
+def test_coco_results_fields():
+    masks = _random_masks(3, 20, 20, seed=1)
+    res = coco_results(7, masks, [0.9, 0.5, 0.1], [1, 2, 1])
+    assert [r["category_id"] for r in res] == [1, 2, 1]
+    assert [r["score"] for r in res] == [0.9, 0.5, 0.1]
+    for r, m in zip(res, masks):
+        assert r["image_id"] == 7 and r["area"] == m.sum()
+        ys, xs = np.nonzero(m)
+        assert r["bbox"] == [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]
+    with pytest.raises(ValueError, match="length"):
+        coco_results(1, masks, [0.5], [1, 2, 1])
+
+
+def test_write_coco_then_read_coco_masks_identical(tmp_path):
+    m1, m2 = _random_masks(4, 30, 40, seed=2), _random_masks(2, 16, 16, seed=3)
+    images = [{"id": 1, "file_name": "a.png", "height": 30, "width": 40},
+              {"id": 2, "file_name": "b.png", "height": 16, "width": 16},
+              {"id": 3, "file_name": "empty.png", "height": 8, "width": 9}]
+    annotations = [
+        {"image_id": 1, "masks": m1, "category_ids": [1, 2, 2, 1], "scores": [.9, .8, .7, .6]},
+        {"image_id": 2, "mask": m2[0], "category_id": 2},
+        {"image_id": 2, "mask": m2[1], "category_id": 1, "score": 0.3},
+    ]
+    cats = [{"id": 1, "name": "cell"}, {"id": 2, "name": "nucleus"}]
+    path = write_coco(tmp_path / "out" / "pred.json", images, annotations, cats)
+    coco = json.loads(path.read_text())
+    assert [a["id"] for a in coco["annotations"]] == list(range(1, 7))
+    assert coco["annotations"][0]["score"] == 0.9 and "score" not in coco["annotations"][4]
+    assert coco["annotations"][0]["area"] == m1[0].sum()
+    assert coco["categories"] == cats
+    back = read_coco_masks(path)
+    np.testing.assert_array_equal(back["a.png"][0], m1)
+    np.testing.assert_array_equal(back["a.png"][1], [1, 2, 2, 1])
+    np.testing.assert_array_equal(back["b.png"][0], m2)
+    np.testing.assert_array_equal(back["b.png"][1], [2, 1])
+    assert back["empty.png"][0].shape == (0, 8, 9)
+    with pytest.raises(ValueError, match="category ids"):
+        write_coco(tmp_path / "bad.json", images, [{"image_id": 1, "mask": m1[0],
+                                                    "category_id": 5}], cats)
+    with pytest.raises(ValueError, match="image_id 9"):
+        write_coco(tmp_path / "bad.json", images, [{"image_id": 9, "mask": m1[0]}], cats)
+    assert not (tmp_path / "bad.json").exists()
+
+
+def test_read_coco_masks_rejects_non_coco(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="x.json"):
+        read_coco_masks(bad)
+
+
+def test_masks_to_labels_first_mask_wins():
+    masks = np.zeros((3, 4, 5), bool)
+    masks[0, 0:2, 0:2] = True
+    masks[1, 1:3, 1:3] = True  # overlaps mask 0 at (1, 1)
+    masks[2, 3, 4] = True
+    labels = masks_to_labels(masks)
+    assert labels.dtype == np.int32
+    expected = np.zeros((4, 5), np.int32)
+    expected[0:2, 0:2] = 1
+    expected[1:3, 1:3][expected[1:3, 1:3] == 0] = 2
+    expected[3, 4] = 3
+    np.testing.assert_array_equal(labels, expected)
+
+
+def test_write_label_image_png_and_tiff(tmp_path):
+    labels = np.arange(12 * 9, dtype=np.int32).reshape(12, 9) * 500  # up to 53,500 > uint8
+    png = write_label_image(tmp_path / "labels.png", labels)
+    back = cv2.imread(str(png), cv2.IMREAD_UNCHANGED)
+    assert back.dtype == np.uint16
+    np.testing.assert_array_equal(back, labels)
+    tif = write_label_image(tmp_path / "labels.tif", labels)
+    np.testing.assert_array_equal(tifffile.imread(tif), labels)
+    big = labels * 10  # beyond uint16: TIFF keeps it, PNG refuses
+    np.testing.assert_array_equal(tifffile.imread(write_label_image(tmp_path / "b.tiff", big)), big)
+    with pytest.raises(ValueError, match="16-bit"):
+        write_label_image(tmp_path / "big.png", big)
+    with pytest.raises(ValueError, match="jpg"):
+        write_label_image(tmp_path / "labels.jpg", labels)
