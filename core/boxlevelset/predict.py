@@ -1,0 +1,353 @@
+"""Prediction and evaluation of a trained model on a folder (or one image).
+
+    predict_folder(model, "images/", "out/")   # COCO JSON (RLE), label images, overlays
+    evaluate_model(model, "val_folder/")       # COCO / VOC mask AP + box-prompted quality
+
+Both accept what `load_box_folder` reads (COCO folder, Pascal VOC, plain image folder; CT
+slices come windowed from the folder) and are what `boxlevelset predict|evaluate` run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _class_names(model: Any) -> list[str]:
+    names = list(getattr(model.config, "class_names", None) or [])
+    if not names:
+        names = [f"class_{i}" for i in range(int(model.config.num_classes))]
+    return names
+
+
+def _load_source(source: str | Path | Any, window: Any) -> Any:
+    """A BoxFolder for a folder / COCO json, or a one-record BoxFolder for a single image."""
+    from boxlevelset.data import BoxFolder, Record, load_box_folder, read_image
+
+    if isinstance(source, BoxFolder):
+        return source
+    path = Path(source)
+    if path.is_file() and path.suffix.lower() in _IMAGE_SUFFIXES:
+        image = read_image(path)
+        record = Record(image_id=1, file_name=path.name, path=path, width=image.shape[1],
+                        height=image.shape[0])
+        return BoxFolder(path.parent, [], [record], window=window)
+    return load_box_folder(path, window=window)
+
+
+def _stem(record: Any) -> str:
+    stem = Path(record.file_name).name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    else:
+        stem = Path(stem).stem
+    if record.slice_index is not None:
+        stem = f"{stem}_z{int(record.slice_index):04d}"
+    return stem
+
+
+def _palette(n: int, seed: int = 0) -> np.ndarray:
+    """n distinct bright colours (golden-ratio hues), uint8 RGB."""
+    import cv2
+
+    hues = ((np.arange(n) * 0.618033988749895 + seed * 0.1) % 1.0 * 179).astype(np.uint8)
+    hsv = np.stack([hues, np.full(n, 200, np.uint8), np.full(n, 255, np.uint8)], 1)
+    return cv2.cvtColor(hsv[None], cv2.COLOR_HSV2RGB)[0]
+
+
+def overlay_image(image: np.ndarray, masks: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """RGB uint8 picture of `image` with each mask tinted and outlined in its own colour."""
+    import cv2
+
+    from boxlevelset.train import to_rgb255
+
+    rgb = to_rgb255(image).round().clip(0, 255).astype(np.uint8)
+    if len(masks) == 0:
+        return rgb
+    out = rgb.astype(np.float32)
+    colours = _palette(len(masks))
+    for mask, colour in zip(masks, colours):
+        out[mask] = (1 - alpha) * out[mask] + alpha * colour
+    out = out.round().clip(0, 255).astype(np.uint8)
+    for mask, colour in zip(masks, colours):
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL,
+                                       cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(out, contours, -1, tuple(int(c) for c in colour), 1)
+    return out
+
+
+def _write_png(path: Path, rgb: np.ndarray) -> None:
+    import cv2
+
+    from boxlevelset.export import atomic_path
+
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(str(tmp), np.ascontiguousarray(rgb[..., ::-1])):
+            raise OSError(f"{path}: OpenCV could not write the PNG")
+
+
+def _sorted_instances(inst: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(masks, labels, scores) by decreasing score, so label images favour confident masks."""
+    order = np.argsort(-np.asarray(inst.scores), kind="stable")
+    masks = np.asarray(inst.masks, dtype=bool)[order]
+    return masks, np.asarray(inst.labels, np.int64)[order], np.asarray(inst.scores)[order]
+
+
+def _image_entry(record: Any) -> dict:
+    entry = {"id": int(record.image_id), "file_name": record.file_name,
+             "height": int(record.height), "width": int(record.width)}
+    if record.slice_index is not None:
+        entry["slice_index"] = int(record.slice_index)
+    return entry
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction
+# ---------------------------------------------------------------------------------------------
+
+
+def predict_folder(
+    model: Any, source: str | Path | Any, out_dir: str | Path, *,
+    score_threshold: float | None = None, window: Any = "abdomen", labels: bool = True,
+    overlays: bool = True, progress: bool = False,
+) -> Path:
+    """Predict every image of a folder (or one image) and write the results under `out_dir`.
+
+    Writes `predictions.json` (COCO, masks as RLE, categories = the model's classes with ids
+    1..K), and unless disabled `labels/<name>.png` (uint16 instance labels, the most
+    confident mask wins overlaps; `.tif` when over 65535 instances) and
+    `overlays/<name>.png` (the image with the masks tinted). Returns the JSON path.
+    """
+    from boxlevelset.export import masks_to_labels, write_coco, write_label_image
+
+    folder = _load_source(source, window)
+    if len(folder) == 0:
+        raise ValueError(f"{source}: no images to predict")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    categories = [{"id": i + 1, "name": n} for i, n in enumerate(_class_names(model))]
+    images, annotations = [], []
+    records = folder.records
+    if progress:
+        from tqdm import tqdm
+        records = tqdm(records, desc="predict", unit="image")
+    for record in records:
+        image = folder.load_image(record)
+        inst = model.predict(image, score_threshold=score_threshold)
+        masks, labs, scores = _sorted_instances(inst)
+        images.append(_image_entry(record))
+        annotations.append({"image_id": int(record.image_id), "masks": masks,
+                            "category_ids": labs + 1, "scores": scores})
+        stem = _stem(record)
+        if labels:
+            label_image = (masks_to_labels(masks) if len(masks)
+                           else np.zeros(image.shape[:2], np.int32))
+            suffix = ".png" if len(masks) < 65536 else ".tif"
+            write_label_image(out_dir / "labels" / f"{stem}{suffix}", label_image)
+        if overlays:
+            _write_png(out_dir / "overlays" / f"{stem}.png", overlay_image(image, masks))
+    path = write_coco(out_dir / "predictions.json", images, annotations, categories)
+    logger.info("%d images, %d instances -> %s", len(images),
+                sum(len(a["masks"]) for a in annotations), path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def _category_map(model_names: Sequence[str], folder: Any, class_agnostic: bool | None
+                  ) -> dict[int, int] | None:
+    """Model label -> folder category id, or None for class-agnostic scoring."""
+    folder_ids = {c["name"]: int(c["id"]) for c in folder.categories}
+    if class_agnostic:
+        return None
+    if set(folder_ids) <= set(model_names):
+        return {i: folder_ids[n] for i, n in enumerate(model_names) if n in folder_ids}
+    if class_agnostic is None:
+        logger.info("model classes %s do not cover the folder's %s: scoring class-agnostic",
+                    list(model_names)[:5], sorted(folder_ids)[:5])
+        return None
+    raise ValueError(f"{folder.root}: categories {sorted(set(folder_ids) - set(model_names))} "
+                     "are not among the model's classes (use class_agnostic=True)")
+
+
+def evaluate_model(
+    model: Any, folder: str | Path | Any, max_dets: int = 1000, *, box_prompted: bool = True,
+    class_agnostic: bool | None = None, window: Any = "abdomen", progress: bool = False,
+) -> dict[str, float]:
+    """Score a model on a folder with ground-truth masks.
+
+    Returns COCO mask AP of the model alone ("AP", "AP50", "AP75", "APs", "APm", "APl"; up
+    to `max_dets` detections per image), VOC-style mask AP ("voc_AP25", "voc_AP50",
+    "voc_AP70", "voc_AP75"), and with `box_prompted` the quality of masks prompted by the
+    ground-truth boxes ("box_mIoU": mean IoU with the matching GT mask; "box_AP", ...: COCO AP
+    with every prompted mask scored 1.0), plus "images", "instances" and inference times
+    ("ms_per_image", "box_ms_per_image"). Class-agnostic when the model's classes do not cover
+    the folder's (or when asked): every category is then merged into one.
+    """
+    from boxlevelset.evaluate import coco_mask_ap, matched_ious, voc_mask_ap
+    from boxlevelset.export import coco_results
+
+    folder = _load_source(folder, window)
+    records = [r for r in folder.records if len(r.boxes)]
+    if not records:
+        raise ValueError(f"{folder.root}: no annotated images to evaluate on")
+    gt = folder.to_coco_gt()
+    missing = [a for a in gt["annotations"] if "segmentation" not in a]
+    if missing:
+        bad = {r.image_id: r.file_name for r in folder.records}[missing[0]["image_id"]]
+        raise ValueError(f"{folder.root}: {len(missing)} boxes have no mask to score against "
+                         f"(first in {bad})")
+    mapping = _category_map(_class_names(model), folder, class_agnostic)
+    if mapping is None:
+        gt = dict(gt, categories=[{"id": 1, "name": "object"}],
+                  annotations=[dict(a, category_id=1) for a in gt["annotations"]])
+    results: list[dict] = []
+    prompted: list[dict] = []
+    ious: list[np.ndarray] = []
+    t_model = t_box = 0.0
+    predictor = None
+    if box_prompted:
+        from boxlevelset.model import Predictor
+        predictor = Predictor(model)
+    iterator = records
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(records, desc="evaluate", unit="image")
+    for record in iterator:
+        image = folder.load_image(record)
+        t0 = time.perf_counter()
+        inst = model.predict(image, score_threshold=None)
+        t_model += time.perf_counter() - t0
+        masks, labs, scores = _sorted_instances(inst)
+        if mapping is None:
+            cats = np.ones(len(labs), np.int64)
+        else:
+            keep = np.array([int(l) in mapping for l in labs], bool)
+            masks, labs, scores = masks[keep], labs[keep], scores[keep]
+            cats = np.array([mapping[int(l)] for l in labs], np.int64)
+        results += coco_results(record.image_id, masks, scores, cats)
+        if predictor is not None:
+            gt_masks = folder.gt_masks(record)
+            t0 = time.perf_counter()
+            predictor.set_image(image)
+            box_masks = np.stack(predictor.predict_boxes(record.boxes)).astype(bool)
+            t_box += time.perf_counter() - t0
+            ious.append(np.asarray(matched_ious(gt_masks, box_masks), np.float64))
+            gt_cats = (np.ones(len(record.boxes), np.int64) if mapping is None
+                       else np.asarray(record.category_ids, np.int64))
+            prompted += coco_results(record.image_id, box_masks, np.ones(len(box_masks)),
+                                     gt_cats)
+    out: dict[str, float] = {}
+    out.update(_ap(coco_mask_ap, gt, results, max_dets))
+    voc = voc_mask_ap(gt, results) if results else {}
+    for key, value in voc.items():
+        out[f"voc_{key}"] = float(value)
+    if predictor is not None:
+        out["box_mIoU"] = float(np.concatenate(ious).mean()) if ious else 0.0
+        for key, value in _ap(coco_mask_ap, gt, prompted, max_dets).items():
+            out[f"box_{key}"] = value
+        out["box_ms_per_image"] = 1000.0 * t_box / len(records)
+    out["images"] = len(records)
+    out["instances"] = len(gt["annotations"])
+    out["ms_per_image"] = 1000.0 * t_model / len(records)
+    return out
+
+
+def _ap(fn: Any, gt: dict, results: list[dict], max_dets: int) -> dict[str, float]:
+    """COCO AP dict; pycocotools cannot load an empty result list, which scores 0."""
+    keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+    if not results:
+        return {k: 0.0 for k in keys}
+    return {k: float(v) for k, v in fn(gt, results, max_dets=max_dets).items()}
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """A two-column markdown table of evaluate_model's numbers."""
+    lines = ["| metric | value |", "| --- | --- |"]
+    for key, value in metrics.items():
+        lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float)
+                     else f"| {key} | {value} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line (registered as `boxlevelset evaluate` / `boxlevelset predict` by boxlevelset.cli)
+# ---------------------------------------------------------------------------------------------
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of `boxlevelset evaluate MODEL FOLDER`."""
+    parser.add_argument("model", help="model checkpoint (.pth)")
+    parser.add_argument("data", help="folder with boxes and ground-truth masks")
+    parser.add_argument("--max-dets", type=int, default=1000,
+                        help="detections per image scored (COCO's default 100 caps recall)")
+    parser.add_argument("--no-box-prompted", action="store_true",
+                        help="skip the box-prompted evaluation")
+    parser.add_argument("--class-agnostic", action="store_true", help="merge all categories")
+    parser.add_argument("--window", default="abdomen", help="CT window for volume slices")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
+    parser.add_argument("--json", help="also write the metrics to this JSON file")
+    return parser
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """`boxlevelset evaluate`: print a metrics table (and write JSON); returns the exit code."""
+    from boxlevelset.export import atomic_write
+    from boxlevelset.model import load_model
+
+    model = load_model(args.model, device=args.device)
+    metrics = evaluate_model(model, args.data, max_dets=args.max_dets,
+                             box_prompted=not args.no_box_prompted,
+                             class_agnostic=True if args.class_agnostic else None,
+                             window=args.window, progress=True)
+    print(format_metrics(metrics))
+    if args.json:
+        with atomic_write(args.json) as f:
+            json.dump(metrics, f, indent=2)
+    return 0
+
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of `boxlevelset predict MODEL INPUT`."""
+    parser.add_argument("model", help="model checkpoint (.pth)")
+    parser.add_argument("input", help="an image, a folder of images, or a box-labeled folder")
+    parser.add_argument("-o", "--output", default="predictions", help="output directory")
+    parser.add_argument("--score-threshold", type=float, help="keep instances above this score")
+    parser.add_argument("--window", default="abdomen", help="CT window for volume slices")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
+    parser.add_argument("--no-labels", action="store_true", help="skip label images")
+    parser.add_argument("--no-overlays", action="store_true", help="skip overlay PNGs")
+    return parser
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """`boxlevelset predict`: write predictions and print the COCO JSON path."""
+    from boxlevelset.model import load_model
+
+    model = load_model(args.model, device=args.device)
+    path = predict_folder(model, args.input, args.output, score_threshold=args.score_threshold,
+                          window=args.window, labels=not args.no_labels,
+                          overlays=not args.no_overlays, progress=True)
+    print(path)
+    return 0

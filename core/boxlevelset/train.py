@@ -1,0 +1,855 @@
+"""Training: box-supervised SOLOv2 on a box-labeled folder, one device or many (torchrun).
+
+The recipe follows the paper's official schedule (AdamW, weight decay 0.1 with none on norms and
+biases, linear warm-up, x0.1 steps, grad clip 1.0, random shorter side + flip). `train()` is the
+single entry point used by the command line, the napari fine-tune button and torchrun:
+
+    config = TrainConfig(data="my_folder", preset="lite", output_dir="runs/lite")
+    checkpoint = train(config, callbacks=[print])
+
+Under torchrun (WORLD_SIZE > 1) the same call runs DistributedDataParallel with a
+DistributedSampler; only rank 0 writes checkpoints and logs and calls the callbacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+# Preset values fill the TrainConfig fields the caller left as None; anything given explicitly
+# wins. "model" holds ModelConfig overrides (architecture, grids, thresholds ...).
+PRESETS: dict[str, dict[str, Any]] = {
+    # Pascal VOC 3x (paper Table 1): 36 epochs, x0.1 at 27 and 33, lr 5e-5 for batch 8.
+    "voc_r50_3x": dict(
+        backbone="resnet50", lr=5e-5, batch_size=8, epochs=36, lr_steps=(27 / 36, 33 / 36),
+        warmup_iters=2000, min_size=(640, 800), max_size=1333,
+        model=dict(mask_threshold=0.7),
+    ),
+    "voc_r101_3x": dict(
+        backbone="resnet101", lr=5e-5, batch_size=8, epochs=36, lr_steps=(27 / 36, 33 / 36),
+        warmup_iters=2000, min_size=(640, 800), max_size=1333,
+        model=dict(mask_threshold=0.7),
+    ),
+    # COCO 3x, the paper's 8-GPU schedule (batch 16 in total: 2 per GPU under torchrun).
+    "coco_r101_3x": dict(
+        backbone="resnet101", lr=1e-4, batch_size=16, epochs=36, lr_steps=(27 / 36, 33 / 36),
+        warmup_iters=2000, min_size=(640, 800), max_size=1333,
+        model=dict(mask_threshold=0.55),
+    ),
+    # iSAID and LiTS 1x: 12 epochs, x0.1 at 8 and 11.
+    "isaid_r50_1x": dict(
+        backbone="resnet50", lr=1e-4, batch_size=16, epochs=12, lr_steps=(8 / 12, 11 / 12),
+        warmup_iters=2000, min_size=(640, 800), max_size=1333,
+        model=dict(mask_threshold=0.55),
+    ),
+    "lits_r50_1x": dict(
+        backbone="resnet50", lr=1e-4, batch_size=16, epochs=12, lr_steps=(8 / 12, 11 / 12),
+        warmup_iters=2000, min_size=(512, 512), max_size=512,
+        model=dict(mask_threshold=0.55),
+    ),
+    # Fine-tuning on a laptop CPU in minutes: ImageNet EfficientNet-Lite0 from the shipped
+    # wheel, slim heads, small inputs, a larger learning rate and a short warm-up.
+    "lite": dict(
+        backbone="efficientnet_lite0", lr=1e-3, batch_size=4, epochs=24, lr_steps=(0.75, 0.92),
+        warmup_iters=50, min_size=(256, 384), max_size=512,
+        model=dict(fpn_channels=64, head_channels=64, stacked_convs=2, mask_feature_channels=64,
+                   mask_feature_mid_channels=64),
+    ),
+}
+
+# Used for fields that neither the caller nor the preset set.
+_BASE_DEFAULTS: dict[str, Any] = dict(
+    backbone="resnet50", epochs=12, lr=1e-4, batch_size=2, warmup_iters=500,
+    lr_steps=(8 / 12, 11 / 12), min_size=(640, 800), max_size=1333,
+)
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs.
+
+    Fields left as None take the preset's value, then a base default. Either `epochs` or
+    `max_iterations` sets the schedule length (`max_iterations` wins); `lr_steps` are
+    fractions of it at which the learning rate is multiplied by `lr_gamma`.
+    """
+
+    data: str | Path = ""
+    preset: str | None = None
+    output_dir: str | Path = "runs/boxlevelset"
+    backbone: str | None = None
+    pretrained: bool | str = True
+    model: dict | None = None  # ModelConfig overrides, e.g. {"fpn_channels": 64}
+    epochs: int | None = None
+    max_iterations: int | None = None
+    batch_size: int | None = None  # in total, over all processes
+    lr: float | None = None
+    weight_decay: float = 0.1
+    warmup_iters: int | None = None
+    warmup_factor: float = 0.001
+    lr_steps: tuple[float, ...] | None = None
+    lr_gamma: float = 0.1
+    grad_clip: float = 1.0
+    min_size: tuple[int, int] | None = None  # random shorter side, inclusive range
+    max_size: int | None = None  # cap on the longer side
+    flip_prob: float = 0.5
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1"
+    amp: bool | None = None  # None: on for CUDA (bf16 where supported, else fp16 + GradScaler)
+    checkpoint_every: int = 500
+    resume: str | Path | None = None  # a last.pth, or "auto" for output_dir/last.pth if present
+    init_checkpoint: str | Path | None = None  # fine-tune from a saved model
+    num_workers: int = 0
+    seed: int = 0
+    supervision: str = "box"  # "box" (the paper) or "mask" (fully supervised ceiling)
+    window: str | tuple[float, float] | None = "abdomen"  # CT window for volume slices
+    class_names: list[str] | None = None  # read from the folder when None
+    log_path: str | Path | None = None  # per-iteration losses: .csv (default) or .jsonl
+    time_limit: float | None = None  # seconds; stop cleanly (with a checkpoint) when reached
+    find_unused_parameters: bool = True  # DDP: levels without positives leave params unused
+    rank_digest: bool = False  # write each rank's weight digest (checks DDP replicas agree)
+    stop_event: threading.Event | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        preset = PRESETS.get(self.preset, {}) if self.preset else {}
+        # Model overrides merge: the caller's keys win over the preset's.
+        self.model = {**preset.get("model", {}), **(self.model or {})}
+        for key, base in _BASE_DEFAULTS.items():
+            if getattr(self, key) is None:
+                value = preset.get(key, base)
+                setattr(self, key, dict(value) if isinstance(value, dict) else value)
+        self.lr_steps = tuple(float(s) for s in self.lr_steps)
+        self.min_size = _size_range(self.min_size)
+        if self.supervision not in ("box", "mask"):
+            raise ValueError(f"supervision must be 'box' or 'mask', got {self.supervision!r}")
+        if any(not 0.0 < s <= 1.0 for s in self.lr_steps):
+            raise ValueError(f"lr_steps are fractions of the schedule in (0, 1], got {self.lr_steps}")
+        for name in ("batch_size", "max_size", "checkpoint_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_iterations is None and int(self.epochs) < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.max_iterations is not None and int(self.max_iterations) < 1:
+            raise ValueError(f"max_iterations must be >= 1, got {self.max_iterations}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly copy (paths as str, no stop_event) stored in checkpoints."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name == "stop_event":
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = str(value) if isinstance(value, Path) else value
+        return out
+
+
+def _size_range(value: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(value, (int, float)):
+        value = (value, value)
+    lo, hi = (int(v) for v in value)
+    if lo < 1 or hi < lo:
+        raise ValueError(f"min_size must be a (min, max) range of positive sizes, got {value}")
+    return lo, hi
+
+
+@dataclass
+class TrainEvent:
+    """What callbacks receive after every iteration (and once more with done=True)."""
+
+    iteration: int  # completed iterations
+    max_iterations: int
+    epoch: int
+    losses: dict[str, float]
+    lr: float
+    eta_seconds: float
+    checkpoint: Path | None = None  # written at this iteration, if any
+    done: bool = False
+
+
+class StopTraining(Exception):
+    """Raise from a callback to stop training cleanly (a checkpoint is saved first)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: dataset, transforms, collate
+# ---------------------------------------------------------------------------------------------
+
+
+def to_rgb255(image: np.ndarray, window: Any = None) -> np.ndarray:
+    """Any HxW / HxWxC image -> HxWx3 float32 RGB in [0, 255] (what SOLOv2.forward expects)."""
+    from boxlevelset.image import as_float_image
+
+    arr = as_float_image(image, window=window)
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    elif arr.shape[2] == 2:  # two-channel microscopy: R, G and an empty B (as SOLOv2.preprocess)
+        arr = np.concatenate([arr, np.zeros_like(arr[..., :1])], axis=2)
+    return np.ascontiguousarray(arr * 255.0, dtype=np.float32)
+
+
+class ResizeFlip:
+    """Random shorter side in [min_size] (longer side capped at max_size) and horizontal flip.
+
+    Applied jointly to the image (bilinear), its xyxy boxes and optional masks (nearest).
+    """
+
+    def __init__(self, min_size: tuple[int, int], max_size: int, flip_prob: float) -> None:
+        self.min_size = _size_range(min_size)
+        self.max_size = int(max_size)
+        self.flip_prob = float(flip_prob)
+
+    def __call__(
+        self, image: np.ndarray, boxes: np.ndarray, masks: np.ndarray | None,
+        rng: np.random.Generator,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        import cv2
+
+        h, w = image.shape[:2]
+        short = int(rng.integers(self.min_size[0], self.min_size[1] + 1))
+        scale = min(short / min(h, w), self.max_size / max(h, w))
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        if (nh, nw) != (h, w):
+            interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR  # as at inference
+            image = cv2.resize(image, (nw, nh), interpolation=interp)
+            if masks is not None and len(masks):
+                masks = np.stack([
+                    cv2.resize(m.astype(np.uint8), (nw, nh), interpolation=cv2.INTER_NEAREST)
+                    for m in masks
+                ]).astype(bool)
+            elif masks is not None:
+                masks = np.zeros((0, nh, nw), bool)
+        boxes = boxes * np.array([nw / w, nh / h, nw / w, nh / h], dtype=np.float32)
+        if rng.random() < self.flip_prob:
+            image = image[:, ::-1]
+            boxes = np.stack([nw - boxes[:, 2], boxes[:, 1], nw - boxes[:, 0], boxes[:, 3]], 1)
+            if masks is not None:
+                masks = masks[:, :, ::-1]
+        image = np.ascontiguousarray(image)
+        if masks is not None:
+            masks = np.ascontiguousarray(masks)
+        return image, boxes.astype(np.float32).reshape(-1, 4), masks
+
+
+class BoxDataset(torch.utils.data.Dataset):
+    """Records of a BoxFolder that carry boxes, as training samples.
+
+    Indexing takes an int or (index, augmentation_seed), so random transforms are reproducible
+    regardless of worker count and across resumes.
+    """
+
+    def __init__(
+        self, folder: Any, class_names: Sequence[str], transform: ResizeFlip | None,
+        with_masks: bool = False, min_box_size: float = 1.0,
+    ) -> None:
+        self.folder = folder
+        by_name = {name: i for i, name in enumerate(class_names)}
+        self.category_to_label: dict[int, int] = {}
+        for cat in folder.categories:
+            if cat["name"] not in by_name:
+                raise ValueError(
+                    f"{folder.root}: category {cat['name']!r} is not among the model's classes "
+                    f"{list(class_names)}"
+                )
+            self.category_to_label[int(cat["id"])] = by_name[cat["name"]]
+        self.transform = transform
+        self.with_masks = with_masks
+        self.min_box_size = float(min_box_size)
+        self.records = [r for r in folder.records if len(r.boxes)]
+        self.skipped_empty = len(folder.records) - len(self.records)
+        self.dropped_boxes = 0
+        if with_masks:
+            for r in self.records:
+                if any(s is None for s in r.segmentations):
+                    raise ValueError(
+                        f"supervision='mask' needs a segmentation for every box, but "
+                        f"{r.file_name} in {folder.root} has boxes without one"
+                    )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        record = self.records[index]
+        image = to_rgb255(self.folder.load_image(record))
+        boxes = np.asarray(record.boxes, np.float32).reshape(-1, 4)
+        labels = np.array([self.category_to_label[int(c)] for c in record.category_ids], np.int64)
+        masks = None
+        if self.with_masks:
+            masks = self.folder.gt_masks(record)
+            if masks is None:
+                raise ValueError(f"{record.file_name}: supervision='mask' but no masks")
+        if self.transform is not None:
+            image, boxes, masks = self.transform(image, boxes, masks, np.random.default_rng(seed))
+        # Boxes that shrink below a pixel after resizing carry no signal: drop them.
+        keep = ((boxes[:, 2] - boxes[:, 0]) >= self.min_box_size) & (
+            (boxes[:, 3] - boxes[:, 1]) >= self.min_box_size)
+        sample = {
+            "image": torch.from_numpy(image).permute(2, 0, 1).contiguous(),
+            "boxes": torch.from_numpy(boxes[keep]),
+            "labels": torch.from_numpy(labels[keep]),
+            "image_id": int(record.image_id),
+            "dropped": int((~keep).sum()),
+        }
+        if masks is not None:
+            sample["masks"] = torch.from_numpy(masks[keep])
+        return sample
+
+
+def collate(samples: list[dict[str, Any]], divisor: int = 32) -> tuple[torch.Tensor, list[dict]]:
+    """Pad images (bottom/right, zeros) to a common size divisible by `divisor`."""
+    h = max(s["image"].shape[1] for s in samples)
+    w = max(s["image"].shape[2] for s in samples)
+    h, w = math.ceil(h / divisor) * divisor, math.ceil(w / divisor) * divisor
+    images = torch.zeros(len(samples), 3, h, w, dtype=torch.float32)
+    targets = []
+    for i, s in enumerate(samples):
+        _, ih, iw = s["image"].shape
+        images[i, :, :ih, :iw] = s["image"]
+        target = {"boxes": s["boxes"], "labels": s["labels"], "image_id": s["image_id"],
+                  "image_size": (ih, iw), "dropped": s["dropped"]}
+        if "masks" in s:
+            masks = torch.zeros(len(s["masks"]), h, w, dtype=torch.bool)
+            masks[:, :ih, :iw] = s["masks"]
+            target["masks"] = masks
+        targets.append(target)
+    return images, targets
+
+
+class _EpochSampler(torch.utils.data.Sampler):
+    """One epoch of (index, augmentation seed) pairs for this rank, starting at `skip` samples.
+
+    Shuffling and rank split come from DistributedSampler (also for one process, so the order
+    does not depend on world size handling); skipping lets a resumed run continue mid-epoch.
+    """
+
+    def __init__(self, n: int, world: int, rank: int, seed: int, epoch: int, skip: int) -> None:
+        base = torch.utils.data.DistributedSampler(
+            range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        base.set_epoch(epoch)
+        order = list(base)
+        self.items = [
+            (int(idx), int(np.random.SeedSequence([seed, epoch, rank, pos]).generate_state(1)[0]))
+            for pos, idx in enumerate(order)
+        ][skip:]
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser and schedule
+# ---------------------------------------------------------------------------------------------
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on 1-D parameters (norm scales/shifts, biases) as in the paper."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+
+
+def lr_factor(iteration: int, max_iterations: int, warmup_iters: int, warmup_factor: float,
+              steps: Sequence[float], gamma: float) -> float:
+    """Learning-rate multiplier at `iteration` (0-based): linear warm-up, then x gamma steps."""
+    factor = gamma ** sum(iteration >= int(round(s * max_iterations)) for s in steps)
+    if iteration < warmup_iters:
+        alpha = iteration / warmup_iters
+        factor *= warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+# ---------------------------------------------------------------------------------------------
+# Model construction
+# ---------------------------------------------------------------------------------------------
+
+
+def build_model(config: TrainConfig, class_names: Sequence[str]) -> nn.Module:
+    """SOLOv2 for `class_names`: fresh from the config, or initialised from a checkpoint.
+
+    With `init_checkpoint`, the architecture comes from the checkpoint; weights whose shapes
+    still fit are loaded (a different class list re-initialises only the category output).
+    """
+    from boxlevelset.model import ModelConfig, SOLOv2, load_checkpoint
+
+    valid = {f.name for f in dataclasses.fields(ModelConfig)}
+    if config.init_checkpoint:
+        ckpt = load_checkpoint(config.init_checkpoint, "cpu")
+        values = {k: v for k, v in dict(ckpt["config"]).items() if k in valid}
+    else:
+        ckpt = None
+        values = {"backbone": config.backbone}
+    # Test at the middle of the training scales unless told otherwise.
+    values.update(input_size=int(round(sum(config.min_size) / 2)), max_size=int(config.max_size))
+    overrides = dict(config.model or {})
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ValueError(f"unknown model settings {unknown}; valid: {sorted(valid)}")
+    if ckpt is not None:  # the architecture is fixed by the checkpoint; keep only test knobs
+        overrides = {k: v for k, v in overrides.items()
+                     if "threshold" in k or k in ("input_size", "max_size")}
+    values.update(overrides)
+    values.update(num_classes=len(class_names), class_names=list(class_names),
+                  supervision=config.supervision)
+    model_config = ModelConfig(**{k: v for k, v in values.items() if k in valid})
+    model = SOLOv2(model_config, pretrained=False if ckpt is not None else config.pretrained)
+    if ckpt is not None:
+        own = model.state_dict()
+        state = {k: v for k, v in ckpt["model"].items() if k in own and own[k].shape == v.shape}
+        skipped = sorted(set(own) - set(state))
+        model.load_state_dict(state, strict=False)
+        if skipped:
+            logger.info("init from %s: %d tensors re-initialised (%s)", config.init_checkpoint,
+                        len(skipped), ", ".join(skipped[:6]) + (" ..." if len(skipped) > 6 else ""))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _dist_env() -> tuple[int, int, int]:
+    """(world size, rank, local rank) from the torchrun environment; (1, 0, 0) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    return world, rank, local
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> CUDA when available else CPU; 'cuda' under torchrun -> cuda:LOCAL_RANK."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was requested but CUDA is not available")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def _any_rank(flag: bool, distributed: bool, device: torch.device) -> bool:
+    """True if `flag` holds on any rank (so every rank takes the same branch)."""
+    if not distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 over the state dict (names, dtypes and bytes), for comparing replicas."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        t = tensor.detach().cpu().contiguous()
+        h.update(str(t.dtype).encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging and checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+class _LossLog:
+    """Per-iteration losses appended to a CSV (columns fixed by the first row) or JSON lines."""
+
+    def __init__(self, path: Path, append: bool) -> None:
+        self.path = path
+        self.jsonl = path.suffix in (".jsonl", ".json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.columns: list[str] | None = None
+        if append and path.exists() and not self.jsonl:
+            with open(path, newline="") as f:
+                header = next(csv.reader(f), None)
+            self.columns = header
+        mode = "a" if append and path.exists() else "w"
+        self.file = open(path, mode, newline="")
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.jsonl:
+            self.file.write(json.dumps(row) + "\n")
+        else:
+            if self.columns is None:
+                self.columns = list(row)
+                csv.writer(self.file).writerow(self.columns)
+            csv.writer(self.file).writerow([_fmt(row.get(c, "")) for c in self.columns])
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _fmt(value: Any) -> Any:
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def _save(path: Path, model: nn.Module, **extra: Any) -> Path:
+    from boxlevelset.model import save_checkpoint
+
+    save_checkpoint(path, model, **extra)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+def _call_callbacks(callbacks: Iterable[Callable], event: TrainEvent) -> bool:
+    """Run the callbacks; False if any asked to stop (returned False or raised StopTraining)."""
+    keep_going = True
+    for cb in callbacks:
+        try:
+            if cb(event) is False:
+                keep_going = False
+        except StopTraining:
+            keep_going = False
+    return keep_going
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _amp_settings(config: TrainConfig, device: torch.device) -> tuple[bool, torch.dtype | None]:
+    use = device.type == "cuda" if config.amp is None else bool(config.amp)
+    if use and device.type != "cuda":
+        raise ValueError("amp=True needs a CUDA device (mixed precision is off on CPU)")
+    if not use:
+        return False, None
+    return True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def train(
+    config: TrainConfig, callbacks: Sequence[Callable[[TrainEvent], Any]] = (),
+    progress: bool = False,
+) -> Path:
+    """Train (or fine-tune, or resume) a box-supervised SOLOv2 and return the final checkpoint.
+
+    Writes `output_dir/last.pth` (full state, resumable) every `checkpoint_every` iterations,
+    on stop and at the end, and `output_dir/model.pth` (weights + config) at the end. A stop
+    request (callback returning False, StopTraining, `config.stop_event`, `time_limit`) saves
+    `last.pth` and returns it. A NaN/inf loss or gradient raises RuntimeError without saving.
+    """
+    from boxlevelset.data import load_box_folder
+
+    world, rank, local_rank = _dist_env()
+    distributed = world > 1
+    device = resolve_device(config.device, local_rank)
+    if distributed and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo")
+    is_main = rank == 0
+    callbacks = list(callbacks) if is_main else []
+    out_dir = Path(config.output_dir)
+    last_path, final_path = out_dir / "last.pth", out_dir / "model.pth"
+    log: _LossLog | None = None
+    bar = None
+    try:
+        _seed_everything(config.seed)
+        folder = load_box_folder(config.data, window=config.window)
+        class_names = list(config.class_names or [c["name"] for c in folder.categories])
+        if not class_names:
+            raise ValueError(f"{config.data}: the folder defines no categories to train on")
+        dataset = BoxDataset(
+            folder, class_names, ResizeFlip(config.min_size, config.max_size, config.flip_prob),
+            with_masks=config.supervision == "mask")
+        if len(dataset) == 0:
+            raise ValueError(f"{config.data}: no image has a box annotation to train on")
+        if is_main and dataset.skipped_empty:
+            logger.info("%d images without boxes are not used for training", dataset.skipped_empty)
+
+        per_rank_batch = max(1, int(config.batch_size) // world)
+        if distributed and int(config.batch_size) % world:
+            logger.warning("batch_size %d is not divisible by %d processes: using %d per process",
+                           config.batch_size, world, per_rank_batch)
+        samples_per_rank = math.ceil(len(dataset) / world)
+        iters_per_epoch = math.ceil(samples_per_rank / per_rank_batch)
+        max_iter = int(config.max_iterations or int(config.epochs) * iters_per_epoch)
+
+        model = build_model(config, class_names).to(device)
+        model.train()
+        optimizer = build_optimizer(model, config)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda it: lr_factor(it, max_iter, int(config.warmup_iters),
+                                            config.warmup_factor, config.lr_steps,
+                                            config.lr_gamma))
+        use_amp, amp_dtype = _amp_settings(config, device)
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+        start_iter = 0
+        resume = config.resume
+        if resume == "auto":
+            resume = last_path if last_path.exists() else None
+        if resume:
+            ckpt = torch.load(resume, map_location=device, weights_only=False)
+            for key in ("model", "optimizer", "scheduler", "iteration"):
+                if key not in ckpt:
+                    raise ValueError(f"{resume}: cannot resume, the checkpoint has no {key!r} "
+                                     "(use init_checkpoint to fine-tune from a model file)")
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            if ckpt.get("scaler") and scaler.is_enabled():
+                scaler.load_state_dict(ckpt["scaler"])
+            start_iter = int(ckpt["iteration"])
+            if is_main:
+                logger.info("resumed from %s at iteration %d", resume, start_iter)
+
+        net: nn.Module = model
+        if distributed:
+            net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=config.find_unused_parameters)
+
+        if is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            log_path = Path(config.log_path) if config.log_path else out_dir / "log.csv"
+            log = _LossLog(log_path, append=start_iter > 0)
+            if progress:
+                from tqdm import tqdm
+                bar = tqdm(total=max_iter, initial=start_iter, desc="train", unit="it")
+
+        train_state = {"train_config": config.to_dict(), "class_names": class_names}
+
+        def save_last(iteration: int) -> Path | None:
+            if not is_main:
+                return None
+            return _save(last_path, model, optimizer=optimizer.state_dict(),
+                         scheduler=scheduler.state_dict(),
+                         scaler=scaler.state_dict() if scaler.is_enabled() else None,
+                         iteration=iteration, **train_state)
+
+        it = start_iter
+        last_saved: Path | None = Path(resume) if resume else None
+        stopped = False
+        t_start = time.perf_counter()
+        iter_times: list[float] = []
+        dropped_total = 0
+        epoch = it // iters_per_epoch
+        while it < max_iter and not stopped:
+            epoch = it // iters_per_epoch
+            sampler = _EpochSampler(len(dataset), world, rank, config.seed, epoch,
+                                    skip=(it % iters_per_epoch) * per_rank_batch)
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_size=per_rank_batch, sampler=sampler, collate_fn=collate,
+                num_workers=config.num_workers, pin_memory=device.type == "cuda",
+                persistent_workers=False)
+            t_iter = time.perf_counter()
+            for images, targets in loader:
+                dropped_total += sum(t.pop("dropped") for t in targets)
+                images = images.to(device, non_blocking=True)
+                targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+                            for k, v in t.items()} for t in targets]
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    loss_dict = net(images, targets)
+                loss_dict = {k: v.float() for k, v in loss_dict.items() if k.startswith("loss")}
+                loss = sum(loss_dict.values())
+                losses = {k: float(v.detach()) for k, v in loss_dict.items()}
+                losses["loss"] = float(loss.detach())
+                if _any_rank(not math.isfinite(losses["loss"]), distributed, device):
+                    raise RuntimeError(
+                        f"training diverged: non-finite loss at iteration {it + 1} ({losses}); "
+                        f"this state was not saved, last good checkpoint: "
+                        f"{last_saved or 'none'}")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                                 config.grad_clip))
+                if not scaler.is_enabled() and not math.isfinite(grad_norm):
+                    raise RuntimeError(
+                        f"training diverged: non-finite gradient norm at iteration {it + 1}; "
+                        f"this state was not saved, last good checkpoint: "
+                        f"{last_saved or 'none'}")
+                scaler.step(optimizer)  # skips the step (fp16 only) if grads overflowed
+                scaler.update()
+                lr = optimizer.param_groups[0]["lr"]
+                scheduler.step()
+                it += 1
+
+                now = time.perf_counter()
+                iter_times.append(now - t_iter)
+                t_iter = now
+                recent = iter_times[-20:]
+                eta = (max_iter - it) * (sum(recent) / len(recent))
+
+                want_stop = (config.stop_event is not None and config.stop_event.is_set()) or (
+                    config.time_limit is not None and now - t_start >= config.time_limit)
+                checkpoint = None
+                if is_main:
+                    log.write({"iteration": it, "epoch": epoch, "lr": lr, **losses,
+                               "grad_norm": grad_norm, "time": now - t_start})
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{lr:.2e}")
+                    if it % config.checkpoint_every == 0 and it < max_iter:
+                        checkpoint = last_saved = save_last(it)
+                    event = TrainEvent(it, max_iter, epoch, losses, lr, eta, checkpoint)
+                    if not _call_callbacks(callbacks, event):
+                        want_stop = True
+                stopped = _any_rank(want_stop, distributed, device) and it < max_iter
+                if stopped or it >= max_iter:
+                    break
+
+        if is_main and dropped_total:
+            logger.info("%d boxes smaller than a pixel after resizing were dropped", dropped_total)
+        if config.rank_digest:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / f"weights-rank{rank}.sha256").write_text(weights_digest(model) + "\n")
+        result = last_path if stopped else final_path
+        if is_main:
+            save_last(it)
+            if not stopped:
+                _save(final_path, model, iteration=it, **train_state)
+            elapsed = time.perf_counter() - t_start
+            logger.info("%s after %d iterations (%.1f s): %s",
+                        "stopped" if stopped else "finished", it, elapsed, result)
+            last_losses = losses if it > start_iter else {}
+            _call_callbacks(callbacks, TrainEvent(it, max_iter, epoch, last_losses,
+                                                  optimizer.param_groups[0]["lr"], 0.0,
+                                                  result, done=True))
+        if distributed:
+            torch.distributed.barrier()
+        return result
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+        if distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line (registered as `boxlevelset train` by boxlevelset.cli; also `python -m`)
+# ---------------------------------------------------------------------------------------------
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    if isinstance(parsed, list):
+        parsed = tuple(tuple(p) if isinstance(p, list) else p for p in parsed)
+    return key.strip(), parsed
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of `boxlevelset train`; unset options fall back to the preset."""
+    p = parser
+    p.add_argument("data", help="box-labeled folder (images/ + annotations.json, or Pascal VOC)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="lite",
+                   help="training recipe (default: lite, for CPU fine-tuning)")
+    p.add_argument("-o", "--output", default="runs/boxlevelset", help="output directory")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--iterations", type=int, help="schedule length (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, help="images per iteration over all processes")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--warmup", type=int, help="linear warm-up iterations")
+    p.add_argument("--min-size", type=int, nargs="+", metavar="PX",
+                   help="shorter side: one value or a MIN MAX range")
+    p.add_argument("--max-size", type=int, help="cap on the longer side")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    amp = p.add_mutually_exclusive_group()
+    amp.add_argument("--amp", dest="amp", action="store_true", default=None,
+                     help="mixed precision (default: on with CUDA)")
+    amp.add_argument("--no-amp", dest="amp", action="store_false")
+    p.add_argument("--supervision", choices=("box", "mask"), default="box")
+    p.add_argument("--init", help="fine-tune from this model checkpoint")
+    p.add_argument("--resume", help="resume from a last.pth ('auto': OUTPUT/last.pth if present)")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--window", default="abdomen", help="CT window preset for volume slices")
+    p.add_argument("--no-pretrained", action="store_true", help="random backbone init")
+    p.add_argument("--model", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="ModelConfig override, e.g. --model fpn_channels=64 (repeatable)")
+    p.add_argument("--log", help="loss log path (.csv or .jsonl; default OUTPUT/log.csv)")
+    p.add_argument("--time-limit", type=float, help="stop cleanly after this many minutes")
+    p.add_argument("--rank-digest", action="store_true",
+                   help="write each process's weight digest to OUTPUT (checks DDP replicas)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from parsed `add_train_arguments` options."""
+    return TrainConfig(
+        data=args.data, preset=args.preset, output_dir=args.output, epochs=args.epochs,
+        max_iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_iters=args.warmup,
+        min_size=tuple(args.min_size) if args.min_size else None, max_size=args.max_size,
+        device=args.device, amp=args.amp, supervision=args.supervision,
+        init_checkpoint=args.init, resume=args.resume, checkpoint_every=args.checkpoint_every,
+        num_workers=args.workers, seed=args.seed, window=args.window,
+        pretrained=not args.no_pretrained, model=dict(args.model), log_path=args.log,
+        time_limit=args.time_limit * 60 if args.time_limit else None,
+        rank_digest=args.rank_digest,
+    )
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """`boxlevelset train`: train and print the checkpoint path; returns the exit code."""
+    config = config_from_args(args)
+    _, rank, _ = _dist_env()
+    path = train(config, progress=not args.no_progress and rank == 0)
+    if rank == 0:
+        print(path)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m boxlevelset.train` (what torchrun launches)."""
+    parser = add_train_arguments(argparse.ArgumentParser(
+        prog="python -m boxlevelset.train", description="Train box-supervised SOLOv2."))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return run_train(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
