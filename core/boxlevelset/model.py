@@ -267,6 +267,11 @@ class SOLOv2(nn.Module):
         pos_kernels, pos_boxes, pos_batch, pos_stride, pos_object = [], [], [], [], []
         for b, tgt in enumerate(targets):
             boxes = tgt["boxes"].to(images.device, torch.float32).reshape(-1, 4)
+            # Clip to the input; boxes left with no area fall out of every scale range.
+            boxes = torch.stack(
+                [boxes[:, 0].clamp(0, width), boxes[:, 1].clamp(0, height),
+                 boxes[:, 2].clamp(0, width), boxes[:, 3].clamp(0, height)], dim=1
+            )
             labels = tgt["labels"].to(images.device, torch.long).reshape(-1)
             level_targets = assign_targets(
                 boxes, labels, (height, width), cfg.num_grids, cfg.scale_ranges,
