@@ -16,8 +16,10 @@ of them share one tree and one pass.  The backward pass is the exact adjoint of 
 O(pixels)): it gives the gradient wrt x (which equals S grad, S being symmetric) and wrt the edge
 weights; autograd chains the latter into the guide through ``w = exp(-d / sigma)``.
 
-The sweeps are numba-compiled (cached on disk).  CUDA tensors are filtered on the CPU and moved back:
-the tree is inherently sequential and the portable path is exact.
+The sweeps are numba-compiled (cached on disk) and run in float64 whatever the input dtype; they
+recompute rather than store their intermediates, so backward keeps only x and the weights.  CUDA
+tensors are filtered on the CPU and moved back: the tree is inherently sequential, and this portable
+path is exact (its cost is the device<->host copies of x and of the gradient).
 """
 
 from __future__ import annotations
@@ -58,9 +60,14 @@ def spanning_tree(guide: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = h * w
     if n == 1:
         return np.zeros(1, np.int64), np.zeros(1, np.int64)
-    g = np.asarray(guide, dtype=np.float64).reshape(guide.shape[0], n)
+    g = np.asarray(guide, dtype=np.float64)
     src, dst = _grid_edges(h, w)
-    cost = np.square(g[:, src] - g[:, dst]).sum(axis=0) + _TIE_EPS
+    # Same edge order as _grid_edges: horizontal then vertical, row-major.
+    cost = np.concatenate([
+        np.square(g[:, :, 1:] - g[:, :, :-1]).sum(axis=0).ravel(),
+        np.square(g[:, 1:, :] - g[:, :-1, :]).sum(axis=0).ravel(),
+    ])
+    cost += _TIE_EPS
     graph = coo_matrix((cost, (src, dst)), shape=(n, n)).tocsr()
     mst = minimum_spanning_tree(graph)
     order, pred = breadth_first_order(mst, 0, directed=False, return_predecessors=True)
@@ -72,102 +79,145 @@ def spanning_tree(guide: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------------------------
-# numba sweeps.  Arrays are pixel-major (N, C) so the channel loop is innermost and contiguous.
+# numba sweeps.  Work arrays are float64 and pixel-major (N, C + 1): the channel loop is innermost
+# and contiguous, and the extra last channel is the all-ones input whose filtered value is Z.
+
+# Weights below this are flushed to 0: they are 0 to any precision that matters, and products of
+# them would be denormal floats, which x86 handles ~100x slower.
+_WEIGHT_FLOOR = 1e-60
 
 
 @numba.njit(cache=True, nogil=True)
-def _sweep_forward(x, w, order, parent, up, out):  # pragma: no cover - compiled
-    """Up and down sweeps for a batch: x, up, out (B, N, C); w, order, parent (B, N)."""
-    nb, n, nc = x.shape
-    for b in range(nb):
-        xb, wb, ob, pb, ub, outb = x[b], w[b], order[b], parent[b], up[b], out[b]
-        for v in range(n):
-            for c in range(nc):
-                ub[v, c] = xb[v, c]
-        for i in range(n - 1, 0, -1):  # leaves first: a vertex is final before its parent reads it
-            v = ob[i]
-            p = pb[v]
-            wv = wb[v]
-            for c in range(nc):
-                ub[p, c] += wv * ub[v, c]
-        r = ob[0]
+def _sweeps(xb, wb, ob, pb, up, out):  # pragma: no cover - compiled
+    """Up and down sweeps of one image: xb (C, N) -> up, out (N, C + 1), last channel = ones."""
+    nc, n = xb.shape
+    for v in range(n):
         for c in range(nc):
-            outb[r, c] = ub[r, c]
-        for i in range(1, n):  # parents first
-            v = ob[i]
-            p = pb[v]
-            wv = wb[v]
-            k = 1.0 - wv * wv
-            for c in range(nc):
-                outb[v, c] = ub[v, c] * k + wv * outb[p, c]
+            up[v, c] = xb[c, v]
+        up[v, nc] = 1.0
+    for i in range(n - 1, 0, -1):  # leaves first: a vertex is final before its parent reads it
+        v = ob[i]
+        p = pb[v]
+        wv = wb[v]
+        for c in range(nc + 1):
+            up[p, c] += wv * up[v, c]
+    r = ob[0]
+    for c in range(nc + 1):
+        out[r, c] = up[r, c]
+    for i in range(1, n):  # parents first
+        v = ob[i]
+        p = pb[v]
+        wv = wb[v]
+        k = 1.0 - wv * wv
+        for c in range(nc + 1):
+            out[v, c] = up[v, c] * k + wv * out[p, c]
 
 
 @numba.njit(cache=True, nogil=True)
-def _sweep_backward(grad_out, w, order, parent, up, out, grad_x, grad_w):  # pragma: no cover
-    """Adjoint of ``_sweep_forward``; grad_out is overwritten (used as an accumulator).
-
-    Down sweep adjoint (leaves first):  gA(v) = G(v)(1 - w_v^2),  G(p) += w_v G(v),
-        dL/dw_v += G(v) (O(p) - 2 w_v A(v)).
-    Up sweep adjoint (parents first):  gx(v) = gA(v) + w_v gx(p),  dL/dw_v += gx(p) A(v).
-    """
-    nb, n, nc = grad_out.shape
+def _filter_forward(x, w, order, parent, y):  # pragma: no cover - compiled
+    """y[b, c] = (S_b x[b, c]) / (S_b 1) for x, y (B, C, N); w, order, parent (B, N)."""
+    nb, nc, n = x.shape
+    up = np.empty((n, nc + 1))
+    out = np.empty((n, nc + 1))
     for b in range(nb):
-        gb, wb, ob, pb, ub, outb = grad_out[b], w[b], order[b], parent[b], up[b], out[b]
-        gxb, gwb = grad_x[b], grad_w[b]
+        _sweeps(x[b], w[b], order[b], parent[b], up, out)
+        for v in range(n):
+            inv_z = 1.0 / out[v, nc]
+            for c in range(nc):
+                y[b, c, v] = out[v, c] * inv_z
+
+
+@numba.njit(cache=True, nogil=True)
+def _filter_backward(x, w, order, parent, grad_y, grad_x, grad_w):  # pragma: no cover - compiled
+    """Exact adjoint of ``_filter_forward`` (the sweeps are recomputed instead of stored).
+
+    Normalisation:  gO(v, c) = gy(v, c) / Z(v),  gZ(v) = -sum_c gy(v, c) y(v, c) / Z(v).
+    Down sweep adjoint (leaves first), G = accumulated gO:
+        gA(v) = G(v) (1 - w_v^2),  G(p) += w_v G(v),  dL/dw_v += G(v) . (O(p) - 2 w_v A(v)).
+    Up sweep adjoint (parents first), gA accumulated into gx:
+        gx(v) = gA(v) + w_v gx(p),  dL/dw_v += gx(p) . A(v).
+    gx of the ones channel is dropped (it is a constant).
+    """
+    nb, nc, n = x.shape
+    up = np.empty((n, nc + 1))
+    out = np.empty((n, nc + 1))
+    g = np.empty((n, nc + 1))
+    gx = np.empty((n, nc + 1))
+    for b in range(nb):
+        wb, ob, pb = w[b], order[b], parent[b]
+        _sweeps(x[b], wb, ob, pb, up, out)
+        for v in range(n):
+            inv_z = 1.0 / out[v, nc]
+            gz = 0.0
+            for c in range(nc):
+                gy = grad_y[b, c, v] * inv_z
+                g[v, c] = gy
+                gz -= gy * out[v, c] * inv_z
+            g[v, nc] = gz
         for i in range(n - 1, 0, -1):
             v = ob[i]
             p = pb[v]
             wv = wb[v]
             k = 1.0 - wv * wv
             s = 0.0
-            for c in range(nc):
-                g = gb[v, c]
-                gxb[v, c] = g * k
-                s += g * (outb[p, c] - 2.0 * wv * ub[v, c])
-                gb[p, c] += wv * g
-            gwb[v] = s
+            for c in range(nc + 1):
+                gv = g[v, c]
+                gx[v, c] = gv * k
+                s += gv * (out[p, c] - 2.0 * wv * up[v, c])
+                g[p, c] += wv * gv
+            grad_w[b, v] = s
         r = ob[0]
-        gwb[r] = 0.0
-        for c in range(nc):
-            gxb[r, c] = gb[r, c]
+        grad_w[b, r] = 0.0
+        for c in range(nc + 1):
+            gx[r, c] = g[r, c]
         for i in range(1, n):
             v = ob[i]
             p = pb[v]
             wv = wb[v]
             s = 0.0
-            for c in range(nc):
-                gp = gxb[p, c]
-                gxb[v, c] += wv * gp
-                s += gp * ub[v, c]
-            gwb[v] += s
+            for c in range(nc + 1):
+                gp = gx[p, c]
+                gx[v, c] += wv * gp
+                s += gp * up[v, c]
+            grad_w[b, v] += s
+        for c in range(nc):
+            for v in range(n):
+                grad_x[b, c, v] = gx[v, c]
 
 
-class _TreeSweep(torch.autograd.Function):
-    """out = S(w) x for a batch of trees; x (B, N, C), w (B, N); differentiable wrt x and w."""
+class _TreeFilterFunction(torch.autograd.Function):
+    """y = (S x) / (S 1) with S built from trees and squared guide distances of tree edges.
+
+    x (B, C, N); dist (B, N): squared guide distance of every vertex to its parent; differentiable
+    wrt x and dist.  Computed on the CPU in float64, returned in x's dtype and device.
+    """
 
     @staticmethod
-    def forward(ctx, x, w, order, parent):  # type: ignore[override]
-        device = x.device
-        xn = x.detach().cpu().contiguous().numpy()
-        wn = w.detach().cpu().to(x.dtype).contiguous().numpy()
-        up = np.empty_like(xn)
-        out = np.empty_like(xn)
-        _sweep_forward(xn, wn, order, parent, up, out)
-        ctx.arrays = (wn, order, parent, up, out)
-        ctx.device = device
-        return torch.from_numpy(out).to(device)
+    def forward(ctx, x, dist, sigma, order, parent):  # type: ignore[override]
+        xn = x.detach().cpu().numpy()
+        wn = np.exp(-dist.detach().cpu().double().numpy() / sigma)
+        wn[wn < _WEIGHT_FLOOR] = 0.0
+        y = np.empty(xn.shape, dtype=xn.dtype)
+        _filter_forward(xn, wn, order, parent, y)
+        ctx.arrays = (xn, wn, order, parent)
+        ctx.sigma = sigma
+        ctx.dist_dtype = dist.dtype
+        return torch.from_numpy(y).to(x.device)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):  # type: ignore[override]
-        wn, order, parent, up, out = ctx.arrays
-        g = grad_out.detach().cpu().numpy().astype(out.dtype, copy=True)
-        grad_x = np.empty_like(g)
-        grad_w = np.empty(wn.shape, dtype=g.dtype)
-        _sweep_backward(g, wn, order, parent, up, out, grad_x, grad_w)
+    def backward(ctx, grad_y):  # type: ignore[override]
+        xn, wn, order, parent = ctx.arrays
+        gy = np.ascontiguousarray(grad_y.detach().cpu().numpy(), dtype=np.float64)
+        grad_x = np.empty(xn.shape, dtype=xn.dtype)
+        grad_w = np.empty(wn.shape, dtype=np.float64)
+        _filter_backward(xn, wn, order, parent, gy, grad_x, grad_w)
+        grad_dist = grad_w * wn * (-1.0 / ctx.sigma)  # w = exp(-d / sigma)
+        device = grad_y.device
         return (
-            torch.from_numpy(grad_x).to(ctx.device),
-            torch.from_numpy(grad_w).to(ctx.device),
+            torch.from_numpy(grad_x).to(device),
+            torch.from_numpy(grad_dist).to(device=device, dtype=ctx.dist_dtype),
+            None,
             None,
             None,
         )
@@ -217,14 +267,12 @@ def tree_filter(x: torch.Tensor, guide: torch.Tensor, sigma: float) -> torch.Ten
     for i in range(b):
         orders[i], parents[i] = spanning_tree(guide_np[i].reshape(-1, h, w))
 
-    # Edge weights in torch so autograd carries d(out)/dw into the guide.
+    # Squared guide distance of every vertex to its parent, in torch so autograd carries the
+    # gradient of the edge weights on into the guide.
     parent_t = torch.from_numpy(parents).to(guide.device)
     g_parent = torch.gather(guide_flat, 2, parent_t[:, None, :].expand_as(guide_flat))
-    weights = torch.exp(-(guide_flat - g_parent).square().sum(1) / sigma).to(x.dtype)
+    dist = (guide_flat - g_parent).square().sum(1)
 
-    # Pixel-major layout with an all-ones channel appended for the normaliser Z.
-    x_flat = x.reshape(b, c, n).transpose(1, 2)
-    ones = x.new_ones(b, n, 1)
-    filtered = _TreeSweep.apply(torch.cat([x_flat, ones], dim=2), weights, orders, parents)
-    out = filtered[..., :c] / filtered[..., c:]
-    return out.transpose(1, 2).reshape(b, c, h, w)
+    y = _TreeFilterFunction.apply(x.reshape(b, c, n).contiguous(), dist, float(sigma), orders,
+                                  parents)
+    return y.reshape(b, c, h, w)
