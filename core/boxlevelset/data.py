@@ -92,16 +92,29 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def _read_tiff(path: Path) -> np.ndarray:
+    import cv2
     import tifffile
 
     try:
-        image = tifffile.imread(path)
+        image = np.asarray(tifffile.imread(path))
     except Exception as err:  # tifffile raises many kinds of errors for bad files
-        raise ImageReadError(f"{path}: cannot read TIFF ({err})") from err
-    image = np.asarray(image)
+        # Without the optional imagecodecs package tifffile cannot decompress LZW/JPEG
+        # TIFFs (OpenCV's default); OpenCV's own libtiff can, so try it before giving up.
+        image = cv2.imdecode(np.fromfile(str(path), dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        if image is None:
+            raise ImageReadError(f"{path}: cannot read TIFF ({err})") from err
+        if image.ndim == 3 and image.shape[2] == 3:
+            image = image[..., ::-1]
+        elif image.ndim == 3 and image.shape[2] == 4:
+            image = image[..., [2, 1, 0, 3]]
     # Planar RGB (C, H, W) stored by some microscopes: move channels last.
     if image.ndim == 3 and image.shape[0] in (3, 4) and image.shape[2] not in (3, 4):
         image = np.moveaxis(image, 0, -1)
+    if image.ndim > 3 or (image.ndim == 3 and image.shape[2] > 4):
+        raise ImageReadError(
+            f"{path}: TIFF holds a stack of shape {image.shape}, not a 2D image; "
+            "save single planes or load it as a volume"
+        )
     return image
 
 
@@ -115,8 +128,14 @@ def _image_size(path: Path) -> tuple[int, int]:
     if suffix not in IMAGE_SUFFIXES:
         raise ImageReadError(f"{path}: unsupported image type {suffix!r}")
     if suffix in (".tif", ".tiff"):
-        image = _read_tiff(path)
-        return int(image.shape[0]), int(image.shape[1])
+        import tifffile
+
+        try:  # header only: no decompression
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages[0]
+                return int(page.imagelength), int(page.imagewidth)
+        except Exception as err:
+            raise ImageReadError(f"{path}: cannot read TIFF header ({err})") from err
     try:
         with Image.open(path) as im:
             width, height = im.size
