@@ -84,7 +84,9 @@ class FrozenBatchNorm2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale
-        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+        # One fused pass (addcmul) instead of a multiply then an add: BN is ~1/3 of Lite0's time.
+        return torch.addcmul(shift.view(1, -1, 1, 1).to(x.dtype), x,
+                             scale.view(1, -1, 1, 1).to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
