@@ -1,0 +1,794 @@
+"""Box-to-mask widget: draw rectangles, get one mask (one label id) per box.
+
+The widget watches a boxes Shapes layer. Every box gets a `box_id` feature that is also
+the label id of its mask in the output Labels layer. Adding, moving or deleting a box
+updates that box's mask only; pixels the user painted by hand are detected (the label's
+pixels differ from what the widget last wrote) and are not overwritten without asking.
+Masks come from `boxlevelset.segment_boxes` (model-free level set) or from a loaded model
+through `boxlevelset.model.Predictor`.
+"""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  -- torch must be imported before the Qt application exists
+
+import time
+from typing import Any
+
+import napari
+import numpy as np
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QMessageBox,
+    QPushButton,
+    QSlider,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ._layers import (
+    DEFAULT_CATEGORY,
+    META_KEY,
+    boxes_layer_kwargs,
+    boxes_to_rectangles,
+    contrast_window,
+    plugin_meta,
+    rectangle_to_box,
+)
+
+NEW_LAYER = "<new layer>"
+METHOD_LEVELSET = "Level set (no model)"
+METHOD_MODEL = "Model"
+HAND_EDIT_POLICIES = ("ask", "keep", "overwrite")
+
+
+class LayerCombo(QComboBox):
+    """A combo box listing the viewer's layers of one type, kept in sync with the layer list."""
+
+    def __init__(self, viewer: napari.Viewer, layer_type: type, allow_new: bool = False):
+        super().__init__()
+        self._viewer = viewer
+        self._type = layer_type
+        self._allow_new = allow_new
+        viewer.layers.events.inserted.connect(self.refresh)
+        viewer.layers.events.removed.connect(self.refresh)
+        viewer.layers.events.reordered.connect(self.refresh)
+        self.refresh()
+
+    def refresh(self, *_: Any) -> None:
+        current = self.currentText()
+        names = [layer.name for layer in self._viewer.layers if isinstance(layer, self._type)]
+        if self._allow_new:
+            names = [NEW_LAYER, *names]
+        self.blockSignals(True)
+        self.clear()
+        self.addItems(names)
+        if current in names:
+            self.setCurrentText(current)
+        elif names and not self._allow_new:
+            self.setCurrentIndex(len(names) - 1)  # newest layer of that type
+        self.blockSignals(False)
+        if self.currentText() != current:
+            self.currentTextChanged.emit(self.currentText())
+
+    def layer(self) -> Any:
+        name = self.currentText()
+        if not name or name == NEW_LAYER or name not in self._viewer.layers:
+            return None
+        return self._viewer.layers[name]
+
+    def select(self, layer: Any) -> None:
+        self.refresh()
+        self.setCurrentText(layer.name)
+
+
+def _bbox(mask: np.ndarray) -> np.ndarray | None:
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        return None
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+class BoxToMaskWidget(QWidget):
+    """Dock widget: boxes on a Shapes layer -> one mask per box in a Labels layer."""
+
+    def __init__(self, napari_viewer: napari.Viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.model: Any = None
+        self.model_path: str | None = None
+        self._predictor: Any = None
+        self._predictor_key: tuple | None = None
+        self._bound: Any = None  # the boxes layer whose events we listen to
+        self._busy = False
+        self._geom: dict[int, tuple] = {}  # box_id -> (plane, x0, y0, x1, y1) last segmented
+        self._written: dict[int, dict[int, np.ndarray]] = {}  # box_id -> plane -> owned pixels
+        self._locked: set[int] = set()  # accepted boxes: edits no longer change their masks
+        self._next_label = 1
+        self.last_latency_s: float | None = None
+        # Ask the user through a dialog; tests and scripts may replace this callable.
+        self.confirm_overwrite = self._ask_overwrite
+        self._build_ui()
+        self._bind_boxes()
+        self.viewer.bind_key("Shift-S", lambda _v: self.segment(), overwrite=True)
+        self.viewer.bind_key("Shift-A", lambda _v: self.accept(), overwrite=True)
+
+    # ------------------------------------------------------------------ UI
+    def _build_ui(self) -> None:
+        layers = napari.layers
+        self.image_combo = LayerCombo(self.viewer, layers.Image)
+        self.boxes_combo = LayerCombo(self.viewer, layers.Shapes)
+        self.labels_combo = LayerCombo(self.viewer, layers.Labels, allow_new=True)
+        self.new_boxes_btn = QPushButton("New boxes layer")
+        self.new_boxes_btn.clicked.connect(self.new_boxes_layer)
+        self.class_combo = QComboBox()
+        self.class_combo.setEditable(True)
+        self.class_combo.addItem(DEFAULT_CATEGORY)
+        self.class_combo.setToolTip("Category of new (and selected) boxes; type a name to add one")
+        self.class_combo.currentTextChanged.connect(self.set_category)
+
+        self.method_combo = QComboBox()
+        self.method_combo.addItems([METHOD_LEVELSET, METHOD_MODEL])
+        self.model_edit = QLineEdit()
+        self.model_edit.setPlaceholderText("checkpoint (.pt)")
+        browse = QPushButton("Browse…")
+        browse.clicked.connect(self._browse_model)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(["auto", "cpu", "cuda"])
+        self.load_btn = QPushButton("Load model")
+        self.load_btn.clicked.connect(lambda: self.load_model(self.model_edit.text()))
+        self.model_label = QLabel("no model loaded")
+
+        self.live_check = QCheckBox("Live: segment each box when it is drawn or edited")
+        self.live_check.setChecked(True)
+        self.overwrite_check = QCheckBox("New masks overwrite existing labels")
+        self.hand_combo = QComboBox()
+        self.hand_combo.addItems(HAND_EDIT_POLICIES)
+        self.segment_btn = QPushButton("Segment boxes (Shift-S)")
+        self.segment_btn.clicked.connect(self.segment)
+        self.accept_btn = QPushButton("Accept masks (Shift-A)")
+        self.accept_btn.setToolTip("Lock the current masks: editing or deleting their boxes "
+                                   "no longer changes them")
+        self.accept_btn.clicked.connect(self.accept)
+
+        self.score_slider = QSlider(Qt.Horizontal)
+        self.score_slider.setRange(0, 100)
+        self.score_slider.setValue(30)
+        self.score_label = QLabel("0.30")
+        self.score_slider.valueChanged.connect(
+            lambda v: self.score_label.setText(f"{v / 100:.2f}"))
+        self.everything_btn = QPushButton("Segment everything")
+        self.everything_btn.clicked.connect(self.segment_everything)
+        self.overlap_spin = QDoubleSpinBox()
+        self.overlap_spin.setRange(0.05, 0.99)
+        self.overlap_spin.setSingleStep(0.05)
+        self.overlap_spin.setValue(0.5)
+        self.propagate_btn = QPushButton("Propagate selected box through slices")
+        self.propagate_btn.clicked.connect(self.propagate_selected)
+
+        self.export_coco_btn = QPushButton("Export COCO JSON…")
+        self.export_coco_btn.clicked.connect(lambda: self._export_dialog("coco"))
+        self.export_labels_btn = QPushButton("Export label image…")
+        self.export_labels_btn.clicked.connect(lambda: self._export_dialog("labels"))
+        self.export_nifti_btn = QPushButton("Export label volume (NIfTI)…")
+        self.export_nifti_btn.clicked.connect(lambda: self._export_dialog("nifti"))
+        self.save_btn = QPushButton("Save annotations (box folder)…")
+        self.save_btn.clicked.connect(lambda: self._export_dialog("folder"))
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("Image", self.image_combo)
+        row = QHBoxLayout()
+        row.addWidget(self.boxes_combo, 1)
+        row.addWidget(self.new_boxes_btn)
+        form.addRow("Boxes", row)
+        form.addRow("Masks into", self.labels_combo)
+        form.addRow("Class", self.class_combo)
+        form.addRow("Method", self.method_combo)
+        row = QHBoxLayout()
+        row.addWidget(self.model_edit, 1)
+        row.addWidget(browse)
+        form.addRow("Model", row)
+        row = QHBoxLayout()
+        row.addWidget(self.device_combo)
+        row.addWidget(self.load_btn)
+        form.addRow("Device", row)
+        form.addRow("", self.model_label)
+        form.addRow("Hand-edited masks", self.hand_combo)
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.live_check)
+        layout.addWidget(self.overwrite_check)
+        layout.addWidget(self.segment_btn)
+        layout.addWidget(self.accept_btn)
+        group = QGroupBox("Model: segment everything")
+        g = QHBoxLayout(group)
+        g.addWidget(QLabel("score ≥"))
+        g.addWidget(self.score_slider, 1)
+        g.addWidget(self.score_label)
+        g.addWidget(self.everything_btn)
+        layout.addWidget(group)
+        group = QGroupBox("Volumes: propagate")
+        g = QHBoxLayout(group)
+        g.addWidget(QLabel("min overlap"))
+        g.addWidget(self.overlap_spin)
+        g.addWidget(self.propagate_btn, 1)
+        layout.addWidget(group)
+        group = QGroupBox("Export")
+        g = QVBoxLayout(group)
+        for btn in (self.export_coco_btn, self.export_labels_btn, self.export_nifti_btn,
+                    self.save_btn):
+            g.addWidget(btn)
+        layout.addWidget(group)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+
+        self.boxes_combo.currentTextChanged.connect(lambda _t: self._bind_boxes())
+        self.image_combo.currentTextChanged.connect(lambda _t: self._update_enabled())
+        self._update_enabled()
+
+    def _update_enabled(self) -> None:
+        image = self.image_combo.layer()
+        self.everything_btn.setEnabled(self.model is not None and image is not None)
+        self.propagate_btn.setEnabled(image is not None and self._spatial_ndim(image) == 3)
+        self.export_nifti_btn.setEnabled(
+            image is not None and plugin_meta(image).get("kind") == "ct")
+
+    def _say(self, text: str) -> None:
+        self.status.setText(text)
+
+    # ------------------------------------------------------------ layers
+    @staticmethod
+    def _spatial_ndim(image: Any) -> int:
+        return image.data.ndim - (1 if image.rgb else 0)
+
+    def _image(self) -> Any:
+        image = self.image_combo.layer()
+        if image is None:
+            raise ValueError("add or open an image first")
+        if image.multiscale:
+            raise ValueError(f"image layer {image.name!r} is multiscale; open a single-scale image")
+        if self._spatial_ndim(image) not in (2, 3):
+            raise ValueError(f"image layer {image.name!r} must be 2D or a 3D stack, "
+                             f"got shape {image.data.shape}")
+        return image
+
+    def new_boxes_layer(self) -> Any:
+        """Add an empty boxes layer over the current image, in rectangle mode."""
+        image = self._image()
+        kwargs = boxes_layer_kwargs(default_category=self.category, scale=image.scale,
+                                    name=f"{image.name} boxes", class_names=self.class_names)
+        kwargs["ndim"] = self._spatial_ndim(image)
+        kwargs["translate"] = image.translate
+        layer = self.viewer.add_shapes(None, **kwargs)
+        self.boxes_combo.select(layer)
+        self._bind_boxes()
+        layer.mode = "add_rectangle"
+        return layer
+
+    def boxes_layer(self, create: bool = True) -> Any:
+        layer = self.boxes_combo.layer()
+        if layer is None and create:
+            layer = self.new_boxes_layer()
+        return layer
+
+    def labels_layer(self, create: bool = True) -> Any:
+        layer = self.labels_combo.layer()
+        if layer is None and create:
+            image = self._image()
+            shape = image.data.shape[:-1] if image.rgb else image.data.shape
+            meta = {META_KEY: dict(plugin_meta(image))}
+            layer = self.viewer.add_labels(np.zeros(shape, dtype=np.int32),
+                                           name=f"{image.name} masks", scale=image.scale,
+                                           translate=image.translate, metadata=meta)
+            boxes = self.boxes_combo.layer()
+            if boxes is not None:  # keep the boxes above the masks and active for drawing
+                self.viewer.layers.move(self.viewer.layers.index(layer),
+                                        self.viewer.layers.index(boxes))
+                self.viewer.layers.selection.active = boxes
+            self.labels_combo.select(layer)
+        return layer
+
+    def _bind_boxes(self) -> None:
+        layer = self.boxes_combo.layer()
+        if layer is self._bound:
+            return
+        if self._bound is not None:
+            try:
+                self._bound.events.data.disconnect(self._on_data)
+                self._bound.events.features.disconnect(self._on_features)
+            except (TypeError, RuntimeError, ValueError):
+                pass
+        self._bound = layer
+        self._geom.clear()
+        self._written.clear()
+        self._locked.clear()
+        if layer is None:
+            return
+        for name in plugin_meta(layer).get("class_names", []):
+            if self.class_combo.findText(name) < 0:
+                self.class_combo.addItem(name)
+        if "category" in layer.features and len(layer.features):
+            for name in layer.features["category"].astype(str).unique():
+                if self.class_combo.findText(name) < 0:
+                    self.class_combo.addItem(name)
+        layer.events.data.connect(self._on_data)
+        # napari's paste adds shapes without a data event; it does emit a features event.
+        layer.events.features.connect(self._on_features)
+        self._adopt_existing()
+
+    def _adopt_existing(self) -> None:
+        """Boxes whose label already has pixels (e.g. a reopened folder) keep those masks."""
+        labels = self.labels_combo.layer()
+        if labels is None or self._bound is None:
+            return
+        data = np.asarray(labels.data)
+        for box_id, plane, box, _cat in self._boxes():
+            view = data[plane] if plane is not None else data
+            owned = view == box_id
+            if owned.any():
+                self._geom[box_id] = (plane, *box.tolist())
+                self._written[box_id] = {plane: owned.copy()}
+
+    # ----------------------------------------------------------- categories
+    @property
+    def category(self) -> str:
+        return self.class_combo.currentText().strip() or DEFAULT_CATEGORY
+
+    @property
+    def class_names(self) -> list[str]:
+        return [self.class_combo.itemText(i) for i in range(self.class_combo.count())]
+
+    def set_category(self, name: str) -> None:
+        """Category for new boxes, also applied to the selected boxes."""
+        name = name.strip()
+        layer = self.boxes_combo.layer()
+        if not name or layer is None:
+            return
+        layer.feature_defaults = {"category": name, "box_id": -1}
+        selected = sorted(layer.selected_data)
+        if selected:
+            features = layer.features.copy()
+            features.loc[selected, "category"] = name
+            layer.features = features
+
+    # --------------------------------------------------------------- boxes
+    def _boxes(self) -> list[tuple[int, int | None, np.ndarray, str]]:
+        """(box_id, plane, (x0, y0, x1, y1), category) per rectangle; gives new boxes an id."""
+        layer = self._bound
+        if layer is None:
+            return []
+        features = layer.features
+        ids = (features["box_id"].to_numpy(dtype=np.int64).copy()
+               if "box_id" in features else np.full(len(layer.data), -1, dtype=np.int64))
+        cats = (features["category"].astype(str).to_numpy() if "category" in features
+                else np.full(len(layer.data), self.category, dtype=object))
+        seen: set[int] = set()
+        changed = False
+        for i, box_id in enumerate(ids):
+            if box_id <= 0 or box_id in seen:  # new, or a copy-pasted box
+                ids[i] = self._new_label_id(ids)
+                changed = True
+            seen.add(int(ids[i]))
+        if changed:
+            new = features.copy()
+            new["box_id"] = ids
+            if "category" not in new:
+                new["category"] = cats
+            self._busy = True
+            try:
+                layer.features = new
+            finally:
+                self._busy = False
+        out = []
+        for box_id, vertices, cat in zip(ids, layer.data, cats):
+            plane, box = rectangle_to_box(vertices)
+            out.append((int(box_id), plane, box, str(cat)))
+        return out
+
+    def _new_label_id(self, ids: np.ndarray) -> int:
+        labels = self.labels_combo.layer()
+        top = max(int(ids.max(initial=0)), max(self._written, default=0), self._next_label - 1)
+        if labels is not None and labels.data.size:
+            top = max(top, int(np.asarray(labels.data).max()))
+        self._next_label = top + 2
+        return top + 1
+
+    def _on_data(self, event: Any) -> None:
+        if self._busy:
+            return
+        action = str(getattr(event, "action", ""))
+        if action.endswith("ADDED") or action.endswith("CHANGED") or action == "added" \
+                or action == "changed":
+            self.sync(segment=self.live_check.isChecked())
+        elif action.endswith("REMOVED") or action == "removed":
+            self.sync(segment=False)
+
+    def _on_features(self, _event: Any = None) -> None:
+        if self._busy or self._bound is None or "box_id" not in self._bound.features:
+            return
+        ids = self._bound.features["box_id"].to_numpy()
+        if len(ids) and ((ids <= 0).any() or len(np.unique(ids)) != len(ids)):
+            self.sync(segment=self.live_check.isChecked())
+
+    def sync(self, segment: bool = True) -> None:
+        """Bring masks in line with boxes: drop masks of deleted boxes, segment new/moved ones."""
+        t0 = time.perf_counter()
+        try:
+            boxes = self._boxes()
+            present = {b[0] for b in boxes}
+            for box_id in [b for b in self._written if b not in present]:
+                self._remove_box(box_id)
+            for box_id in [b for b in self._geom if b not in present]:
+                self._geom.pop(box_id, None)
+            self._locked &= present
+            if segment:
+                todo = [b for b in boxes if b[0] not in self._locked
+                        and self._geom.get(b[0]) != (b[1], *b[2].tolist())]
+                self._segment(todo)
+        except Exception as err:  # shown in the viewer, not only in the terminal
+            show_error(f"boxlevelset: {err}")
+            self._say(f"error: {err}")
+            raise
+        finally:
+            self.last_latency_s = time.perf_counter() - t0
+
+    def segment(self) -> None:
+        """Segment every box that has no mask yet or was moved since its mask was made."""
+        self.boxes_layer(create=True)
+        self.sync(segment=True)
+
+    def accept(self) -> None:
+        """Lock the current masks: editing or deleting their boxes no longer changes them."""
+        self._locked |= set(self._geom)
+        self._say(f"{len(self._locked)} masks accepted")
+
+    # --------------------------------------------------------- segmenting
+    def _window(self, image: Any) -> tuple[float, float] | None:
+        if plugin_meta(image).get("kind") == "ct":
+            return contrast_window(image.contrast_limits)
+        return None
+
+    def _plane_image(self, image: Any, plane: int | None) -> np.ndarray:
+        data = image.data
+        if self._spatial_ndim(image) == 3:
+            if plane is None:
+                raise ValueError("boxes on a 3D image need a slice index")
+            plane = int(np.clip(plane, 0, data.shape[0] - 1))
+            data = data[plane]
+        return np.asarray(data)
+
+    def _predictor_for(self, image: Any, plane: int | None) -> Any:
+        from boxlevelset.model import Predictor
+
+        window = self._window(image)
+        key = (id(self.model), id(image), plane, window, image.data.shape)
+        if self._predictor is None or self._predictor_key != key:
+            predictor = Predictor(self.model)
+            predictor.set_image(self._plane_image(image, plane), window=window)
+            self._predictor, self._predictor_key = predictor, key
+        return self._predictor
+
+    def masks_for(self, plane: int | None, boxes: np.ndarray) -> list[np.ndarray]:
+        """Masks for (x0, y0, x1, y1) boxes on one plane of the current image."""
+        image = self._image()
+        if self.method_combo.currentText() == METHOD_MODEL:
+            if self.model is None:
+                raise ValueError("method is 'Model' but no model is loaded")
+            return [np.asarray(m, dtype=bool)
+                    for m in self._predictor_for(image, plane).predict_boxes(boxes)]
+        from boxlevelset import segment_boxes
+
+        return segment_boxes(self._plane_image(image, plane), boxes, window=self._window(image))
+
+    def _segment(self, todo: list[tuple[int, int | None, np.ndarray, str]]) -> None:
+        if not todo:
+            return
+        image = self._image()
+        height, width = self._plane_image(image, todo[0][1]).shape[:2]
+        by_plane: dict[int | None, list] = {}
+        skipped = 0
+        for item in todo:
+            box = item[2].copy()
+            box[[0, 2]] = box[[0, 2]].clip(0, width)
+            box[[1, 3]] = box[[1, 3]].clip(0, height)
+            if box[2] - box[0] < 1 or box[3] - box[1] < 1:
+                skipped += 1
+                continue
+            by_plane.setdefault(item[1], []).append((item[0], box, item))
+        painted = 0
+        for plane, items in by_plane.items():
+            masks = self.masks_for(plane, np.stack([b for _, b, _ in items]))
+            for (box_id, _box, item), mask in zip(items, masks):
+                if self._paint(box_id, plane, mask):
+                    painted += 1
+                self._geom[box_id] = (item[1], *item[2].tolist())
+        msg = f"{painted} mask(s) updated"
+        if skipped:
+            msg += f"; {skipped} box(es) outside the image or under one pixel skipped"
+            show_warning(f"boxlevelset: {skipped} box(es) outside the image or too small")
+        self._say(msg)
+
+    # ------------------------------------------------------------ painting
+    def _plane_view(self, labels: Any, plane: int | None) -> np.ndarray:
+        return labels.data[plane] if plane is not None and labels.data.ndim == 3 else labels.data
+
+    def _hand_edited(self, box_id: int, planes: list | None = None) -> bool:
+        """True when the label's pixels differ from what the widget last wrote there."""
+        labels = self.labels_combo.layer()
+        if labels is None:
+            return False
+        written = self._written.get(box_id, {})
+        if planes is None:
+            if not written:  # pixels under this id that we never wrote
+                return bool((np.asarray(labels.data) == box_id).any())
+            planes = list(written)
+        for plane in planes:
+            current = self._plane_view(labels, plane) == box_id
+            owned = written.get(plane)
+            if (owned is None and current.any()) or (
+                    owned is not None and not np.array_equal(current, owned)):
+                return True
+        return False
+
+    def _ask_overwrite(self, box_id: int) -> bool:
+        answer = QMessageBox.question(
+            self, "Hand-edited mask",
+            f"The mask of box {box_id} was edited by hand. Replace it with a new mask?",
+            QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
+        return answer == QMessageBox.Yes
+
+    def _may_replace(self, box_id: int, planes: list | None = None) -> bool:
+        if not self._hand_edited(box_id, planes):
+            return True
+        policy = self.hand_combo.currentText()
+        if policy == "overwrite":
+            return True
+        if policy == "keep":
+            return False
+        return bool(self.confirm_overwrite(box_id))
+
+    def _set_pixels(self, labels: Any, plane: int | None, changed: np.ndarray,
+                    values: np.ndarray) -> None:
+        """Write label values through data_setitem so napari's undo history records it."""
+        idx = np.nonzero(changed)
+        if idx[0].size == 0:
+            return
+        if plane is not None and labels.data.ndim == 3:
+            idx = (np.full(idx[0].shape, plane, dtype=idx[0].dtype), *idx)
+        labels.data_setitem(idx, values)
+
+    def _paint(self, box_id: int, plane: int | None, mask: np.ndarray) -> bool:
+        """Replace box `box_id`'s pixels on `plane` by `mask`; False when the user keeps theirs."""
+        if not self._may_replace(box_id, [plane]):
+            return False
+        labels = self.labels_layer(create=True)
+        view = self._plane_view(labels, plane)
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != view.shape:
+            raise ValueError(f"mask shape {mask.shape} does not match labels {view.shape}")
+        old = view == box_id
+        if self.overwrite_check.isChecked():
+            target = mask
+        else:  # existing labels win
+            target = mask & ((view == 0) | old)
+        new_plane = np.where(old & ~target, 0, view)
+        new_plane = np.where(target, box_id, new_plane).astype(view.dtype)
+        changed = new_plane != view
+        self._set_pixels(labels, plane, changed, new_plane[changed])
+        self._written.setdefault(box_id, {})[plane] = target.copy()
+        if self.overwrite_check.isChecked():  # other boxes lost these pixels on purpose
+            for other, planes in self._written.items():
+                if other != box_id and plane in planes:
+                    planes[plane] &= ~target
+        return True
+
+    def _remove_box(self, box_id: int) -> None:
+        written = self._written.pop(box_id, {})
+        self._geom.pop(box_id, None)
+        if box_id in self._locked:
+            return
+        labels = self.labels_combo.layer()
+        if labels is None:
+            return
+        self._written[box_id] = written  # for the hand-edit check
+        replace = self._may_replace(box_id)
+        self._written.pop(box_id, None)
+        if not replace:
+            return
+        for plane in written:
+            view = self._plane_view(labels, plane)
+            changed = view == box_id
+            self._set_pixels(labels, plane, changed, np.zeros(int(changed.sum()), view.dtype))
+
+    # ------------------------------------------------------------- model
+    def _browse_model(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Model checkpoint", "",
+                                              "Checkpoints (*.pt *.pth);;All files (*)")
+        if path:
+            self.model_edit.setText(path)
+
+    def load_model(self, path: str, device: str | None = None) -> Any:
+        """Load a checkpoint (boxlevelset.load_model) and switch the method to 'Model'."""
+        from boxlevelset import load_model
+
+        if not path:
+            show_warning("boxlevelset: choose a checkpoint file first")
+            return None
+        device = device or self.device_combo.currentText()
+        try:
+            model = load_model(path, device=None if device == "auto" else device)
+        except Exception as err:
+            show_error(f"boxlevelset: cannot load model {path}: {err}")
+            self.model_label.setText(f"load failed: {err}")
+            raise
+        self.set_model(model, path)
+        return model
+
+    def set_model(self, model: Any, path: str | None = None) -> None:
+        """Use `model` for box-to-mask (e.g. the checkpoint a fine-tune run just wrote)."""
+        self.model, self.model_path = model, path
+        self._predictor = self._predictor_key = None
+        if path:
+            self.model_edit.setText(str(path))
+        names = list(getattr(getattr(model, "config", None), "class_names", []) or [])
+        for name in names:
+            if self.class_combo.findText(name) < 0:
+                self.class_combo.addItem(name)
+        self.model_label.setText(f"model: {path or type(model).__name__}")
+        self.method_combo.setCurrentText(METHOD_MODEL)
+        self._update_enabled()
+
+    def _add_instances(self, plane: int | None, masks: np.ndarray, boxes: np.ndarray,
+                       categories: list[str]) -> int:
+        """Add boxes with already computed masks (no re-segmentation)."""
+        layer = self.boxes_layer(create=True)
+        self.labels_layer(create=True)
+        if len(masks) == 0:
+            return 0
+        self._busy = True
+        try:
+            n0 = len(layer.data)
+            layer.add_rectangles(boxes_to_rectangles(boxes, plane=plane))
+            features = layer.features.copy()
+            ids = []
+            for k in range(len(masks)):
+                ids.append(self._new_label_id(features["box_id"].to_numpy(dtype=np.int64)))
+                features.loc[n0 + k, "box_id"] = ids[-1]
+            features.loc[n0:, "category"] = categories
+            features["box_id"] = features["box_id"].astype(np.int64)
+            layer.features = features
+        finally:
+            self._busy = False
+        for box_id, box, mask in zip(ids, boxes, masks):
+            self._paint(box_id, plane, mask)
+            self._geom[box_id] = (plane, *np.asarray(box, dtype=np.float64).tolist())
+        return len(masks)
+
+    def _current_plane(self, image: Any) -> int | None:
+        if self._spatial_ndim(image) != 3:
+            return None
+        world = self.viewer.dims.point[0]
+        return int(np.clip(round((world - image.translate[0]) / image.scale[0]), 0,
+                           image.data.shape[0] - 1))
+
+    def segment_everything(self) -> int:
+        """With a model: propose all instances of the image (or current slice) as boxes + masks."""
+        if self.model is None:
+            raise ValueError("segment everything needs a loaded model")
+        image = self._image()
+        plane = self._current_plane(image)
+        threshold = self.score_slider.value() / 100.0
+        instances = self._predictor_for(image, plane).predict(score_threshold=threshold)
+        names = list(getattr(self.model.config, "class_names", []) or [])
+        cats = [names[int(k)] if int(k) < len(names) else str(int(k)) for k in instances.labels]
+        keep = [i for i, m in enumerate(instances.masks) if m.any()]
+        masks = np.asarray(instances.masks)[keep]
+        boxes = np.stack([_bbox(m) for m in masks]) if keep else np.zeros((0, 4))
+        n = self._add_instances(plane, masks, boxes, [cats[i] for i in keep])
+        self._say(f"segment everything: {n} instance(s) with score ≥ {threshold:.2f}")
+        return n
+
+    # ------------------------------------------------------- propagation
+    def propagate_selected(self, max_slices: int | None = None) -> dict[int, int]:
+        """Propagate each selected box through neighbouring slices of a 3D image.
+
+        Each slice's mask gives the next slice's box (its bounding box, 2 px margin); the
+        walk stops when a mask is empty or overlaps the previous one (IoU) less than the
+        threshold. The masks get the box's label id, so one box gives one 3D object.
+        Returns {box_id: number of slices added}.
+        """
+        image = self._image()
+        if self._spatial_ndim(image) != 3:
+            raise ValueError("propagation needs a 3D image (a volume or a stack)")
+        layer = self.boxes_layer(create=False)
+        if layer is None or not layer.selected_data:
+            raise ValueError("select a box to propagate")
+        boxes = {b[0]: b for b in self._boxes()}
+        ids = layer.features["box_id"].to_numpy(dtype=np.int64)
+        self.sync(segment=True)
+        threshold = float(self.overlap_spin.value())
+        depth = image.data.shape[0]
+        height, width = self._plane_image(image, 0).shape[:2]
+        added: dict[int, int] = {}
+        for row in sorted(layer.selected_data):
+            box_id = int(ids[row])
+            _, plane, _box, _cat = boxes[box_id]
+            start = self._written.get(box_id, {}).get(plane)
+            if start is None or not start.any():
+                continue
+            count = 0
+            for step in (1, -1):
+                prev, z = start, plane + step
+                while 0 <= z < depth and (max_slices is None or abs(z - plane) <= max_slices):
+                    bb = _bbox(prev)
+                    bb = np.array([max(bb[0] - 2, 0), max(bb[1] - 2, 0),
+                                   min(bb[2] + 2, width), min(bb[3] + 2, height)])
+                    mask = self.masks_for(z, bb[None])[0]
+                    if not mask.any() or _iou(mask, prev) < threshold:
+                        break
+                    if self._paint(box_id, z, mask):
+                        count += 1
+                    prev, z = mask, z + step
+            added[box_id] = count
+        self._say(f"propagated: {sum(added.values())} slice mask(s) added")
+        return added
+
+    # ------------------------------------------------------------ export
+    def _export_dialog(self, kind: str) -> None:
+        from . import _export
+
+        filters = {"coco": "COCO JSON (*.json)", "labels": "Label image (*.png *.tif *.tiff)",
+                   "nifti": "Label volume (*.nii.gz *.nii *.nrrd *.mha)"}
+        try:
+            if kind == "folder":
+                path = QFileDialog.getExistingDirectory(self, "Save annotations into folder")
+            else:
+                path, _ = QFileDialog.getSaveFileName(self, "Export", "", filters[kind])
+            if not path:
+                return
+            self.export(kind, path)
+        except Exception as err:
+            show_error(f"boxlevelset: export failed: {err}")
+            self._say(f"export failed: {err}")
+        del _export
+
+    def export(self, kind: str, path: str) -> Any:
+        """Export the current image's annotations: kind 'coco', 'labels', 'nifti' or 'folder'."""
+        from . import _export
+
+        image = self._image()
+        labels = self.labels_layer(create=False)
+        boxes = self.boxes_layer(create=False)
+        if boxes is not None:
+            self._boxes()  # make sure every box has an id
+        if kind == "coco":
+            out = _export.export_coco(path, image, boxes, labels, self.class_names)
+        elif kind == "labels":
+            out = _export.export_label_image(path, labels)
+        elif kind == "nifti":
+            out = _export.export_label_volume(path, labels, image)
+        elif kind == "folder":
+            out = _export.save_annotations(path, image, boxes, labels, self.class_names)
+        else:
+            raise ValueError(f"unknown export kind {kind!r}")
+        show_info(f"boxlevelset: wrote {out}")
+        self._say(f"wrote {out}")
+        return out

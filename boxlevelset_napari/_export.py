@@ -1,0 +1,217 @@
+"""Exports from viewer layers: COCO JSON with RLE, label images, CT label volumes, box folders.
+
+Plain functions over napari layers (no Qt), all writing through the engine's atomic writers.
+A 3D image is a stack of planes (CT slices or the images of a box folder); each plane that
+holds boxes or masks becomes one image entry.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from boxlevelset.image import apply_window
+
+from ._layers import contrast_window, plugin_meta, rectangle_to_box
+
+
+def _is_stack(image: Any) -> bool:
+    return image.data.ndim - (1 if image.rgb else 0) == 3
+
+
+def _planes(image: Any) -> list[int | None]:
+    return list(range(image.data.shape[0])) if _is_stack(image) else [None]
+
+
+def _plane(array: Any, plane: int | None) -> np.ndarray:
+    return np.asarray(array if plane is None else array[plane])
+
+
+def _plane_size(image: Any, plane: int | None) -> tuple[int, int]:
+    """(height, width) of a plane, without the padding a stacked folder added."""
+    meta = plugin_meta(image)
+    if plane is not None and meta.get("kind") == "folder":
+        return tuple(meta["sizes"][plane])
+    shape = image.data.shape[1:] if plane is not None else image.data.shape
+    return int(shape[0]), int(shape[1])
+
+
+def _entry(image: Any, plane: int | None, image_id: int) -> dict:
+    """COCO image entry for one plane (file name from the source when known)."""
+    meta = plugin_meta(image)
+    names = meta.get("file_names") or []
+    height, width = _plane_size(image, plane)
+    entry = {"id": image_id, "height": height, "width": width}
+    if meta.get("kind") == "folder" and plane is not None:
+        entry["file_name"] = names[plane]
+    elif meta.get("kind") == "ct":
+        entry["file_name"] = names[0] if names else f"{image.name}.nii.gz"
+        if plane is not None:
+            entry["slice_index"] = int(plane)
+    elif plane is not None:
+        entry["file_name"] = f"{image.name}_{plane:04d}.png"
+    else:
+        entry["file_name"] = names[0] if names else f"{image.name}.png"
+    return entry
+
+
+def _categories(image: Any, class_names: list[str]) -> list[dict]:
+    """COCO categories: the source folder's ids when it has them, else 1..K in class order."""
+    cats = [dict(c) for c in plugin_meta(image).get("categories", [])]
+    known = {c["name"] for c in cats}
+    next_id = max((int(c["id"]) for c in cats), default=0) + 1
+    for name in class_names:
+        if name not in known:
+            cats.append({"id": next_id, "name": name})
+            known.add(name)
+            next_id += 1
+    return cats
+
+
+def _boxes_by_plane(boxes: Any) -> dict[int | None, list[tuple[int, np.ndarray, str]]]:
+    out: dict[int | None, list] = {}
+    if boxes is None:
+        return out
+    feats = boxes.features
+    ids = feats["box_id"].to_numpy(dtype=np.int64) if "box_id" in feats else \
+        np.arange(1, len(boxes.data) + 1)
+    cats = feats["category"].astype(str).to_numpy() if "category" in feats else \
+        np.full(len(boxes.data), "object", dtype=object)
+    for vertices, box_id, cat in zip(boxes.data, ids, cats):
+        plane, box = rectangle_to_box(vertices)
+        out.setdefault(plane, []).append((int(box_id), box, str(cat)))
+    return out
+
+
+def _ensure_stack_plane(boxes_planes: dict, stacked: bool) -> dict:
+    # A 2D boxes layer over a 2D image has plane None; keep keys consistent with _planes().
+    if stacked:
+        return boxes_planes
+    merged: list = []
+    for items in boxes_planes.values():
+        merged.extend(items)
+    return {None: merged} if merged else {}
+
+
+def export_coco(path: str | os.PathLike, image: Any, boxes: Any, labels: Any,
+                class_names: list[str]) -> Path:
+    """COCO JSON with one RLE-encoded annotation per label id on each plane.
+
+    A label whose id is a box's `box_id` takes that box's category; labels painted by hand
+    without a box take the first class. Planes without any label are left out.
+    """
+    from boxlevelset.export import write_coco
+
+    if labels is None:
+        raise ValueError("there are no masks to export yet (segment some boxes first)")
+    stacked = _is_stack(image)
+    per_plane = _ensure_stack_plane(_boxes_by_plane(boxes), stacked)
+    cats = _categories(image, class_names)
+    cat_id = {c["name"]: int(c["id"]) for c in cats}
+    default_cat = cat_id[class_names[0]] if class_names else int(cats[0]["id"])
+    images, annotations = [], []
+    for plane in _planes(image):
+        height, width = _plane_size(image, plane)
+        lab = _plane(labels.data, plane)[:height, :width]
+        ids = [int(v) for v in np.unique(lab) if v != 0]
+        if not ids:
+            continue
+        image_id = len(images) + 1
+        images.append(_entry(image, plane, image_id))
+        box_cat = {bid: cat for bid, _box, cat in per_plane.get(plane, [])}
+        for label_id in ids:
+            annotations.append({
+                "image_id": image_id,
+                "mask": lab == label_id,
+                "category_id": cat_id.get(box_cat.get(label_id, ""), default_cat),
+            })
+    if not images:
+        raise ValueError("the labels layer is empty: nothing to export")
+    return write_coco(path, images, annotations, cats)
+
+
+def export_label_image(path: str | os.PathLike, labels: Any) -> Path | list[Path]:
+    """Label image (.png uint16 / .tif). A 3D labels layer gives one file per plane
+    (`<name>_<plane>.<ext>`)."""
+    from boxlevelset.export import write_label_image
+
+    if labels is None:
+        raise ValueError("there are no masks to export yet (segment some boxes first)")
+    path = Path(path)
+    data = np.asarray(labels.data)
+    if data.ndim == 2:
+        return write_label_image(path, data)
+    return [write_label_image(path.with_name(f"{path.stem}_{k:04d}{path.suffix}"), plane)
+            for k, plane in enumerate(data)]
+
+
+def export_label_volume(path: str | os.PathLike, labels: Any, image: Any) -> Path:
+    """CT label volume (NIfTI/NRRD/MHA) with the source volume's spacing, origin, direction."""
+    from boxlevelset.data import write_label_volume
+
+    if labels is None:
+        raise ValueError("there are no masks to export yet (segment some boxes first)")
+    volume = plugin_meta(image).get("volume") or plugin_meta(labels).get("volume")
+    if volume is None:
+        raise ValueError(f"layer {image.name!r} was not read from a CT volume: its geometry "
+                         "(spacing, origin, direction) is unknown; export a label image instead")
+    data = np.asarray(labels.data)
+    target = np.asarray(volume.array).shape
+    if data.shape != target:
+        if data.size == int(np.prod(target)):
+            data = data.reshape(target)
+        else:
+            raise ValueError(f"labels shape {data.shape} does not match the volume {target}")
+    out = write_label_volume(path, data, like=volume)
+    return Path(out) if out is not None else Path(path)
+
+
+def _plane_uint8(image: Any, plane: int | None) -> np.ndarray:
+    """Image plane as saved into a box folder: CT windowed to uint8, padding cropped."""
+    height, width = _plane_size(image, plane)
+    arr = _plane(image.data, plane)[:height, :width]
+    if plugin_meta(image).get("kind") == "ct":
+        return (apply_window(arr, contrast_window(image.contrast_limits)) * 255 + 0.5).astype(
+            np.uint8)
+    return arr
+
+
+def save_annotations(folder: str | os.PathLike, image: Any, boxes: Any, labels: Any,
+                     class_names: list[str]) -> Path:
+    """Write the box-labeled folder format (images/ + annotations.json) for the planes with
+    boxes, with masks (RLE) where the labels layer has them, so the folder can be reopened
+    with the plugin's reader and fine-tuned on."""
+    from boxlevelset.data import save_box_folder
+
+    if boxes is None or len(boxes.data) == 0:
+        raise ValueError("there are no boxes to save")
+    stacked = _is_stack(image)
+    per_plane = _ensure_stack_plane(_boxes_by_plane(boxes), stacked)
+    cats = _categories(image, class_names)
+    for _plane_items in per_plane.values():  # categories drawn but not in the class list
+        for _bid, _box, cat in _plane_items:
+            if cat not in {c["name"] for c in cats}:
+                cats.append({"id": max(int(c["id"]) for c in cats) + 1, "name": cat})
+    cat_id = {c["name"]: int(c["id"]) for c in cats}
+    items = []
+    for plane in sorted(per_plane, key=lambda p: -1 if p is None else p):
+        entries = per_plane[plane]
+        height, width = _plane_size(image, plane)
+        name = _entry(image, plane, 0)["file_name"]
+        if not name.lower().endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")):
+            name = f"{Path(name).name.split('.')[0]}_{plane if plane is not None else 0:04d}.png"
+        box_arr = np.stack([b for _bid, b, _cat in entries]).astype(np.float32)
+        box_arr[:, [0, 2]] = box_arr[:, [0, 2]].clip(0, width)
+        box_arr[:, [1, 3]] = box_arr[:, [1, 3]].clip(0, height)
+        cat_ids = np.array([cat_id[cat] for _bid, _box, cat in entries], dtype=np.int64)
+        masks = None
+        if labels is not None:
+            lab = _plane(labels.data, plane)[:height, :width]
+            stack = np.stack([lab == bid for bid, _box, _cat in entries])
+            if stack.any():
+                masks = stack
+        items.append((name, _plane_uint8(image, plane), box_arr, cat_ids, masks))
+    return Path(save_box_folder(folder, items, cats))

@@ -1,0 +1,165 @@
+"""npe2 reader: images, CT volumes (HU, window presets, physical spacing) and box-labeled folders."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from boxlevelset.image import WINDOW_PRESETS
+
+from ._layers import META_KEY, boxes_layer_kwargs, boxes_to_rectangles, window_contrast
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+DEFAULT_WINDOW = "abdomen"
+
+LayerData = tuple[Any, dict, str]
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def _is_dicom_dir(path: Path) -> bool:
+    try:
+        return any(p.suffix.lower() in (".dcm", ".dicom") or p.suffix == "" and p.is_file()
+                   and p.name.upper().startswith("IM") for p in path.iterdir())
+    except OSError:
+        return False
+
+
+def _is_box_folder(path: Path) -> bool:
+    return (path / "annotations.json").is_file() or (path / "Annotations").is_dir()
+
+
+def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
+    """Return a reader for `path` if this plugin handles it, else None.
+
+    Handled: CT volumes (.nii/.nii.gz/.nrrd/.mha, DICOM series folders), single images
+    (PNG/JPEG/TIFF/BMP), box-labeled folders (COCO annotations.json + images/, Pascal VOC)
+    and a COCO annotations .json file (its folder is opened).
+    """
+    if isinstance(path, list):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    p = Path(path)
+    if p.is_dir():
+        if _is_box_folder(p):
+            return read_box_folder
+        if _is_dicom_dir(p):
+            return read_ct
+        return None
+    suffix = _suffix(p)
+    if suffix in VOLUME_SUFFIXES:
+        return read_ct
+    if suffix in IMAGE_SUFFIXES:
+        return read_image_layer
+    if suffix == ".json" and (p.parent / "images").is_dir():
+        return read_box_folder
+    return None
+
+
+def read_image_layer(path: str | os.PathLike) -> list[LayerData]:
+    """One image (PNG/JPEG/TIFF/BMP) as an Image layer."""
+    from boxlevelset.data import read_image
+
+    path = Path(path[0] if isinstance(path, list) else path)
+    image = read_image(path)
+    rgb = image.ndim == 3 and image.shape[2] in (3, 4)
+    meta = {META_KEY: {"kind": "image", "file_names": [path.name], "source": str(path)}}
+    return [(image, {"name": path.stem, "rgb": rgb, "metadata": meta}, "image")]
+
+
+def ct_layer_data(volume: Any, name: str, window: str = DEFAULT_WINDOW) -> LayerData:
+    """An Image layer for a CT `boxlevelset.data.Volume`: HU values, window, spacing as scale."""
+    sx, sy, sz = (float(s) for s in volume.spacing)
+    array = np.asarray(volume.array)
+    meta = {META_KEY: {"kind": "ct", "volume": volume, "window": window,
+                       "file_names": [Path(str(volume.path)).name]}}
+    kwargs = {
+        "name": name,
+        "colormap": "gray",
+        "contrast_limits": window_contrast(WINDOW_PRESETS[window]),
+        "scale": (sz, sy, sx) if array.ndim == 3 else (sy, sx),
+        "metadata": meta,
+    }
+    return array, kwargs, "image"
+
+
+def read_ct(path: str | os.PathLike) -> list[LayerData]:
+    """A CT volume (NIfTI, NRRD, MHA or a DICOM series folder) as a HU Image layer."""
+    from boxlevelset.data import read_volume
+
+    path = Path(path[0] if isinstance(path, list) else path)
+    volume = read_volume(path)
+    name = path.name[: -len(_suffix(path))] if path.is_file() else path.name
+    return [ct_layer_data(volume, name)]
+
+
+def read_box_folder(path: str | os.PathLike) -> list[LayerData]:
+    """A box-labeled folder as image + boxes (+ masks) layers.
+
+    Images of different sizes are padded into one stack (plane = image index, in the
+    folder's order); the boxes layer holds each box on its plane with its category, and the
+    labels layer the folder's masks when it has any (label id = box id).
+    """
+    from boxlevelset.data import load_box_folder
+
+    path = Path(path[0] if isinstance(path, list) else path)
+    root = path.parent if path.is_file() else path
+    folder = load_box_folder(root)
+    records = list(folder.records)
+    if not records:
+        raise ValueError(f"{root}: the folder holds no readable images")
+    images = [np.asarray(folder.load_image(r)) for r in records]
+    cat_names = {int(c["id"]): str(c["name"]) for c in folder.categories}
+    class_names = [str(c["name"]) for c in folder.categories] or ["object"]
+
+    height = max(im.shape[0] for im in images)
+    width = max(im.shape[1] for im in images)
+    rgb = any(im.ndim == 3 for im in images)
+    channels = (3,) if rgb else ()
+    stack = np.zeros((len(images), height, width, *channels), dtype=images[0].dtype)
+    labels = np.zeros((len(images), height, width), dtype=np.int32)
+    rects, cats, ids = [], [], []
+    has_masks = False
+    next_id = 1
+    for k, (record, image) in enumerate(zip(records, images)):
+        if rgb and image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        image = image[..., :3] if rgb else image
+        stack[k, : image.shape[0], : image.shape[1]] = image
+        gt = folder.gt_masks(record)
+        for j, box in enumerate(np.asarray(record.boxes, dtype=np.float64).reshape(-1, 4)):
+            rects.extend(boxes_to_rectangles(box[None], plane=k))
+            cats.append(cat_names.get(int(record.category_ids[j]), str(record.category_ids[j])))
+            ids.append(next_id)
+            if gt is not None and j < len(gt):
+                has_masks = True
+                plane = labels[k, : gt[j].shape[0], : gt[j].shape[1]]
+                plane[gt[j] & (plane == 0)] = next_id  # earlier boxes win overlaps
+            next_id += 1
+    folder_meta = {
+        "kind": "folder",
+        "root": str(root),
+        "file_names": [r.file_name for r in records],
+        "sizes": [tuple(int(s) for s in im.shape[:2]) for im in images],
+        "categories": [dict(c) for c in folder.categories],
+    }
+    layers: list[LayerData] = [
+        (stack, {"name": root.name, "rgb": rgb, "metadata": {META_KEY: folder_meta}}, "image")
+    ]
+    box_kwargs = boxes_layer_kwargs(cats, ids, name=f"{root.name} boxes", class_names=class_names,
+                                    default_category=class_names[0])
+    box_kwargs["ndim"] = 3
+    layers.append((rects, box_kwargs, "shapes"))
+    if has_masks:
+        layers.append((labels, {"name": f"{root.name} masks",
+                                "metadata": {META_KEY: dict(folder_meta)}}, "labels"))
+    return layers

@@ -1,0 +1,165 @@
+"""Box-to-mask widget driven as a user would: draw boxes, edit, delete, hand-edit, undo."""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  -- before Qt (napari) is imported
+
+import numpy as np
+import pytest
+
+from boxlevelset import segment_boxes
+from boxlevelset_napari._box_to_mask import BoxToMaskWidget
+from boxlevelset_napari._layers import boxes_to_rectangles
+
+pytestmark = pytest.mark.plugin
+
+
+def _disc_image(size: int = 96) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Dark noisy image with two bright discs; returns the image and the true disc masks."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    discs = [(xx - 28) ** 2 + (yy - 30) ** 2 <= 12 ** 2, (xx - 68) ** 2 + (yy - 64) ** 2 <= 14 ** 2]
+    image = rng.integers(0, 40, size=(size, size)).astype(np.uint8)
+    for d in discs:
+        image[d] = 200
+    return image, discs
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def _engine(image: np.ndarray, box) -> np.ndarray:
+    """The reference: what the engine itself returns for this box."""
+    return segment_boxes(image, np.asarray([box], dtype=float))[0]
+
+
+@pytest.fixture
+def viewer_widget(make_napari_viewer_proxy):
+    viewer = make_napari_viewer_proxy()
+    image, discs = _disc_image()
+    viewer.add_image(image, name="discs")
+    widget = BoxToMaskWidget(viewer)
+    return viewer, widget, image
+
+
+def _add_box(layer, box) -> None:
+    layer.add_rectangles(boxes_to_rectangles(np.asarray([box], dtype=float)))
+
+
+def test_live_boxes_edit_delete_touch_only_their_mask(viewer_widget):
+    viewer, widget, image = viewer_widget
+    boxes = widget.new_boxes_layer()
+    assert boxes.mode == "add_rectangle"
+    _add_box(boxes, (14, 16, 43, 45))  # disc 1 (centre 28, 30, radius 12) with a margin
+    labels = widget.labels_layer(create=False)
+    assert labels is not None and labels.data.shape == (96, 96)
+    id1 = int(boxes.features["box_id"][0])
+    assert id1 >= 1
+    assert np.array_equal(labels.data == id1, _engine(image, (14, 16, 43, 45)))
+
+    _add_box(boxes, (50, 46, 87, 83))  # disc 2
+    id2 = int(boxes.features["box_id"][1])
+    assert id2 != id1
+    assert np.array_equal(labels.data == id2, _engine(image, (50, 46, 87, 83)))
+    mask1 = labels.data == id1
+
+    # Shrink box 2 to the disc's left half: its mask follows, box 1's mask is untouched.
+    data = [d.copy() for d in boxes.data]
+    data[1] = boxes_to_rectangles(np.array([[50, 46, 68, 83]], float))[0]
+    boxes.data = data
+    assert np.array_equal(labels.data == id1, mask1)
+    m2 = labels.data == id2
+    assert m2.any() and not m2[:, 69:].any()
+
+    # Delete box 1: its mask goes, box 2's stays.
+    m2 = labels.data == id2
+    boxes.selected_data = {0}
+    boxes.remove_selected()
+    assert not (labels.data == id1).any()
+    assert np.array_equal(labels.data == id2, m2)
+    assert widget.last_latency_s is not None
+
+
+def test_button_mode_and_rotated_or_outside_boxes(viewer_widget):
+    viewer, widget, image = viewer_widget
+    widget.live_check.setChecked(False)
+    boxes = widget.new_boxes_layer()
+    _add_box(boxes, (14, 16, 43, 45))
+    _add_box(boxes, (200, 200, 230, 230))  # completely outside: skipped, no crash
+    assert widget.labels_layer(create=False) is None  # nothing until Segment is pressed
+    widget.segment()
+    labels = widget.labels_layer(create=False)
+    ids = boxes.features["box_id"].to_numpy()
+    assert np.array_equal(labels.data == ids[0], _engine(image, (14, 16, 43, 45)))
+    assert not (labels.data == ids[1]).any()
+
+
+def test_existing_labels_win_and_hand_edits_are_kept(viewer_widget):
+    viewer, widget, image = viewer_widget
+    existing = np.zeros((96, 96), np.int32)
+    existing[25:35, 20:30] = 500  # user's own label over part of disc 1
+    labels = viewer.add_labels(existing.copy(), name="mine")
+    widget.labels_combo.select(labels)
+    boxes = widget.new_boxes_layer()
+    _add_box(boxes, (14, 16, 43, 45))
+    box_id = int(boxes.features["box_id"][0])
+    assert box_id > 500  # new ids never collide with labels already there
+    assert (labels.data[25:35, 20:30] == 500).all()  # existing labels win
+    own = labels.data == box_id
+    assert own.sum() > 300
+
+    # Paint over the mask by hand, then move the box: policy "keep" leaves the edit alone.
+    labels.data_setitem(np.nonzero(own & (np.arange(96)[None, :] < 25)), 0)
+    edited = labels.data.copy()
+    widget.hand_combo.setCurrentText("keep")
+    data = [boxes_to_rectangles(np.array([[13, 15, 44, 46]], float))[0]]
+    boxes.data = data
+    assert np.array_equal(labels.data, edited)
+
+    # Policy "ask": the user says yes -> the mask is replaced; the 500 label still wins.
+    widget.hand_combo.setCurrentText("ask")
+    asked = []
+    widget.confirm_overwrite = lambda bid: asked.append(bid) or True
+    boxes.data = [boxes_to_rectangles(np.array([[14, 16, 43, 45]], float))[0]]
+    assert asked == [box_id]
+    assert np.array_equal(labels.data == box_id, own)
+    assert (labels.data[25:35, 20:30] == 500).all()
+    assert np.array_equal(own, _engine(image, (14, 16, 43, 45)) & (existing == 0))
+
+    # Overwrite mode: the new mask takes the pixels of the existing label.
+    widget.overwrite_check.setChecked(True)
+    _add_box(boxes, (14, 16, 43, 45))
+    new_id = int(boxes.features["box_id"][1])
+    assert np.array_equal(labels.data == new_id, _engine(image, (14, 16, 43, 45)))
+
+
+def test_undo_restores_labels_and_categories_are_stored(viewer_widget):
+    viewer, widget, image = viewer_widget
+    boxes = widget.new_boxes_layer()
+    widget.class_combo.setEditText("cell")
+    widget.set_category("cell")
+    _add_box(boxes, (14, 16, 43, 45))
+    assert list(boxes.features["category"]) == ["cell"]
+    labels = widget.labels_layer(create=False)
+    assert labels.data.any()
+    labels.undo()
+    assert not labels.data.any()
+    # Copy-pasting a box gives the copy its own id.
+    boxes.selected_data = {0}
+    boxes._copy_data()
+    boxes._paste_data()
+    ids = boxes.features["box_id"].to_numpy()
+    assert len(ids) == 2 and ids[0] != ids[1]
+
+
+def test_accept_locks_masks(viewer_widget):
+    viewer, widget, image = viewer_widget
+    boxes = widget.new_boxes_layer()
+    _add_box(boxes, (14, 16, 43, 45))
+    labels = widget.labels_layer(create=False)
+    before = labels.data.copy()
+    widget.accept()
+    boxes.selected_data = {0}
+    boxes.remove_selected()
+    assert np.array_equal(labels.data, before)  # accepted masks survive their box
