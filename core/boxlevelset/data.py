@@ -465,6 +465,7 @@ def _load_coco(json_path: Path, root: Path, window: Window) -> BoxFolder:
     folder = BoxFolder(root, categories, [], window)
     dropped = crowd = 0
     checked: dict[Path, tuple[int, int] | None] = {}
+    bad_volumes: set[Path] = set()
     for im in coco["images"]:
         file_name = str(im["file_name"])
         path = _resolve_file(root, file_name)
@@ -472,10 +473,13 @@ def _load_coco(json_path: Path, root: Path, window: Window) -> BoxFolder:
         height, width = im.get("height"), im.get("width")
         if slice_index is not None or is_volume_path(path):
             slice_index = int(slice_index or 0)
+            if path in bad_volumes:
+                continue
             try:
                 vol = folder.volume(Record(0, file_name, path, 0, 0, slice_index=slice_index))
             except ImageReadError as err:
                 warnings.warn(f"skipping unreadable volume: {err}", stacklevel=3)
+                bad_volumes.add(path)  # warn once, not once per slice entry
                 continue
             depth, h, w = vol.array.shape
             if not 0 <= slice_index < depth:
