@@ -215,10 +215,20 @@ def test_lite0_own_checkpoint_round_trip_and_bad_files(tmp_path, r50):
     for k, v in headless.state_dict().items():
         assert torch.equal(v, full.state_dict()[k]), k
 
-    wrong = tmp_path / "resnet.pth"
-    torch.save(r50.state_dict(), wrong)
-    with pytest.raises(ValueError, match="resnet.pth"):
+    # In-order mapping checks every shape: a 5x5 depthwise kernel swapped for a 3x3 one fails.
+    shipped = torch.load(shipped_efficientnet_lite0_path(), map_location="cpu", weights_only=True)
+    shipped["_blocks.3._depthwise_conv.weight"] = torch.zeros(144, 1, 3, 3)
+    wrong = tmp_path / "wrong_lite0.pth"
+    torch.save(shipped, wrong)
+    with pytest.raises(ValueError, match=r"wrong_lite0.pth.*_blocks\.3\._depthwise_conv"):
         load_efficientnet_weights(EfficientNetLite0(), wrong)
+    # A ResNet file is rejected by name, naming the file.
+    resnet_file = tmp_path / "resnet_part.pth"
+    torch.save(OrderedDict(list(r50.state_dict().items())[:10]), resnet_file)
+    with pytest.raises(ValueError, match="resnet_part.pth"):
+        load_efficientnet_weights(EfficientNetLite0(), resnet_file)
+    with pytest.raises(ValueError, match="missing keys"):
+        load_resnet_weights(ResNet(50), shipped_efficientnet_lite0_path())
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pth"):
