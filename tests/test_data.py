@@ -336,3 +336,26 @@ def test_real_ct3slice_folder():
 def test_folder_given_as_json_path(tiny_box_folder, tmp_path):
     shutil.copy(tiny_box_folder / "annotations.json", tiny_box_folder / "val.json")
     assert len(load_box_folder(tiny_box_folder / "val.json")) == 3
+
+
+def test_save_box_folder_with_ct_slices(tmp_path):
+    sitk.WriteImage(_synthetic_ct(), str(tmp_path / "src.nrrd"))
+    vol = read_volume(tmp_path / "src.nrrd")
+    mask = np.zeros((1, 8, 10), bool)
+    mask[0, 2:6, 3:8] = True
+    items = [("ct.nii.gz", vol, [[3, 2, 8, 6]], [1], mask, 0),
+             ("ct.nii.gz", vol, np.zeros((0, 4)), [], None, 2),
+             ("photo.png", np.zeros((5, 5, 3), np.uint8), [[0, 0, 2, 2]], [1], None)]
+    out = save_box_folder(tmp_path / "saved", items, [{"id": 1, "name": "liver"}])
+    back = load_box_folder(out, window="abdomen")
+    assert [(r.file_name, r.slice_index) for r in back] == [
+        ("ct.nii.gz", 0), ("ct.nii.gz", 2), ("photo.png", None)]
+    np.testing.assert_array_equal(back.gt_masks(back.records[0]), mask)
+    np.testing.assert_array_equal(back.records[0].boxes, [[3, 2, 8, 6]])
+    saved = back.volume(back.records[1])
+    np.testing.assert_array_equal(saved.array, vol.array)
+    np.testing.assert_allclose(saved.direction, vol.direction, atol=1e-6)
+    np.testing.assert_allclose(saved.spacing, vol.spacing)
+    assert back.load_image(back.records[1]).shape == (8, 10)
+    with pytest.raises(ValueError, match="needs a Volume"):
+        save_box_folder(tmp_path / "bad", [("x.nii.gz", vol.array, [], [], None, 0)], [])

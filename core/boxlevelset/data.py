@@ -222,8 +222,6 @@ def write_label_volume(path: str | os.PathLike, labels: np.ndarray, like: Volume
     The format follows the suffix (.nii, .nii.gz, .nrrd, .mha); labels are stored as uint8,
     uint16 or int32, the smallest that fits.
     """
-    import SimpleITK as sitk
-
     path = Path(path)
     if _lower_suffix(path) not in (".nii", ".nii.gz", ".nrrd", ".mha"):
         raise ValueError(f"{path}: label volumes are written as .nii, .nii.gz, .nrrd or .mha")
@@ -240,13 +238,20 @@ def write_label_volume(path: str | os.PathLike, labels: np.ndarray, like: Volume
     if lo < 0:
         raise ValueError(f"{path}: labels must be non-negative")
     dtype = np.uint8 if hi < 256 else np.uint16 if hi < 65536 else np.int32
-    image = sitk.GetImageFromArray(np.ascontiguousarray(labels.astype(dtype)))
+    _write_sitk(path, labels.astype(dtype), like)
+    return path
+
+
+def _write_sitk(path: Path, array: np.ndarray, like: Volume) -> None:
+    """Write a (z, y, x) array atomically with `like`'s spacing, origin and direction."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
     image.SetSpacing([float(v) for v in like.spacing])
     image.SetOrigin([float(v) for v in like.origin])
     image.SetDirection([float(v) for v in like.direction])
     with atomic_path(path) as tmp:
         sitk.WriteImage(image, str(tmp), True)  # True: compress where the format allows
-    return path
 
 
 # ----------------------------------------------------------------------------- records
@@ -658,28 +663,67 @@ def _write_image(path: Path, image: np.ndarray) -> None:
             raise OSError(f"{path}: OpenCV could not write the image")
 
 
+def write_volume(path: str | os.PathLike, volume: Volume) -> Path:
+    """Write a Volume (float32 array plus geometry) atomically as .nii/.nii.gz/.nrrd/.mha."""
+    path = Path(path)
+    if _lower_suffix(path) not in (".nii", ".nii.gz", ".nrrd", ".mha"):
+        raise ValueError(f"{path}: volumes are written as .nii, .nii.gz, .nrrd or .mha")
+    array = np.asarray(volume.array)
+    if array.ndim != 3:
+        raise ValueError(f"{path}: volume array must be (z, y, x), got shape {array.shape}")
+    _write_sitk(path, array, volume)
+    return path
+
+
 def save_box_folder(
     path: str | os.PathLike,
-    images: Sequence[tuple[str, np.ndarray, Any, Any, Any]],
+    images: Sequence[tuple],
     categories: Sequence[dict],
 ) -> Path:
     """Write a box-labeled folder: images/<file_name> and a COCO annotations.json.
 
-    images: (file_name, image HxW(xC), boxes Nx4 xyxy, category_ids N, masks [N,H,W] or None)
-    per image; masks, when given, are stored as RLE segmentations. Every file is written
-    atomically and annotations.json last, so a half-written folder never looks complete.
-    load_box_folder reads the result back to the same boxes, categories and masks.
+    images: per image a tuple (file_name, image HxW(xC), boxes Nx4 xyxy, category_ids N,
+    masks [N,H,W] or None). For a CT slice use a 6-tuple (file_name, volume: Volume, boxes,
+    category_ids, masks or None, slice_index): the volume is written once under file_name
+    (.nii.gz/.nrrd/.mha) and each slice becomes an image entry with `slice_index`. Masks are
+    stored as RLE segmentations. Every file is written atomically and annotations.json
+    last, so a half-written folder never looks complete. load_box_folder reads the result
+    back to the same boxes, categories, masks and pixels (CT: the same volume).
     """
     root = Path(path)
     cats = [{"id": int(c["id"]), "name": str(c["name"])} for c in categories]
     cat_ids = {c["id"] for c in cats}
-    names = [str(item[0]) for item in images]
-    if len(set(names)) != len(names):
-        raise ValueError("save_box_folder: file names must be unique")
+    seen: dict[str, Any] = {}  # file_name -> volume object (CT) or None (2D image)
     coco_images, annotations = [], []
-    for image_id, (file_name, image, boxes, category_ids, masks) in enumerate(images, start=1):
-        image = np.asarray(image)
-        h, w = image.shape[:2]
+    for image_id, item in enumerate(images, start=1):
+        if len(item) not in (5, 6):
+            raise ValueError(f"save_box_folder: entry {image_id - 1} must have 5 or 6 items")
+        file_name, image, boxes, category_ids, masks = item[:5]
+        file_name = str(file_name)
+        slice_index = item[5] if len(item) == 6 else None
+        entry: dict[str, Any] = {"id": image_id, "file_name": file_name}
+        if slice_index is not None:
+            if not isinstance(image, Volume):
+                raise ValueError(f"{file_name}: a CT entry (with slice_index) needs a Volume")
+            depth, h, w = image.array.shape
+            if not 0 <= int(slice_index) < depth:
+                raise ValueError(f"{file_name}: slice_index {slice_index} outside 0..{depth - 1}")
+            if file_name in seen and seen[file_name] is not image:
+                raise ValueError(f"{file_name}: two different volumes under one file name")
+            if file_name not in seen:
+                write_volume(root / "images" / file_name, image)
+            seen[file_name] = image
+            entry["slice_index"] = int(slice_index)
+        else:
+            if file_name in seen:
+                raise ValueError(f"save_box_folder: file name {file_name!r} used twice")
+            image = np.asarray(image)
+            h, w = image.shape[:2]
+            _write_image(root / "images" / file_name, image)
+            seen[file_name] = None
+        entry.update(width=int(w), height=int(h))
+        coco_images.append(entry)
+
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         category_ids = np.asarray(category_ids, dtype=np.int64).reshape(-1)
         if len(category_ids) != len(boxes):
@@ -693,9 +737,6 @@ def save_box_folder(
             if len(masks) != len(boxes):
                 raise ValueError(f"{file_name}: {len(boxes)} boxes but {len(masks)} masks")
             rles = masks_to_rle(masks)
-        _write_image(root / "images" / file_name, image)
-        coco_images.append({"id": image_id, "file_name": file_name, "width": int(w),
-                            "height": int(h)})
         for i, (box, cat, rle) in enumerate(zip(boxes, category_ids, rles)):
             # float32 -> float keeps the exact value, so x + w recovers x1 bit for bit.
             x0, y0, x1, y1 = (float(v) for v in box)
