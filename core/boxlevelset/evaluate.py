@@ -64,8 +64,9 @@ def _prepare_results(results: Sequence[dict], gt: dict, images: dict[int, dict])
                 f"result {i - 1} has category_id {res['category_id']}, not among the GT category "
                 f"ids {sorted(cat_ids)} (0-based labels must be mapped to category ids)"
             )
-        if "score" not in res:
-            raise ValueError(f"result {i - 1} has no score")
+        missing = {"score", "segmentation"} - set(res)
+        if missing:
+            raise ValueError(f"result {i - 1} lacks {sorted(missing)}")
         rle = segmentation_to_rle(res["segmentation"], int(image["height"]), int(image["width"]))
         out.append({"id": i, "image_id": int(res["image_id"]),
                     "category_id": int(res["category_id"]), "score": float(res["score"]),
