@@ -5,36 +5,40 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import minimum_spanning_tree
 
 from boxlevelset.tree_filter import spanning_tree, tree_filter
 
 
 def _path_matrix(guide: torch.Tensor, sigma: float) -> torch.Tensor:
-    """S[v, u] = product of edge weights on the tree path u-v, by walking parents (O(N^2 depth))."""
+    """S[v, u] = product of edge weights on the tree path u-v, found by walking parents.
+
+    With depth(v) = sum of squared guide distances from v up to the root, the path u-v through
+    their lowest common ancestor a has product exp(-(depth(u) + depth(v) - 2 depth(a)) / sigma).
+    """
     d, h, w = guide.shape
     n = h * w
     _, parent = spanning_tree(guide.detach().numpy())
     g = guide.reshape(d, n)
-    # Product of weights from every vertex up to each of its ancestors.
-    up: list[dict[int, torch.Tensor]] = []
+    ancestors = []  # every vertex's path to the root, itself first
     for u in range(n):
-        chain = {u: torch.ones((), dtype=guide.dtype)}
-        v, prod = u, torch.ones((), dtype=guide.dtype)
-        while parent[v] != v:
-            p = int(parent[v])
-            prod = prod * torch.exp(-(g[:, v] - g[:, p]).square().sum() / sigma)
-            chain[p] = prod
-            v = p
-        up.append(chain)
-    rows = []
+        path = [u]
+        while parent[path[-1]] != path[-1]:
+            path.append(int(parent[path[-1]]))
+        ancestors.append(path)
+    depth = []
+    for path in ancestors:
+        steps = [(g[:, a] - g[:, b]).square().sum() for a, b in zip(path[:-1], path[1:])]
+        depth.append(torch.stack(steps).sum() if steps else g.new_zeros(()))
+    depth_t = torch.stack(depth)
+    lca = np.empty((n, n), np.int64)
     for v in range(n):
-        row = []
+        on_path = set(ancestors[v])
         for u in range(n):
-            # Chains are in walking order, so the first shared vertex is the lowest common ancestor.
-            lca = next(a for a in up[u] if a in up[v])
-            row.append(up[u][lca] * up[v][lca])
-        rows.append(torch.stack(row))
-    return torch.stack(rows)
+            lca[v, u] = next(a for a in ancestors[u] if a in on_path)
+    lca_depth = depth_t[torch.from_numpy(lca)]
+    return torch.exp(-(depth_t[:, None] + depth_t[None, :] - 2 * lca_depth) / sigma)
 
 
 def _brute_force(x: torch.Tensor, guide: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -61,6 +65,38 @@ def test_spanning_tree_is_a_tree():
         assert position[p] < position[v]
         (yv, xv), (yp, xp) = divmod(int(v), 9), divmod(int(p), 9)
         assert abs(yv - yp) + abs(xv - xp) == 1
+
+
+def _scipy_mst(guide: np.ndarray) -> tuple[set, float]:
+    """Reference MST edges and total cost from scipy (tiny offset: scipy drops zero-cost edges)."""
+    _, h, w = guide.shape
+    idx = np.arange(h * w).reshape(h, w)
+    src = np.concatenate([idx[:, :-1].ravel(), idx[:-1, :].ravel()])
+    dst = np.concatenate([idx[:, 1:].ravel(), idx[1:, :].ravel()])
+    g = guide.reshape(guide.shape[0], -1)
+    cost = np.square(g[:, src] - g[:, dst]).sum(0)
+    mst = minimum_spanning_tree(coo_matrix((cost + 1e-9, (src, dst)), shape=(h * w,) * 2)).tocoo()
+    edges = {frozenset((int(a), int(b))) for a, b in zip(mst.row, mst.col)}
+    return edges, float(mst.data.sum() - 1e-9 * len(edges))
+
+
+def _tree_edges(guide: np.ndarray) -> tuple[set, float]:
+    order, parent = spanning_tree(guide)
+    g = guide.reshape(guide.shape[0], -1)
+    edges = {frozenset((int(v), int(parent[v]))) for v in order[1:]}
+    cost = sum(float(np.square(g[:, v] - g[:, parent[v]]).sum()) for v in order[1:])
+    return edges, cost
+
+
+def test_spanning_tree_matches_scipy():
+    rng = np.random.default_rng(1)
+    for shape in [(3, 7, 9), (1, 1, 12), (2, 11, 1), (4, 16, 13)]:
+        guide = rng.random(shape)
+        assert _tree_edges(guide)[0] == _scipy_mst(guide)[0]
+        assert _tree_edges(guide.astype(np.float32))[0] == _scipy_mst(guide)[0]
+    # Many ties (quantised guide): the tree may differ, its total cost may not.
+    guide = rng.integers(0, 3, (2, 12, 10)).astype(np.float64)
+    assert _tree_edges(guide)[1] == pytest.approx(_scipy_mst(guide)[1], abs=1e-6)
 
 
 def test_spanning_tree_flat_guide_still_spans():
@@ -147,6 +183,16 @@ def test_batch_and_channels_equal_per_item_loops():
         for c in range(4):
             single = tree_filter(x[b : b + 1, c : c + 1], guide[b : b + 1], 0.1)
             torch.testing.assert_close(out[b : b + 1, c : c + 1], single)
+
+
+def test_half_precision_is_filtered_in_float32():
+    torch.manual_seed(8)
+    x = torch.rand(1, 2, 5, 7)
+    guide = torch.rand(1, 3, 5, 7)
+    out = tree_filter(x.to(torch.bfloat16), guide.to(torch.bfloat16), 0.5)
+    assert out.dtype == torch.bfloat16
+    ref = tree_filter(x.to(torch.bfloat16).float(), guide.to(torch.bfloat16).float(), 0.5)
+    torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)
 
 
 def test_single_row_and_pixel():

