@@ -16,6 +16,15 @@ from boxlevelset.losses import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors: avoid OpenMP thread thrashing on the shared 2-core box; restore after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_focal_loss_matches_hand_computation():
     logits = torch.tensor([0.0, 2.0])
     targets = torch.tensor([1.0, 0.0])

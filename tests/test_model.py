@@ -1,0 +1,280 @@
+"""SOLOv2 level-set model: target assignment, Matrix NMS, losses, training signal, Predictor, I/O."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+from boxlevelset.model import (
+    Instances,
+    ModelConfig,
+    Predictor,
+    SOLOv2,
+    load_model,
+    save_checkpoint,
+)
+from boxlevelset.targets import assign_targets, masks_to_boxes, matrix_nms
+
+TINY = dict(
+    fpn_channels=16,
+    head_channels=16,
+    stacked_convs=1,
+    mask_feature_channels=16,
+    mask_feature_mid_channels=16,
+    feature_guide_channels=3,
+    input_size=96,
+    max_size=128,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core box OpenMP
+    threads thrash (measured: 0.3 s vs 3-10 s per training step); restore afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model(seed: int = 0, **overrides) -> SOLOv2:
+    torch.manual_seed(seed)
+    cfg = ModelConfig.lite(num_classes=2, class_names=("disk", "block"), **{**TINY, **overrides})
+    return SOLOv2(cfg, pretrained=False)
+
+
+def disk_scene(size: int = 96, radius: int = 22):
+    yy, xx = np.mgrid[:size, :size]
+    c = size / 2
+    disk = (yy - c + 0.5) ** 2 + (xx - c + 0.5) ** 2 <= radius**2
+    image = np.where(disk, 220, 30).astype(np.uint8)
+    box = np.array([[c - radius, c - radius, c + radius, c + radius]], dtype=np.float32)
+    return image, disk, box
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+# ---------------------------------------------------------------- targets and NMS
+def test_assign_targets_levels_and_cells():
+    cfg = ModelConfig()
+    boxes = torch.tensor(
+        [[100.0, 100.0, 160.0, 140.0],  # sqrt(wh) = 49: levels 0 (1-96) and 1 (48-192)
+         [0.0, 0.0, 250.0, 250.0],  # 250: levels 2 (96-384) and 3 (192-768)
+         [200.0, 200.0, 206.0, 206.0]]  # 6x6 px: 2.25 px at stride 4 < 10 -> skipped
+    )
+    labels = torch.tensor([1, 0, 1])
+    t = assign_targets(boxes, labels, (256, 256), cfg.num_grids, cfg.scale_ranges,
+                       cfg.mask_strides, cfg.sigma, cfg.min_box_pixels)
+    # Level 0 (S=40): centre (130, 120) -> cell (18, 20); sigma region rows 18..19, cols 19..21.
+    expected0 = torch.full((40, 40), -1)
+    expected0[18:20, 19:22] = 0
+    assert torch.equal(t[0].objects, expected0)
+    assert torch.equal(t[0].labels[18:20, 19:22], torch.ones(2, 3, dtype=torch.long))
+    assert (t[0].labels >= 0).sum() == 6
+    # Level 1 (S=36): centre cell (16, 18); region rows 16..17, cols 17..19.
+    expected1 = torch.full((36, 36), -1)
+    expected1[16:18, 17:20] = 0
+    assert torch.equal(t[1].objects, expected1)
+    # Big box: centre (125, 125); half size 25 -> region clamped to the 3x3 around the centre.
+    s = cfg.num_grids[2]  # 24: centre cell 11, region cells 9.4..14 -> 10..12
+    assert torch.equal(torch.nonzero(t[2].objects == 1)[:, 0].unique(), torch.tensor([10, 11, 12]))
+    assert (t[2].labels == 0).sum() == 9 and s == 24
+    assert (t[3].objects == 1).sum() == 9  # S=16: centre 7, region 6..8
+    assert (t[4].objects >= 0).sum() == 0
+    assert not any((lt.objects == 2).any() for lt in t)
+
+
+def test_matrix_nms_decays_duplicate_keeps_disjoint():
+    a = torch.zeros(3, 8, 8, dtype=torch.bool)
+    a[0, :4, :4] = True
+    a[1, :4, :4] = True  # duplicate of 0
+    a[2, 4:, 4:] = True  # disjoint
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    labels = torch.tensor([0, 0, 0])
+    out = matrix_nms(a, labels, scores, "gaussian", 2.0)
+    torch.testing.assert_close(out, torch.tensor([0.9, 0.8 * math.exp(-2.0), 0.7]))
+    # Partial overlap: IoU 8 / 24 = 1/3 -> decay exp(-2/9); another class -> untouched.
+    b = torch.zeros(3, 8, 8, dtype=torch.bool)
+    b[0, :4, :4] = True
+    b[1, :4, 2:6] = True
+    b[2, :4, :4] = True
+    out = matrix_nms(b, torch.tensor([0, 0, 1]), scores, "gaussian", 2.0)
+    torch.testing.assert_close(out, torch.tensor([0.9, 0.8 * math.exp(-2.0 / 9.0), 0.7]))
+    out = matrix_nms(b, torch.tensor([0, 0, 1]), scores, "linear")
+    torch.testing.assert_close(out, torch.tensor([0.9, 0.8 * (2.0 / 3.0), 0.7]))
+
+
+def test_masks_to_boxes():
+    m = torch.zeros(2, 10, 12, dtype=torch.bool)
+    m[0, 2:5, 3:9] = True
+    boxes = masks_to_boxes(m)
+    torch.testing.assert_close(boxes, torch.tensor([[3.0, 2.0, 9.0, 5.0], [0.0, 0.0, 0.0, 0.0]]))
+
+
+# ---------------------------------------------------------------- config
+def test_config_round_trip_and_validation():
+    cfg = ModelConfig.lite(num_classes=2, class_names=["a", "b"])
+    again = ModelConfig.from_dict(asdict(cfg))
+    assert again == cfg
+    assert cfg.mask_strides == (4, 4, 8, 16, 16)
+    assert ModelConfig(num_classes=3).class_names == ("class_0", "class_1", "class_2")
+    with pytest.raises(ValueError, match="supervision"):
+        ModelConfig(supervision="points")
+    with pytest.raises(ValueError, match="class_names"):
+        ModelConfig(num_classes=2, class_names=("a",))
+
+
+# ---------------------------------------------------------------- training losses
+def _targets():
+    return [
+        dict(boxes=torch.tensor([[10.0, 12.0, 50.0, 44.0], [40.0, 40.0, 60.0, 62.0]]),
+             labels=torch.tensor([0, 1])),
+        dict(boxes=torch.tensor([[4.0, 4.0, 30.0, 28.0]]), labels=torch.tensor([1])),
+    ]
+
+
+def test_train_forward_gradients_reach_every_branch():
+    model = tiny_model().train()
+    images = torch.rand(2, 3, 64, 64) * 255
+    losses = model(images, _targets())
+    assert set(losses) == {"loss_category", "loss_box_projection", "loss_levelset_image",
+                           "loss_levelset_feature"}
+    assert all(torch.isfinite(v) and v.ndim == 0 for v in losses.values())
+    assert losses["loss_box_projection"] > 0 and losses["loss_levelset_feature"] > 0
+    sum(losses.values()).backward()
+    for name, module in [("kernel branch", model.grid_head.kernel_pred),
+                         ("category branch", model.grid_head.cate_pred),
+                         ("mask feature", model.mask_head.pred[0]),
+                         ("learned guide", model.guide_conv)]:
+        grad = module.weight.grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_no_boxes_gives_zero_instance_loss():
+    model = tiny_model().train()
+    images = torch.rand(1, 3, 64, 64) * 255
+    empty = [dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long))]
+    losses = model(images, empty)
+    assert losses["loss_category"] > 0
+    for k in ("loss_box_projection", "loss_levelset_image", "loss_levelset_feature"):
+        assert losses[k].item() == 0.0 and losses[k].requires_grad
+    sum(losses.values()).backward()  # graph-connected, no crash
+
+
+def test_mask_supervision_uses_dice():
+    model = tiny_model(supervision="mask").train()
+    images = torch.rand(2, 3, 64, 64) * 255
+    targets = _targets()
+    for t in targets:
+        m = torch.zeros(len(t["boxes"]), 64, 64, dtype=torch.bool)
+        for i, (x0, y0, x1, y1) in enumerate(t["boxes"].long().tolist()):
+            m[i, y0:y1, x0:x1] = True
+        t["masks"] = m
+    losses = model(images, targets)
+    assert set(losses) == {"loss_category", "loss_dice"}
+    assert 0 < losses["loss_dice"] <= 3.0
+    del targets[0]["masks"]
+    with pytest.raises(ValueError, match="masks"):
+        model(images, targets)
+
+
+# ---------------------------------------------------------------- learning + Predictor + I/O
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny model fitted for a few steps to one disk: (model, before IoU, losses)."""
+    image, disk, box = disk_scene()
+    model = tiny_model(seed=1)
+    before = iou(Predictor(model).set_image(image).predict_boxes(box)[0], disk)
+    tensor, scale = model.preprocess(image)
+    assert scale == 1.0 and tensor.shape == (1, 3, 96, 96)
+    target = [dict(boxes=torch.from_numpy(box), labels=torch.tensor([0]))]
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    history = []
+    for _ in range(25):
+        losses = model(tensor, target)
+        total = sum(losses.values())
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        history.append(total.item())
+    model.eval()
+    return model, before, history
+
+
+def test_training_lowers_loss_and_improves_box_prompt(trained):
+    model, before, history = trained
+    image, disk, box = disk_scene()
+    assert np.mean(history[-3:]) < 0.7 * np.mean(history[:3]), history
+    mask = Predictor(model).set_image(image).predict_boxes(box)[0]
+    after = iou(mask, disk)
+    assert after > before + 0.1 and after > 0.6, (before, after)
+    # Nothing outside the box.
+    x0, y0, x1, y1 = box[0].astype(int)
+    outside = mask.copy()
+    outside[y0:y1, x0:x1] = False
+    assert not outside.any()
+
+
+def test_predict_instances_consistent(trained):
+    model, _, _ = trained
+    image = np.random.default_rng(0).integers(0, 255, (70, 90)).astype(np.uint8)
+    inst = model.predict(image, score_threshold=0.0)
+    assert isinstance(inst, Instances)
+    n = len(inst)
+    assert inst.masks.shape == (n, 70, 90) and inst.masks.dtype == bool
+    assert inst.boxes.shape == (n, 4) and inst.boxes.dtype == np.float32
+    assert inst.labels.dtype == np.int64 and inst.scores.dtype == np.float32
+    assert ((inst.labels >= 0) & (inst.labels < 2)).all()
+    assert np.all(np.diff(inst.scores) <= 0)
+    assert n <= model.config.max_per_image and n > 0
+    # Boxes are the masks' tight boxes.
+    for m, b in zip(inst.masks, inst.boxes):
+        ys, xs = np.nonzero(m)
+        assert b.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    # Eval forward gives padded-size detections.
+    out = model(model.preprocess(image)[0])
+    assert out[0]["masks"].shape[-2:] == (96, 128)
+
+
+def test_save_load_round_trip(trained, tmp_path):
+    model, _, _ = trained
+    image, _, box = disk_scene()
+    path = save_checkpoint(tmp_path / "ck" / "model.pt", model, iteration=25)
+    assert path.is_file() and not list(path.parent.glob("*.tmp"))
+    loaded = load_model(path, device="cpu")
+    assert not loaded.training and loaded.config == model.config
+    a = Predictor(model).set_image(image)
+    b = Predictor(loaded).set_image(image)
+    assert np.array_equal(a.predict_boxes(box)[0], b.predict_boxes(box)[0])
+    pa, pb = a.predict(0.0), b.predict(0.0)
+    assert np.array_equal(pa.masks, pb.masks) and np.array_equal(pa.scores, pb.scores)
+    assert torch.load(path, weights_only=True)["iteration"] == 25
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_model(tmp_path / "nope.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.pt"):
+        load_model(bad)
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="boxlevelset checkpoint"):
+        load_model(tmp_path / "other.pt")
+
+
+def test_predictor_level_choice_and_errors():
+    p = Predictor(tiny_model())
+    assert p.level_for_box(20) == 0
+    assert p.level_for_box(60) == 1  # in (1,96) and (48,192): 60 is nearer 96 than 9.8 (log)
+    assert p.level_for_box(150) == 2  # in (48,192) and (96,384): nearer 192 than 96
+    assert p.level_for_box(5000) == 4
+    with pytest.raises(RuntimeError, match="set_image"):
+        p.predict_boxes([[0, 0, 5, 5]])
