@@ -260,8 +260,7 @@ def evaluate_model(
                                      gt_cats)
     out: dict[str, float] = {}
     out.update(_ap(coco_mask_ap, gt, results, max_dets))
-    voc = voc_mask_ap(gt, results) if results else {}
-    for key, value in voc.items():
+    for key, value in voc_mask_ap(gt, results).items():
         out[f"voc_{key}"] = float(value)
     if predictor is not None:
         out["box_mIoU"] = float(np.concatenate(ious).mean()) if ious else 0.0

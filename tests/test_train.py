@@ -1,0 +1,346 @@
+"""Training loop, checkpoints, stop/resume, NaN guard, prediction and evaluation on tiny data."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from boxlevelset.train import (
+    PRESETS,
+    BoxDataset,
+    ResizeFlip,
+    StopTraining,
+    TrainConfig,
+    TrainEvent,
+    add_train_arguments,
+    collate,
+    config_from_args,
+    lr_factor,
+    train,
+)
+
+# A model small enough for a few CPU iterations in about a second each.
+TINY_MODEL = dict(
+    fpn_channels=16, head_channels=16, stacked_convs=1, mask_feature_channels=16,
+    mask_feature_mid_channels=16, num_grids=(12, 10, 8, 6, 4), feature_guide_channels=3,
+    tree_filter_max_side=32, score_threshold=0.01,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads; on a shared 2-core box they spin and crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_config(data: Path, out: Path, **overrides) -> TrainConfig:
+    values = dict(
+        data=data, preset="lite", output_dir=out, max_iterations=3, batch_size=2,
+        min_size=(64, 80), max_size=96, pretrained=False, checkpoint_every=100,
+        warmup_iters=2, model=dict(TINY_MODEL),
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path, list[TrainEvent]]:
+    """One 3-iteration box-supervised run shared by the tests that need a trained model."""
+    import conftest
+
+    base = tmp_path_factory.mktemp("trained")
+    data = conftest.tiny_box_folder.__wrapped__(base)
+    events: list[TrainEvent] = []
+    path = train(tiny_config(data, base / "run"), callbacks=[events.append])
+    return data, path, events
+
+
+# ------------------------------------------------------------------------- pure pieces
+
+
+def test_presets_resolve_and_explicit_values_win():
+    cfg = TrainConfig(data="x", preset="voc_r50_3x")
+    assert (cfg.lr, cfg.batch_size, cfg.epochs, cfg.warmup_iters) == (5e-5, 8, 36, 2000)
+    assert cfg.min_size == (640, 800) and cfg.backbone == "resnet50"
+    assert cfg.weight_decay == 0.1 and cfg.grad_clip == 1.0
+    assert cfg.lr_steps == pytest.approx((27 / 36, 33 / 36))
+    coco = TrainConfig(data="x", preset="coco_r101_3x", lr=3e-4)
+    assert (coco.lr, coco.batch_size, coco.backbone) == (3e-4, 16, "resnet101")
+    lits = TrainConfig(data="x", preset="lits_r50_1x")
+    assert lits.epochs == 12 and lits.lr_steps == pytest.approx((8 / 12, 11 / 12))
+    lite = TrainConfig(data="x", preset="lite", model={"fpn_channels": 32})
+    assert lite.backbone == "efficientnet_lite0"
+    assert lite.model["fpn_channels"] == 32 and lite.model["head_channels"] == 64
+    assert set(PRESETS) == {"voc_r50_3x", "voc_r101_3x", "coco_r101_3x", "isaid_r50_1x",
+                            "lits_r50_1x", "lite"}
+    assert "stop_event" not in TrainConfig(data="x", stop_event=threading.Event()).to_dict()
+    json.dumps(lite.to_dict())  # serialisable for checkpoints
+
+
+@pytest.mark.parametrize("bad", [dict(preset="nope"), dict(supervision="poly"),
+                                 dict(lr_steps=(1.5,)), dict(min_size=(800, 600)),
+                                 dict(batch_size=0)])
+def test_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        TrainConfig(data="x", **bad)
+
+
+def test_lr_schedule_warmup_and_steps():
+    f = lambda it: lr_factor(it, 100, 10, 0.001, (0.5, 0.8), 0.1)  # noqa: E731
+    assert f(0) == pytest.approx(0.001)
+    assert f(5) == pytest.approx(0.001 * 0.5 + 0.5)
+    assert f(10) == pytest.approx(1.0) and f(49) == pytest.approx(1.0)
+    assert f(50) == pytest.approx(0.1) and f(79) == pytest.approx(0.1)
+    assert f(80) == pytest.approx(0.01) and f(99) == pytest.approx(0.01)
+
+
+def test_resize_flip_moves_boxes_with_masks():
+    rng = np.random.default_rng(0)
+    image = np.zeros((40, 60, 3), np.float32)
+    masks = np.zeros((1, 40, 60), bool)
+    masks[0, 10:20, 5:25] = True
+    boxes = np.array([[5, 10, 25, 20]], np.float32)
+    transform = ResizeFlip((80, 80), 1000, flip_prob=1.0)
+    out_img, out_boxes, out_masks = transform(image, boxes, masks, rng)
+    assert out_img.shape == (80, 120, 3) and out_masks.shape == (1, 80, 120)
+    # scaled x2 then flipped: x in [10, 50) -> [70, 110)
+    np.testing.assert_allclose(out_boxes, [[70, 20, 110, 40]])
+    ys, xs = np.nonzero(out_masks[0])
+    assert (xs.min(), xs.max() + 1, ys.min(), ys.max() + 1) == (70, 110, 20, 40)
+    # the longer side cap wins over the shorter-side target
+    capped, _, _ = ResizeFlip((80, 80), 90, 0.0)(image, boxes, None, rng)
+    assert capped.shape[:2] == (60, 90)
+
+
+def test_dataset_and_collate_pad_to_32(tiny_box_folder):
+    from boxlevelset.data import load_box_folder
+
+    folder = load_box_folder(tiny_box_folder)
+    ds = BoxDataset(folder, folder.class_names, ResizeFlip((70, 70), 200, 0.5), with_masks=True)
+    assert len(ds) == 3
+    a, b = ds[(0, 1)], ds[(0, 1)]
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["boxes"], b["boxes"])
+    assert a["image"].shape == (3, 70, 70) and a["image"].max() > 150
+    images, targets = collate([ds[(0, 3)], ds[(1, 4)]])
+    assert images.shape == (2, 3, 96, 96)
+    assert images[:, :, 70:].abs().sum() == 0 and images[:, :, :, 70:].abs().sum() == 0
+    t = targets[0]
+    assert t["masks"].shape[1:] == (96, 96) and len(t["masks"]) == len(t["boxes"])
+    assert t["labels"].dtype == torch.int64 and set(t["labels"].tolist()) <= {0, 1}
+    # every box still encloses its (resized, flipped) mask
+    for box, mask in zip(t["boxes"], t["masks"]):
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        assert xs.min() >= box[0] - 1 and xs.max() + 1 <= box[2] + 1
+        assert ys.min() >= box[1] - 1 and ys.max() + 1 <= box[3] + 1
+
+
+def test_cli_arguments_build_config(tmp_path):
+    parser = add_train_arguments(argparse.ArgumentParser())
+    args = parser.parse_args([str(tmp_path), "--preset", "lite", "--iterations", "7",
+                              "--min-size", "64", "96", "--model", "fpn_channels=16",
+                              "--model", "num_grids=[8,6,4,3,2]", "--time-limit", "0.5"])
+    cfg = config_from_args(args)
+    assert cfg.max_iterations == 7 and cfg.min_size == (64, 96)
+    assert cfg.model["fpn_channels"] == 16 and cfg.model["num_grids"] == (8, 6, 4, 3, 2)
+    assert cfg.time_limit == 30 and cfg.lr == PRESETS["lite"]["lr"]
+
+
+# ------------------------------------------------------------------------- training runs
+
+
+def test_train_events_log_and_checkpoint(trained):
+    from boxlevelset.model import load_model
+
+    data, path, events = trained
+    assert path.name == "model.pth" and path.exists()
+    assert [e.iteration for e in events] == [1, 2, 3, 3]
+    assert [e.done for e in events] == [False, False, False, True]
+    assert events[-1].checkpoint == path and all(e.max_iterations == 3 for e in events)
+    for e in events[:-1]:
+        assert {"loss", "loss_category", "loss_box_projection", "loss_levelset_image",
+                "loss_levelset_feature"} <= set(e.losses)
+        assert all(math.isfinite(v) for v in e.losses.values())
+        assert e.lr > 0 and e.eta_seconds >= 0
+    # 2 warm-up iterations from 0.001x, then the first x0.1 step at 0.75 of 3 iterations
+    lr = PRESETS["lite"]["lr"]
+    assert [e.lr for e in events[:3]] == pytest.approx([lr * 0.001, lr * 0.5005, lr * 0.1])
+    rows = list(csv.DictReader(open(path.parent / "log.csv")))
+    assert [int(r["iteration"]) for r in rows] == [1, 2, 3]
+    assert float(rows[0]["loss"]) == pytest.approx(events[0].losses["loss"], rel=1e-4)
+    ckpt = _checkpoint(path)
+    assert ckpt["iteration"] == 3 and ckpt["class_names"] == ["blob", "block"]
+    assert "optimizer" in _checkpoint(path.parent / "last.pth")
+    model = load_model(path, device="cpu")
+    assert model.class_names == ("blob", "block") and not model.training
+    assert model.config.input_size == 72 and model.config.max_size == 96  # mid of training scales
+
+
+def test_stop_by_callback_then_resume(tiny_box_folder, tmp_path):
+    from boxlevelset.model import load_model
+
+    seen = []
+
+    def stop_at_two(event):
+        seen.append(event.iteration)
+        if event.iteration == 2 and not event.done:
+            raise StopTraining
+
+    cfg = tiny_config(tiny_box_folder, tmp_path / "run", max_iterations=4)
+    path = train(cfg, callbacks=[stop_at_two])
+    assert path.name == "last.pth" and seen == [1, 2, 2]
+    assert not (tmp_path / "run" / "model.pth").exists()
+    ckpt = _checkpoint(path)
+    assert ckpt["iteration"] == 2
+    load_model(path, device="cpu")  # a stopped run still gives a usable model
+    stopped_weights = {k: v.clone() for k, v in ckpt["model"].items()}
+
+    resumed = []
+    cfg = tiny_config(tiny_box_folder, tmp_path / "run", max_iterations=4, resume="auto")
+    final = train(cfg, callbacks=[lambda e: resumed.append((e.iteration, e.lr))])
+    assert [it for it, _ in resumed] == [3, 4, 4] and final.name == "model.pth"
+    end = _checkpoint(tmp_path / "run" / "last.pth")
+    assert end["iteration"] == 4 and end["scheduler"]["last_epoch"] == 4
+    assert end["optimizer"]["state"][0]["step"].item() == 4  # AdamW state carried over
+    assert any(not torch.equal(stopped_weights[k], v) for k, v in end["model"].items())
+    rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
+    assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4]
+
+
+def test_stop_event_and_returning_false(tiny_box_folder, tmp_path):
+    event = threading.Event()
+    event.set()  # already set: stops after the first iteration, with a checkpoint
+    path = train(tiny_config(tiny_box_folder, tmp_path / "a", stop_event=event))
+    assert path.name == "last.pth" and _checkpoint(path)["iteration"] == 1
+
+    calls = []
+    path = train(tiny_config(tiny_box_folder, tmp_path / "b"),
+                 callbacks=[lambda e: calls.append(e.done) or False])
+    assert calls == [False, True] and _checkpoint(path)["iteration"] == 1
+
+
+def test_nan_loss_raises_and_keeps_last_good_checkpoint(tiny_box_folder, tmp_path, monkeypatch):
+    from boxlevelset.model import SOLOv2
+
+    original = SOLOv2.forward
+    calls = {"n": 0}
+
+    def forward(self, images, targets=None):
+        out = original(self, images, targets)
+        calls["n"] += 1
+        if self.training and calls["n"] == 2:
+            out["loss_category"] = out["loss_category"] * float("nan")
+        return out
+
+    monkeypatch.setattr(SOLOv2, "forward", forward)
+    cfg = tiny_config(tiny_box_folder, tmp_path / "run", checkpoint_every=1)
+    with pytest.raises(RuntimeError, match="iteration 2"):
+        train(cfg)
+    ckpt = _checkpoint(tmp_path / "run" / "last.pth")
+    assert ckpt["iteration"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert not (tmp_path / "run" / "model.pth").exists()
+
+
+def test_mask_supervision_trains(tiny_box_folder, tmp_path):
+    events = []
+    train(tiny_config(tiny_box_folder, tmp_path / "run", supervision="mask", max_iterations=2),
+          callbacks=[events.append])
+    assert "loss_dice" in events[0].losses and "loss_box_projection" not in events[0].losses
+    assert all(math.isfinite(e.losses["loss"]) for e in events[:-1])
+
+
+# ------------------------------------------------------------------------- predict / evaluate
+
+
+def test_predict_folder_and_evaluate(trained, tmp_path):
+    from boxlevelset.export import read_coco_masks
+    from boxlevelset.model import load_model
+    from boxlevelset.predict import evaluate_model, predict_folder
+
+    data, path, _ = trained
+    model = load_model(path, device="cpu")
+    out = predict_folder(model, data, tmp_path / "pred", score_threshold=0.0)
+    coco = json.loads(out.read_text())
+    assert [c["name"] for c in coco["categories"]] == ["blob", "block"]
+    assert len(coco["images"]) == 3
+    assert sorted(p.name for p in (tmp_path / "pred" / "labels").iterdir()) == [
+        "tiny_0.png", "tiny_1.png", "tiny_2.png"]
+    assert len(list((tmp_path / "pred" / "overlays").iterdir())) == 3
+    masks = read_coco_masks(out)
+    assert set(masks) == {"tiny_0.png", "tiny_1.png", "tiny_2.png"}
+    single = predict_folder(model, data / "images" / "tiny_1.png", tmp_path / "one")
+    assert len(json.loads(single.read_text())["images"]) == 1
+
+    metrics = evaluate_model(model, data)
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "voc_AP25", "voc_AP50", "voc_AP70",
+                "voc_AP75", "box_mIoU", "box_AP", "box_AP50", "ms_per_image"):
+        assert key in metrics
+    assert 0.0 <= metrics["box_mIoU"] <= 1.0 and -1.0 <= metrics["AP"] <= 1.0
+    assert metrics["images"] == 3 and metrics["instances"] == 7
+
+
+class _OracleModel:
+    """Predicts the ground truth (plus one bad mask) to check the metric plumbing exactly."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.config = argparse.Namespace(class_names=tuple(folder.class_names), num_classes=2)
+
+    def predict(self, image, score_threshold=None):
+        from boxlevelset.model import Instances
+
+        record = next(r for r in self.folder.records
+                      if np.array_equal(self.folder.load_image(r), image))
+        gt = self.folder.gt_masks(record)
+        labels = np.array([c - 1 for c in record.category_ids], np.int64)
+        junk = np.zeros_like(gt[:1])
+        junk[0, :3, :3] = True
+        return Instances(np.concatenate([gt, junk]), np.zeros((len(gt) + 1, 4), np.float32),
+                         np.append(labels, 0), np.append(np.linspace(0.9, 0.5, len(gt)), 0.01))
+
+
+class _OraclePredictor:
+    def __init__(self, model):
+        self.model = model
+
+    def set_image(self, image):
+        self.record = next(r for r in self.model.folder.records
+                           if np.array_equal(self.model.folder.load_image(r), image))
+
+    def predict_boxes(self, boxes):
+        masks = self.model.folder.gt_masks(self.record)
+        masks[0] = False  # the first box of each image misses completely
+        masks[0, 0, 0] = True
+        return list(masks)
+
+
+def test_evaluate_numbers_against_oracle(tiny_box_folder, monkeypatch):
+    import boxlevelset.model
+    from boxlevelset.data import load_box_folder
+    from boxlevelset.predict import evaluate_model
+
+    folder = load_box_folder(tiny_box_folder)
+    monkeypatch.setattr(boxlevelset.model, "Predictor", _OraclePredictor)
+    metrics = evaluate_model(_OracleModel(folder), folder)
+    # Perfect masks ranked above one low-scored junk mask: COCO and VOC AP are exactly 1.
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["AP50"] == pytest.approx(1.0)
+    assert metrics["voc_AP50"] == pytest.approx(1.0) and metrics["voc_AP75"] == pytest.approx(1.0)
+    # Box prompts: the first box of each image (a "blob") fails -> mean IoU 4/7; "block" AP is
+    # 1 and "blob" AP at most its recall 1/4, so the class mean lies in [0.5, 0.625].
+    assert metrics["box_mIoU"] == pytest.approx(4 / 7)
+    assert 0.5 <= metrics["box_AP"] <= 0.625
