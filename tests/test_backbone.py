@@ -214,6 +214,13 @@ def test_lite0_own_checkpoint_round_trip_and_bad_files(tmp_path, r50):
     headless = load_efficientnet_weights(EfficientNetLite0(), path)  # by name, head dropped
     for k, v in headless.state_dict().items():
         assert torch.equal(v, full.state_dict()[k]), k
+    # A detector checkpoint (dict(model=...) with 'backbone.' keys) initialises the backbone.
+    detector = tmp_path / "detector.pth"
+    torch.save({"model": {**{f"backbone.{k}": v for k, v in headless.state_dict().items()},
+                          "fpn.conv.weight": torch.zeros(1)}, "config": {}}, detector)
+    again = build_backbone("efficientnet_lite0", pretrained=detector)
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, full.state_dict()[k]), k
 
     # In-order mapping checks every shape: a 5x5 depthwise kernel swapped for a 3x3 one fails.
     shipped = torch.load(shipped_efficientnet_lite0_path(), map_location="cpu", weights_only=True)

@@ -50,6 +50,7 @@ RESNET_URLS = {
 }
 RESNET_DEPTHS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
 
+
 class PretrainedWeightsError(RuntimeError):
     """ImageNet weights could not be obtained (typically: no internet for the download)."""
 
@@ -98,7 +99,11 @@ class FrozenBatchNorm2d(nn.Module):
 
 
 def _read_state_dict(path: str | os.PathLike[str]) -> "OrderedDict[str, Tensor]":
-    """Read a ``.pth`` holding a state dict (bare, or under 'state_dict' / 'model')."""
+    """Read a ``.pth`` holding a state dict (bare, or under 'state_dict' / 'model').
+
+    From a detector checkpoint whose keys start with ``backbone.`` only those are kept,
+    unprefixed, so a trained model can initialise a backbone.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights file not found")
@@ -116,6 +121,9 @@ def _read_state_dict(path: str | os.PathLike[str]) -> "OrderedDict[str, Tensor]"
     # Checkpoints saved from DataParallel/DDP wrappers prefix every key with 'module.'.
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
+    # A whole detector checkpoint (ours, mmdetection's): keep just its backbone.
+    if any(k.startswith("backbone.") for k in obj):
+        obj = {k[len("backbone."):]: v for k, v in obj.items() if k.startswith("backbone.")}
     return OrderedDict(obj)
 
 
