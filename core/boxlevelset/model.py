@@ -260,7 +260,6 @@ class SOLOv2(nn.Module):
         self, images: Tensor, feats: _Features, targets: list[dict[str, Tensor]]
     ) -> dict[str, Tensor]:
         cfg = self.config
-        b_count = images.shape[0]
         height, width = images.shape[-2:]
         mask_strides = cfg.mask_strides
         cate_targets = []  # per level [B, S, S]
@@ -381,14 +380,16 @@ class SOLOv2(nn.Module):
     @staticmethod
     def dynamic_masks(mask_feature: Tensor, kernels: Tensor, batch_index: Tensor) -> Tensor:
         """Mask logits [N, h, w]: kernel n (1x1 conv weights) applied to its image's mask feature."""
-        b_count, e, h, w = mask_feature.shape
-        out = mask_feature.new_empty((len(kernels), h, w))
+        e, h, w = mask_feature.shape[1:]
+        chunks, order = [], []
         for b in torch.unique(batch_index).tolist():
             sel = torch.nonzero(batch_index == b, as_tuple=False).flatten()
-            out = out.index_copy(
-                0, sel, (kernels[sel] @ mask_feature[b].reshape(e, -1)).view(-1, h, w)
-            )
-        return out
+            chunks.append((kernels[sel] @ mask_feature[b].reshape(e, -1)).view(-1, h, w))
+            order.append(sel)
+        if not chunks:
+            return mask_feature.new_zeros((0, h, w))
+        # Back to the order of ``kernels`` (dtype follows the matmul, e.g. under autocast).
+        return torch.cat(chunks)[torch.argsort(torch.cat(order))]
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
