@@ -169,6 +169,11 @@ class TrainConfig:
 def _size_range(value: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(value, (int, float)):
         value = (value, value)
+    value = tuple(value)
+    if len(value) == 1:
+        value = value * 2
+    if len(value) != 2:
+        raise ValueError(f"min_size must be one size or a (min, max) range, got {value}")
     lo, hi = (int(v) for v in value)
     if lo < 1 or hi < lo:
         raise ValueError(f"min_size must be a (min, max) range of positive sizes, got {value}")
@@ -470,10 +475,11 @@ def _any_rank(flag: bool, distributed: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
-def weights_digest(model: nn.Module) -> str:
-    """SHA-256 over the state dict (names, dtypes and bytes), for comparing replicas."""
+def weights_digest(model: nn.Module | dict[str, torch.Tensor]) -> str:
+    """SHA-256 over a model's state dict (names, dtypes and bytes), for comparing replicas."""
+    state = model.state_dict() if isinstance(model, nn.Module) else model
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         h.update(name.encode())
         t = tensor.detach().cpu().contiguous()
         h.update(str(t.dtype).encode())
