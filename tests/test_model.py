@@ -66,11 +66,11 @@ def test_assign_targets_levels_and_cells():
     boxes = torch.tensor(
         [[100.0, 100.0, 160.0, 140.0],  # sqrt(wh) = 49: levels 0 (1-96) and 1 (48-192)
          [0.0, 0.0, 250.0, 250.0],  # 250: levels 2 (96-384) and 3 (192-768)
-         [200.0, 200.0, 206.0, 206.0]]  # 6x6 px: 2.25 px at stride 4 < 10 -> skipped
+         [200.0, 200.0, 203.0, 203.0]]  # 3x3 = 9 px < 10 -> skipped
     )
     labels = torch.tensor([1, 0, 1])
     t = assign_targets(boxes, labels, (256, 256), cfg.num_grids, cfg.scale_ranges,
-                       cfg.mask_strides, cfg.sigma, cfg.min_box_pixels)
+                       cfg.sigma, cfg.min_box_pixels)
     # Level 0 (S=40): centre (130, 120) -> cell (18, 20); sigma region rows 18..19, cols 19..21.
     expected0 = torch.full((40, 40), -1)
     expected0[18:20, 19:22] = 0

@@ -102,8 +102,8 @@ def levelset_instance_loss(
     """Per-instance terms of the box-supervised instance loss at one mask resolution.
 
     mask_logits [N, h, w]; boxes [N, 4] xyxy in pixels *of this resolution*; batch_index [N];
-    image_norm [B, 3, h, w] (normalised network input, I_u); image_guide [B, 3, h, w] (RGB in
-    [0, 1], guide of T1); feature_guide [B, D, h, w] (learned guide of T2). Returns weighted
+    image_norm [B, 3, h, w] (normalised network input, I_u); image_guide [B, 3, h, w] (guide of
+    T1: the official code uses the normalised image itself); feature_guide [B, D, h, w] (learned guide of T2). Returns weighted
     per-instance tensors ``box_projection``, ``levelset_image`` and ``levelset_feature`` ([N]).
     """
     from boxlevelset.levelset import box_projection_loss, levelset_energy

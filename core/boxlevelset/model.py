@@ -85,6 +85,9 @@ class ModelConfig:
     tree_sigma_image: float = 0.02
     tree_sigma_feature: float = 1.0
     tree_filter_max_side: int = 96
+    # Guide of the first tree filter: the normalised network input (as the official code) or
+    # the RGB image scaled to [0, 1] ("unit"); sigma 0.02 acts on squared distances in it.
+    tree_image_guide: str = "normalized"
     # Inference.
     score_threshold: float = 0.1
     mask_threshold: float = 0.5
@@ -102,6 +105,17 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.supervision not in ("box", "mask"):
             raise ValueError(f"supervision must be 'box' or 'mask', got {self.supervision!r}")
+        if self.tree_image_guide not in ("normalized", "unit"):
+            raise ValueError(
+                f"tree_image_guide must be 'normalized' or 'unit', got {self.tree_image_guide!r}"
+            )
+        if self.nms_kernel not in ("gaussian", "linear"):
+            raise ValueError(f"nms_kernel must be 'gaussian' or 'linear', got {self.nms_kernel!r}")
+        for name in ("score_threshold", "mask_threshold", "update_threshold", "sigma"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.feature_guide_channels < 1 or self.mask_feature_channels < 1:
+            raise ValueError("feature_guide_channels and mask_feature_channels must be >= 1")
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         self.class_names = tuple(str(n) for n in self.class_names) or tuple(
@@ -274,7 +288,7 @@ class SOLOv2(nn.Module):
             labels = tgt["labels"].to(images.device, torch.long).reshape(-1)
             level_targets = assign_targets(
                 boxes, labels, (height, width), cfg.num_grids, cfg.scale_ranges,
-                mask_strides, cfg.sigma, cfg.min_box_pixels,
+                cfg.sigma, cfg.min_box_pixels,
             )
             for level, lt in enumerate(level_targets):
                 if b == 0:
@@ -323,6 +337,7 @@ class SOLOv2(nn.Module):
         # Dynamic 1x1 convs, one matmul per image.
         mask_logits = self.dynamic_masks(feats.mask_feature, kernels, batch_index)  # [P, h4, w4]
         sums = {k: mask_logits.new_zeros(()) for k in keys}
+        normalized = self.normalize(images)
         for stride in torch.unique(strides).tolist():
             sel = torch.nonzero(strides == stride, as_tuple=False).flatten()
             factor = stride // 4
@@ -338,13 +353,19 @@ class SOLOv2(nn.Module):
                 sums["loss_dice"] = sums["loss_dice"] + cfg.dice_weight * dice_loss(
                     logits_s.sigmoid(), gt
                 ).sum()
+                # The guide conv is unused with masks; keep it in the graph for DDP.
+                sums["loss_dice"] = sums["loss_dice"] + 0.0 * sum(
+                    p.sum() for p in self.guide_conv.parameters()
+                )
                 continue
+            image_norm = F.avg_pool2d(normalized, stride)
             terms = levelset_instance_loss(
                 logits_s,
                 boxes[sel] / stride,
                 batch_index[sel],
-                F.avg_pool2d(self.normalize(images), stride),
-                F.avg_pool2d(images / 255.0, stride),
+                image_norm,
+                image_norm if cfg.tree_image_guide == "normalized"
+                else F.avg_pool2d(images / 255.0, stride),
                 F.avg_pool2d(guide, factor) if factor > 1 else guide,
                 self.levelset_weights,
             )

@@ -28,7 +28,6 @@ def assign_targets(
     image_size: tuple[int, int],
     num_grids: Sequence[int],
     scale_ranges: Sequence[tuple[float, float]],
-    mask_strides: Sequence[int],
     sigma: float = 0.2,
     min_box_pixels: float = 10.0,
 ) -> list[LevelTargets]:
@@ -37,8 +36,8 @@ def assign_targets(
     A box goes to each level whose scale range holds sqrt(w h). On that level the cells of its
     centre region (the box scaled by ``sigma`` around its centre, clamped to at most the 3 x 3
     cells around the centre cell) take its label. Boxes covering fewer than ``min_box_pixels``
-    pixels at the level's mask stride are skipped. Later boxes overwrite earlier ones on shared
-    cells. image_size is the (padded) network input (H, W); boxes are xyxy pixels in it.
+    input pixels are skipped (the official code checks its full-resolution box masks). Later
+    boxes overwrite earlier ones on shared cells. image_size is the (padded) network input (H, W); boxes are xyxy pixels in it.
     """
     height, width = image_size
     device = boxes.device
@@ -50,10 +49,11 @@ def assign_targets(
     cx = (boxes[:, 0] + boxes[:, 2]) / 2
     cy = (boxes[:, 1] + boxes[:, 3]) / 2
     out = []
-    for s, (lo, hi), ms in zip(num_grids, scale_ranges, mask_strides):
+    big_enough = w * h >= min_box_pixels
+    for s, (lo, hi) in zip(num_grids, scale_ranges):
         cell_labels = torch.full((s, s), -1, dtype=torch.long)
         cell_objects = torch.full((s, s), -1, dtype=torch.long)
-        hit = (scale >= lo) & (scale <= hi) & ((w / ms) * (h / ms) >= min_box_pixels)
+        hit = (scale >= lo) & (scale <= hi) & big_enough
         for i in torch.nonzero(hit, as_tuple=False).flatten().tolist():
             half_w, half_h = 0.5 * sigma * float(w[i]), 0.5 * sigma * float(h[i])
             x, y = float(cx[i]), float(cy[i])
