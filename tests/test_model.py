@@ -278,3 +278,28 @@ def test_predictor_level_choice_and_errors():
     assert p.level_for_box(5000) == 4
     with pytest.raises(RuntimeError, match="set_image"):
         p.predict_boxes([[0, 0, 5, 5]])
+
+
+def test_predictor_rescales_non_square_and_windowed_images(trained):
+    """Boxes and masks live in original pixels even when the network sees a resized image."""
+    model, _, _ = trained
+    image, disk, box = disk_scene()
+    # Same scene at 1.5x, non-square, as CT Hounsfield units (abdomen window maps 30/220 apart).
+    big = np.zeros((150, 180), np.float32) - 160.0
+    yy, xx = np.mgrid[:150, :180]
+    big_disk = (yy - 72) ** 2 + (xx - 90) ** 2 <= 33**2
+    big[big_disk] = 180.0
+    big_box = np.array([[57.0, 39.0, 123.0, 105.0]])
+    p = Predictor(model).set_image(big, window="abdomen")
+    assert p._scale == pytest.approx(96 / 150)
+    masks = p.predict_boxes(big_box)
+    assert len(masks) == 1 and masks[0].shape == (150, 180) and masks[0].dtype == bool
+    assert iou(masks[0], big_disk) > 0.6
+    outside = masks[0].copy()
+    outside[39:105, 57:123] = False
+    assert not outside.any()
+    from boxlevelset.levelset import segment_boxes
+
+    via = segment_boxes(big, big_box, model=model, window="abdomen")
+    assert np.array_equal(via[0], masks[0])
+    assert p.predict_boxes(np.zeros((0, 4))) == []
