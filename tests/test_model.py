@@ -1,4 +1,4 @@
-"""SOLOv2 level-set model: target assignment, Matrix NMS, losses, training signal, Predictor, I/O."""
+"""SOLOv2 level-set model: targets, Matrix NMS, losses, training signal, Predictor, I/O."""
 
 from __future__ import annotations
 

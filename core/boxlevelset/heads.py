@@ -36,7 +36,7 @@ def coord_features(x: Tensor) -> Tensor:
 
 
 class FPN(nn.Module):
-    """Feature pyramid over backbone maps at strides 4..32 -> P2..P6 (P6 = stride-2 max pool of P5)."""
+    """Feature pyramid over backbone maps at strides 4..32 -> P2..P6 (P6: stride-2 pool of P5)."""
 
     def __init__(self, in_channels: Sequence[int], out_channels: int) -> None:
         super().__init__()

@@ -22,7 +22,7 @@ from torch import Tensor
 def sigmoid_focal_loss(
     logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0
 ) -> Tensor:
-    """Summed sigmoid focal loss (Lin et al.) between logits and {0, 1} targets of the same shape."""
+    """Summed sigmoid focal loss (Lin et al.) between logits and same-shaped {0, 1} targets."""
     p = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     p_t = p * targets + (1 - p) * (1 - targets)
@@ -103,8 +103,9 @@ def levelset_instance_loss(
 
     mask_logits [N, h, w]; boxes [N, 4] xyxy in pixels *of this resolution*; batch_index [N];
     image_norm [B, 3, h, w] (normalised network input, I_u); image_guide [B, 3, h, w] (guide of
-    T1: the official code uses the normalised image itself); feature_guide [B, D, h, w] (learned guide of T2). Returns weighted
-    per-instance tensors ``box_projection``, ``levelset_image`` and ``levelset_feature`` ([N]).
+    T1: the official code uses the normalised image itself); feature_guide [B, D, h, w]
+    (learned guide of T2). Returns weighted per-instance tensors ``box_projection``,
+    ``levelset_image`` and ``levelset_feature`` ([N]).
     """
     from boxlevelset.levelset import box_projection_loss, levelset_energy
 

@@ -1,4 +1,4 @@
-"""SOLOv2 with the box-supervised level-set instance loss, its box-prompted Predictor and checkpoints.
+"""SOLOv2 with the box-supervised level-set instance loss, a box-prompted Predictor, checkpoints.
 
 Training sees only boxes (``supervision="box"``): focal loss on the category grid plus, for each
 positive cell, the level-set instance loss of DESIGN.md Eq. 11 on the cell's mask. With
@@ -400,7 +400,7 @@ class SOLOv2(nn.Module):
 
     @staticmethod
     def dynamic_masks(mask_feature: Tensor, kernels: Tensor, batch_index: Tensor) -> Tensor:
-        """Mask logits [N, h, w]: kernel n (1x1 conv weights) applied to its image's mask feature."""
+        """Mask logits [N, h, w]: kernel n (1x1 conv weights) over its image's mask feature."""
         e, h, w = mask_feature.shape[1:]
         chunks, order = [], []
         for b in torch.unique(batch_index).tolist():
@@ -440,7 +440,8 @@ class SOLOv2(nn.Module):
         )  # [cells, K]
         kernels = torch.cat([k[b].flatten(1).T for k in feats.kernels])  # [cells, E]
         cell_strides = torch.cat(
-            [torch.full((s * s,), st, device=cates.device) for s, st in zip(cfg.num_grids, cfg.strides)]
+            [torch.full((s * s,), st, device=cates.device)
+             for s, st in zip(cfg.num_grids, cfg.strides)]
         )
         empty = (
             feats.mask_feature.new_zeros((0,) + tuple(feats.mask_feature.shape[-2:])),

@@ -37,7 +37,8 @@ def assign_targets(
     centre region (the box scaled by ``sigma`` around its centre, clamped to at most the 3 x 3
     cells around the centre cell) take its label. Boxes covering fewer than ``min_box_pixels``
     input pixels are skipped (the official code checks its full-resolution box masks). Later
-    boxes overwrite earlier ones on shared cells. image_size is the (padded) network input (H, W); boxes are xyxy pixels in it.
+    boxes overwrite earlier ones on shared cells. image_size is the (padded) network input
+    (H, W); boxes are xyxy pixels in it.
     """
     height, width = image_size
     device = boxes.device
