@@ -1,0 +1,242 @@
+"""Level-set energies and the model-free box-to-mask, checked against direct references."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from skimage import io
+
+import boxlevelset
+from boxlevelset import levelset as L
+from boxlevelset._evolve_kernel import energy_gradient
+
+SAMPLES = Path(boxlevelset.__file__).parent / "samples"
+
+
+def _loop_region_energy(logits, feats, boxes, batch_index):
+    """Direct per-instance, per-pixel loop of Eq. 3-4 inside the (rounded) box."""
+    out = []
+    for n in range(logits.shape[0]):
+        x0, y0 = int(np.floor(float(boxes[n, 0]))), int(np.floor(float(boxes[n, 1])))
+        x1, y1 = int(np.ceil(float(boxes[n, 2]))), int(np.ceil(float(boxes[n, 3])))
+        x0, y0 = max(x0, 0), max(y0, 0)
+        x1, y1 = min(x1, logits.shape[2]), min(y1, logits.shape[1])
+        f = feats[batch_index[n]]
+        p = torch.sigmoid(logits[n])
+        c = f.shape[0]
+        sp = sum(p[y, x] for y in range(y0, y1) for x in range(x0, x1))
+        sq = sum(1 - p[y, x] for y in range(y0, y1) for x in range(x0, x1))
+        c1 = [sum(p[y, x] * f[k, y, x] for y in range(y0, y1) for x in range(x0, x1)) / sp
+              for k in range(c)]
+        c2 = [sum((1 - p[y, x]) * f[k, y, x] for y in range(y0, y1) for x in range(x0, x1)) / sq
+              for k in range(c)]
+        e = 0.0
+        for y in range(y0, y1):
+            for x in range(x0, x1):
+                for k in range(c):
+                    e = e + (f[k, y, x] - c1[k]) ** 2 * p[y, x]
+                    e = e + (f[k, y, x] - c2[k]) ** 2 * (1 - p[y, x])
+        out.append(e / (c * (y1 - y0) * (x1 - x0)))
+    return torch.stack(out)
+
+
+def _loop_tv(logits, boxes):
+    out = []
+    for n in range(logits.shape[0]):
+        x0, y0, x1, y1 = (int(v) for v in boxes[n])
+        p = torch.sigmoid(logits[n, y0:y1, x0:x1])
+        tv = (p[:, 1:] - p[:, :-1]).abs().sum() + (p[1:] - p[:-1]).abs().sum()
+        out.append(tv / p.numel())
+    return torch.stack(out)
+
+
+@pytest.fixture
+def small_case():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 9, 11, generator=g, dtype=torch.float64)
+    feats = torch.rand(2, 3, 9, 11, generator=g, dtype=torch.float64)
+    boxes = torch.tensor([[1.0, 2.0, 7.0, 8.0], [0.0, 0.0, 11.0, 9.0], [4.3, 1.6, 9.2, 5.5]],
+                         dtype=torch.float64)
+    batch_index = torch.tensor([0, 1, 1])
+    return logits, feats, boxes, batch_index
+
+
+def test_region_energy_equals_direct_loop(small_case):
+    logits, feats, boxes, bi = small_case
+    ours = L.region_energy(logits, feats, boxes, bi)
+    ref = _loop_region_energy(logits, feats, boxes, bi)
+    torch.testing.assert_close(ours, ref)
+
+
+def test_length_energy_equals_direct_loop(small_case):
+    logits, _, _, _ = small_case
+    boxes = torch.tensor([[1.0, 2.0, 7.0, 8.0], [0.0, 0.0, 11.0, 9.0], [4.0, 1.0, 10.0, 6.0]],
+                         dtype=torch.float64)
+    torch.testing.assert_close(L.length_energy(logits, boxes), _loop_tv(logits, boxes))
+
+
+def test_c1_c2_hand_computation():
+    # 1x1x2 box with p = (0.25, 0.75) on intensities (0, 4): c1 = 3, c2 = 1.
+    p = torch.tensor([[[0.25, 0.75]]], dtype=torch.float64)
+    logits = torch.log(p / (1 - p))
+    feats = torch.tensor([[[[0.0, 4.0]]]], dtype=torch.float64)
+    boxes = torch.tensor([[0.0, 0.0, 2.0, 1.0]], dtype=torch.float64)
+    e = L.region_energy(logits, feats, boxes)
+    # (0-3)^2*.25 + (4-3)^2*.75 + (0-1)^2*.75 + (4-1)^2*.25 = 2.25+.75+.75+2.25 = 6, / 2 px
+    torch.testing.assert_close(e, torch.tensor([3.0], dtype=torch.float64))
+
+
+def test_gradcheck_energies():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    feats = torch.rand(1, 2, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    boxes = torch.tensor([[1.0, 1.0, 5.0, 4.0], [0.4, 0.6, 5.9, 4.5]], dtype=torch.float64)
+    bi = torch.tensor([0, 0])
+    assert torch.autograd.gradcheck(
+        lambda a, f: L.levelset_energy(a, f, boxes, bi, gamma=0.1), (logits, feats)
+    )
+    assert torch.autograd.gradcheck(lambda a: L.box_projection_loss(a, boxes), (logits,))
+
+
+def test_box_projection_matches_eq9():
+    logits = torch.full((1, 6, 8), -20.0, dtype=torch.float64)
+    logits[0, 1:4, 2:6] = 20.0  # mask == box
+    boxes = torch.tensor([[2.0, 1.0, 6.0, 4.0]], dtype=torch.float64)
+    assert L.box_projection_loss(logits, boxes).item() == pytest.approx(0.0, abs=1e-5)
+    shifted = torch.roll(logits, 2, dims=2)
+    loss = L.box_projection_loss(shifted, boxes).item()
+    # x: projections overlap on 2 of 4 columns: 1 - 2*2/(4+4); y unchanged.
+    assert loss == pytest.approx(0.5, abs=1e-5)
+
+
+def test_true_object_mask_has_lowest_energy():
+    img = torch.zeros(1, 1, 20, 20, dtype=torch.float64)
+    img[..., 6:14, 5:13] = 1.0
+    box = torch.tensor([[3.0, 3.0, 17.0, 17.0]], dtype=torch.float64)
+    truth = torch.where(img[0, 0] > 0.5, 8.0, -8.0)[None]
+    e_true = L.levelset_energy(truth, img, box, torch.tensor([0]))
+    for dy, dx in [(1, 0), (0, 1), (-2, 1), (3, 3), (0, -2)]:
+        moved = torch.roll(truth, (dy, dx), dims=(1, 2))
+        assert L.levelset_energy(moved, img, box, torch.tensor([0])) > e_true
+
+
+def test_batched_equals_per_instance(small_case):
+    logits, feats, boxes, bi = small_case
+    batched = L.levelset_energy(logits, feats, boxes, bi, gamma=0.3)
+    single = torch.cat([
+        L.levelset_energy(logits[i : i + 1], feats[bi[i] : bi[i] + 1], boxes[i : i + 1], gamma=0.3)
+        for i in range(3)
+    ])
+    torch.testing.assert_close(batched, single)
+
+
+def test_edge_cases_clip_empty_zero_area():
+    logits = torch.randn(1, 8, 8)
+    feats = torch.rand(1, 1, 8, 8)
+    # A box partly outside the map is clipped to it.
+    partly = L.region_energy(logits, feats, torch.tensor([[-5.0, -3.0, 4.0, 4.0]]), torch.tensor([0]))
+    inside = L.region_energy(logits, feats, torch.tensor([[0.0, 0.0, 4.0, 4.0]]), torch.tensor([0]))
+    torch.testing.assert_close(partly, inside)
+    # No instances: empty result.
+    assert L.levelset_energy(torch.zeros(0, 8, 8), feats, torch.zeros(0, 4)).shape == (0,)
+    assert L.box_projection_loss(torch.zeros(0, 8, 8), torch.zeros(0, 4)).shape == (0,)
+    # Zero-area box: a clear error.
+    with pytest.raises(ValueError, match="zero area"):
+        L.region_energy(logits, feats, torch.tensor([[3.0, 3.0, 3.0, 6.0]]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="zero area"):
+        L.region_energy(logits, feats, torch.tensor([[9.0, 0.0, 12.0, 6.0]]), torch.tensor([0]))
+
+
+def test_cost_follows_box_area_not_instances_times_image():
+    pix = L.box_pixels(torch.tensor([[0.0, 0.0, 4.0, 4.0]] * 50), 1000, 1000)
+    assert pix.instance.numel() == 50 * 16  # not 50 x 10^6
+
+
+def test_works_under_autocast_and_float32(small_case):
+    logits, feats, boxes, bi = small_case
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        e = L.levelset_energy(logits.float(), feats.float(), boxes.float(), bi)
+    assert e.dtype == torch.float32 and torch.isfinite(e).all()
+
+
+def test_compiled_gradient_equals_autograd():
+    rng = np.random.default_rng(0)
+    crops = [rng.normal(size=(5, 7, 3)).astype(np.float32),
+             rng.normal(size=(4, 3, 3)).astype(np.float32)]
+    pix, feats = L._ragged_layout(crops)
+    phi = torch.tensor(rng.normal(size=int(pix.counts.sum())), requires_grad=True)
+    L.evolution_energy(phi, feats.double(), pix, 0.3, 3.0).sum().backward()
+    grad = np.zeros(phi.shape[0])
+    energy_gradient(phi.detach().numpy(), feats.numpy().astype(np.float64),
+                    pix.instance.numpy(), pix.local_x.numpy(), pix.local_y.numpy(),
+                    pix.widths.numpy(), pix.heights.numpy(), 0.3, 3.0, grad)
+    np.testing.assert_allclose(grad, phi.grad.numpy(), atol=1e-12)
+
+
+# --- segment_boxes ---
+
+
+def _iou(a, b):
+    return (a & b).sum() / max((a | b).sum(), 1)
+
+
+def test_segment_boxes_finds_disk_and_square():
+    rng = np.random.default_rng(1)
+    img = (rng.normal(40, 8, (96, 128))).clip(0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[:96, :128]
+    disk = (yy - 30) ** 2 + (xx - 35) ** 2 < 18**2
+    square = (yy >= 50) & (yy < 85) & (xx >= 70) & (xx < 115)
+    img[disk | square] = 200
+    boxes = np.array([[17, 12, 53, 48], [70, 50, 115, 85]], float)
+    masks = boxlevelset.segment_boxes(img, boxes)
+    assert len(masks) == 2 and all(m.dtype == bool and m.shape == img.shape for m in masks)
+    assert _iou(masks[0], disk) > 0.9
+    assert _iou(masks[1], square) > 0.9
+
+
+def test_segment_boxes_masks_stay_in_box_and_dtypes():
+    img = np.random.default_rng(0).integers(0, 65535, (60, 70), dtype=np.uint16)
+    boxes = np.array([[5, 5, 30, 40], [-10, 20, 20, 80]], float)  # second partly outside
+    for image in (img, img.astype(np.float32), np.dstack([img // 256] * 3).astype(np.uint8)):
+        masks = boxlevelset.segment_boxes(image, boxes)
+        assert not masks[0][:, 30:].any() and not masks[0][40:].any()
+        assert not masks[1][:20].any() and not masks[1][:, 20:].any()
+
+
+def test_segment_boxes_on_real_nuclei_beats_filled_box():
+    img = io.imread(SAMPLES / "nuclei.png")
+    boxes = np.array(json.loads((SAMPLES / "nuclei_boxes.json").read_text())["boxes_xyxy"])
+    masks = boxlevelset.segment_boxes(img, boxes)
+    fill = np.array([(m.sum()) for m in masks])
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    # Nuclei are round: the masks fill clearly less than their boxes, never nothing.
+    assert (fill > 0).all() and np.median(fill / area) < 0.9
+
+
+def test_segment_boxes_ct_window():
+    hu = np.full((64, 64), -100.0, np.float32)  # fat
+    hu[20:44, 16:48] = 60.0  # liver
+    boxes = np.array([[16, 20, 48, 44]], float)
+    masks = boxlevelset.segment_boxes(hu, boxes, window="liver")
+    truth = np.zeros_like(masks[0])
+    truth[20:44, 16:48] = True
+    assert _iou(masks[0], truth) > 0.95
+
+
+def test_segment_boxes_bad_input():
+    img = np.zeros((20, 20), np.uint8)
+    assert boxlevelset.segment_boxes(img, np.zeros((0, 4))) == []
+    with pytest.raises(ValueError, match="Nx4"):
+        boxlevelset.segment_boxes(img, np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="zero area"):
+        boxlevelset.segment_boxes(img, [[5, 5, 5, 9]])
+    bad = np.zeros((20, 20), np.float32)
+    bad[3, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        boxlevelset.segment_boxes(bad, [[0, 0, 9, 9]])
+    with pytest.raises(ValueError, match="unknown window"):
+        boxlevelset.segment_boxes(img, [[0, 0, 9, 9]], window="brain")
