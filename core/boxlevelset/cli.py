@@ -1,0 +1,143 @@
+"""The `boxlevelset` command line: segment, train, evaluate, predict.
+
+    boxlevelset segment --sample --out out/          # shipped nuclei image + boxes
+    boxlevelset segment FOLDER --out out/            # a box-labeled folder (COCO / VOC)
+    boxlevelset segment a.png --boxes boxes.json     # images with boxes from a JSON file
+    boxlevelset train FOLDER --preset lite --out runs/lite
+    boxlevelset evaluate model.pth FOLDER
+    boxlevelset predict model.pth FOLDER --out out/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+SAMPLES = Path(__file__).parent / "samples"
+
+
+def _boxes_from_json(path: Path) -> dict[str, np.ndarray] | np.ndarray:
+    """A JSON file of boxes: a list of [x0, y0, x1, y1] (same boxes for every image), or
+    {"boxes_xyxy": [...]}, or {image file name: [[x0, y0, x1, y1], ...], ...}."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read boxes JSON ({exc})") from None
+    if isinstance(data, dict) and "boxes_xyxy" in data:
+        data = data["boxes_xyxy"]
+    if isinstance(data, dict):
+        return {Path(k).name: np.asarray(v, float).reshape(-1, 4) for k, v in data.items()}
+    return np.asarray(data, float).reshape(-1, 4)
+
+
+def _folder_for(args: argparse.Namespace):
+    """A BoxFolder holding the images to segment and their boxes."""
+    from boxlevelset.data import BoxFolder, Record, load_box_folder, read_image
+
+    if args.sample:
+        args.inputs = [SAMPLES / "nuclei.png"]
+        args.boxes = SAMPLES / "nuclei_boxes.json"
+    if not args.inputs:
+        raise ValueError("give images, a box-labeled folder, or --sample")
+    if len(args.inputs) == 1 and Path(args.inputs[0]).is_dir() and args.boxes is None:
+        return load_box_folder(args.inputs[0], window=args.window or "abdomen")
+    if args.boxes is None:
+        raise ValueError("image files need --boxes (a JSON file of [x0, y0, x1, y1] boxes)")
+    boxes = _boxes_from_json(args.boxes)
+    records = []
+    for i, name in enumerate(args.inputs, start=1):
+        path = Path(name)
+        image = read_image(path)  # fails early, naming the file
+        b = boxes.get(path.name, np.zeros((0, 4))) if isinstance(boxes, dict) else boxes
+        records.append(Record(
+            image_id=i, file_name=path.name, path=path, width=image.shape[1],
+            height=image.shape[0], boxes=np.asarray(b, np.float32),
+            category_ids=np.ones(len(b), np.int64), segmentations=[None] * len(b),
+        ))
+    return BoxFolder(Path(args.inputs[0]).parent, [{"id": 1, "name": "object"}], records)
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    """Masks from boxes for every image: COCO JSON (RLE), label images, overlay PNGs."""
+    from tqdm import tqdm
+
+    from boxlevelset.export import masks_to_labels, write_coco, write_label_image
+    from boxlevelset.levelset import segment_boxes
+    from boxlevelset.predict import _image_entry, _stem, _write_png, overlay_image
+
+    folder = _folder_for(args)
+    model = None
+    if args.model:
+        from boxlevelset.model import load_model
+
+        model = load_model(args.model, device=args.device)
+    out = Path(args.out)
+    images, annotations = [], []
+    for record in tqdm(folder.records, desc="segment", unit="image"):
+        image = folder.load_image(record)
+        boxes = np.asarray(record.boxes, float).reshape(-1, 4)
+        masks = segment_boxes(image, boxes, model=model, iterations=args.iterations)
+        stack = np.stack(masks) if masks else np.zeros((0,) + image.shape[:2], bool)
+        images.append(_image_entry(record))
+        annotations.append({"image_id": int(record.image_id), "masks": stack,
+                            "category_ids": np.asarray(record.category_ids, np.int64)})
+        stem = _stem(record)
+        labels = masks_to_labels(stack) if len(stack) else np.zeros(image.shape[:2], np.int32)
+        write_label_image(out / "labels" / f"{stem}.{args.label_format}", labels)
+        _write_png(out / "overlays" / f"{stem}.png", overlay_image(image, stack))
+    path = write_coco(out / "masks.json", images, annotations, folder.categories)
+    n = sum(len(a["masks"]) for a in annotations)
+    print(f"{len(images)} images, {n} masks -> {path}, {out / 'labels'}, {out / 'overlays'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from boxlevelset import predict, train
+
+    parser = argparse.ArgumentParser(
+        prog="boxlevelset",
+        description="Box-supervised instance segmentation with level-set evolution.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    seg = sub.add_parser("segment", help="masks from boxes (model-free level set, or --model)")
+    seg.add_argument("inputs", nargs="*", type=Path, help="images, or one box-labeled folder")
+    seg.add_argument("--boxes", type=Path, help="JSON boxes for image inputs (see docs)")
+    seg.add_argument("--sample", action="store_true", help="run on the shipped nuclei sample")
+    seg.add_argument("--out", type=Path, default=Path("boxlevelset-out"), help="output folder")
+    seg.add_argument("--model", help="checkpoint for model-based masks (default: model-free)")
+    seg.add_argument("--device", default=None, help="cpu / cuda (model only)")
+    seg.add_argument("--window", default=None, help="CT window preset for volumes in a folder")
+    seg.add_argument("--iterations", type=int, default=60, help="level-set iterations")
+    seg.add_argument("--label-format", choices=("png", "tif"), default="png")
+    seg.set_defaults(func=run_segment)
+
+    tr = sub.add_parser("train", help="train or fine-tune on a box-labeled folder")
+    train.add_train_arguments(tr)
+    tr.set_defaults(func=train.run_train)
+    ev = sub.add_parser("evaluate", help="mask AP of a model on a folder with masks")
+    predict.add_evaluate_arguments(ev)
+    ev.set_defaults(func=predict.run_evaluate)
+    pr = sub.add_parser("predict", help="all instances of every image with a model")
+    predict.add_predict_arguments(pr)
+    pr.set_defaults(func=predict.run_predict)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"boxlevelset {args.command}: error: {exc}", file=sys.stderr)
+        return 2
