@@ -195,6 +195,23 @@ def test_half_precision_is_filtered_in_float32():
     torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    torch.manual_seed(9)
+    x = torch.rand(2, 3, 6, 7, dtype=torch.float64, requires_grad=True)
+    guide = torch.rand(2, 2, 6, 7, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(2, 3, 6, 7, dtype=torch.float64)
+    (tree_filter(x, guide, 0.3) * weight).sum().backward()
+    x_cuda = x.detach().cuda().requires_grad_()
+    guide_cuda = guide.detach().cuda().requires_grad_()
+    out = tree_filter(x_cuda, guide_cuda, 0.3)
+    assert out.device.type == "cuda"
+    (out * weight.cuda()).sum().backward()
+    torch.testing.assert_close(out.cpu(), tree_filter(x, guide, 0.3))
+    torch.testing.assert_close(x_cuda.grad.cpu(), x.grad)
+    torch.testing.assert_close(guide_cuda.grad.cpu(), guide.grad)
+
+
 def test_single_row_and_pixel():
     x = torch.tensor([[[[1.0, 2.0, 4.0]]]], dtype=torch.float64)
     guide = torch.tensor([[[[0.0, 0.0, 10.0]]]], dtype=torch.float64)

@@ -164,8 +164,11 @@ def spanning_tree(guide: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------------------------
-# numba sweeps.  Work arrays are float64 and pixel-major (N, C + 1): the channel loop is innermost
-# and contiguous, and the extra last channel is the all-ones input whose filtered value is Z.
+# numba sweeps.  They run in BFS-position space: row i of the float64 work arrays (N, C + 1) is
+# vertex order[i], and its parent's row ppos[i] = position of parent(order[i]) never decreases
+# with i (BFS enqueues children in the order it dequeues parents).  So both sweeps stream through
+# memory instead of jumping around the image, the channel loop is innermost and contiguous, and
+# the extra last channel is the all-ones input whose filtered value is the normaliser Z.
 
 # Weights below this are flushed to 0: they are 0 to any precision that matters, and products of
 # them would be denormal floats, which x86 handles ~100x slower.
@@ -173,48 +176,63 @@ _WEIGHT_FLOOR = 1e-60
 
 
 @numba.njit(cache=True, nogil=True)
-def _sweeps(xb, wb, ob, pb, up, out):  # pragma: no cover - compiled
-    """Up and down sweeps of one image: xb (C, N) -> up, out (N, C + 1), last channel = ones."""
-    nc, n = xb.shape
-    for v in range(n):
+def _bfs_space(wb, ob, pb, wq, ppos):  # pragma: no cover - compiled
+    """Per BFS position i: wq[i] = weight of vertex order[i], ppos[i] = position of its parent."""
+    n = ob.shape[0]
+    pos = np.empty(n, np.int64)
+    for i in range(n):
+        pos[ob[i]] = i
+    for i in range(n):
+        v = ob[i]
+        wq[i] = wb[v]
+        ppos[i] = pos[pb[v]]
+
+
+@numba.njit(cache=True, nogil=True)
+def _sweeps(xb, ob, wq, ppos, up, out):  # pragma: no cover - compiled
+    """Up and down sweeps of one image: xb (N, C) -> up = A, out = O (N, C + 1) in BFS space."""
+    n, nc = xb.shape
+    for i in range(n):
+        v = ob[i]
         for c in range(nc):
-            up[v, c] = xb[c, v]
-        up[v, nc] = 1.0
+            up[i, c] = xb[v, c]
+        up[i, nc] = 1.0
     for i in range(n - 1, 0, -1):  # leaves first: a vertex is final before its parent reads it
-        v = ob[i]
-        p = pb[v]
-        wv = wb[v]
+        wv = wq[i]
+        row, prow = up[i], up[ppos[i]]  # row views let LLVM vectorise the channel loop
         for c in range(nc + 1):
-            up[p, c] += wv * up[v, c]
-    r = ob[0]
-    for c in range(nc + 1):
-        out[r, c] = up[r, c]
+            prow[c] += wv * row[c]
+    out[0] = up[0]
     for i in range(1, n):  # parents first
-        v = ob[i]
-        p = pb[v]
-        wv = wb[v]
+        wv = wq[i]
         k = 1.0 - wv * wv
+        row, prow, arow = out[i], out[ppos[i]], up[i]
         for c in range(nc + 1):
-            out[v, c] = up[v, c] * k + wv * out[p, c]
+            row[c] = arow[c] * k + wv * prow[c]
 
 
 @numba.njit(cache=True, nogil=True)
-def _filter_forward(x, w, order, parent, y):  # pragma: no cover - compiled
-    """y[b, c] = (S_b x[b, c]) / (S_b 1) for x, y (B, C, N); w, order, parent (B, N)."""
-    nb, nc, n = x.shape
-    up = np.empty((n, nc + 1))
-    out = np.empty((n, nc + 1))
+def _filter_forward(x, w, order, parent, wq, ppos, up, out, y):  # pragma: no cover - compiled
+    """y[b, :, c] = (S_b x[b, :, c]) / (S_b 1) for x, y (B, N, C); w, order, parent (B, N).
+
+    Also fills what backward needs: wq, ppos (B, N) and the sweeps up, out (B, N, C + 1).
+    """
+    nb, n, nc = x.shape
     for b in range(nb):
-        _sweeps(x[b], w[b], order[b], parent[b], up, out)
-        for v in range(n):
-            inv_z = 1.0 / out[v, nc]
+        ob = order[b]
+        _bfs_space(w[b], ob, parent[b], wq[b], ppos[b])
+        _sweeps(x[b], ob, wq[b], ppos[b], up[b], out[b])
+        ub, yb = out[b], y[b]
+        for i in range(n):
+            inv_z = 1.0 / ub[i, nc]
+            row, yrow = ub[i], yb[ob[i]]
             for c in range(nc):
-                y[b, c, v] = out[v, c] * inv_z
+                yrow[c] = row[c] * inv_z
 
 
 @numba.njit(cache=True, nogil=True)
-def _filter_backward(x, w, order, parent, grad_y, grad_x, grad_w):  # pragma: no cover - compiled
-    """Exact adjoint of ``_filter_forward`` (the sweeps are recomputed instead of stored).
+def _filter_backward(order, wq, ppos, up, out, grad_y, grad_x, grad_w):  # pragma: no cover
+    """Exact adjoint of ``_filter_forward``, from the arrays it filled; grad_x, grad_y (B, N, C).
 
     Normalisation:  gO(v, c) = gy(v, c) / Z(v),  gZ(v) = -sum_c gy(v, c) y(v, c) / Z(v).
     Down sweep adjoint (leaves first), G = accumulated gO:
@@ -223,58 +241,59 @@ def _filter_backward(x, w, order, parent, grad_y, grad_x, grad_w):  # pragma: no
         gx(v) = gA(v) + w_v gx(p),  dL/dw_v += gx(p) . A(v).
     gx of the ones channel is dropped (it is a constant).
     """
-    nb, nc, n = x.shape
-    up = np.empty((n, nc + 1))
-    out = np.empty((n, nc + 1))
+    nb, n, nc = grad_y.shape
     g = np.empty((n, nc + 1))
     gx = np.empty((n, nc + 1))
+    gw = np.empty(n)
     for b in range(nb):
-        wb, ob, pb = w[b], order[b], parent[b]
-        _sweeps(x[b], wb, ob, pb, up, out)
-        for v in range(n):
-            inv_z = 1.0 / out[v, nc]
+        ob, wqb, pb, ub, outb, gyb = order[b], wq[b], ppos[b], up[b], out[b], grad_y[b]
+        for i in range(n):
+            orow, gyrow, grow = outb[i], gyb[ob[i]], g[i]
+            inv_z = 1.0 / orow[nc]
             gz = 0.0
             for c in range(nc):
-                gy = grad_y[b, c, v] * inv_z
-                g[v, c] = gy
-                gz -= gy * out[v, c] * inv_z
-            g[v, nc] = gz
+                gi = gyrow[c] * inv_z
+                grow[c] = gi
+                gz -= gi * orow[c]
+            grow[nc] = gz * inv_z
         for i in range(n - 1, 0, -1):
-            v = ob[i]
-            p = pb[v]
-            wv = wb[v]
+            p = pb[i]
+            wv = wqb[i]
             k = 1.0 - wv * wv
+            grow, gprow, gxrow, oprow, arow = g[i], g[p], gx[i], outb[p], ub[i]
             s = 0.0
             for c in range(nc + 1):
-                gv = g[v, c]
-                gx[v, c] = gv * k
-                s += gv * (out[p, c] - 2.0 * wv * up[v, c])
-                g[p, c] += wv * gv
-            grad_w[b, v] = s
-        r = ob[0]
-        grad_w[b, r] = 0.0
-        for c in range(nc + 1):
-            gx[r, c] = g[r, c]
+                gi = grow[c]
+                gxrow[c] = gi * k
+                s += gi * (oprow[c] - 2.0 * wv * arow[c])
+                gprow[c] += wv * gi
+            gw[i] = s
+        gw[0] = 0.0
+        gx[0] = g[0]
         for i in range(1, n):
-            v = ob[i]
-            p = pb[v]
-            wv = wb[v]
+            wv = wqb[i]
+            gxrow, gxprow, arow = gx[i], gx[pb[i]], ub[i]
             s = 0.0
             for c in range(nc + 1):
-                gp = gx[p, c]
-                gx[v, c] += wv * gp
-                s += gp * up[v, c]
-            grad_w[b, v] += s
-        for c in range(nc):
-            for v in range(n):
-                grad_x[b, c, v] = gx[v, c]
+                gp = gxprow[c]
+                gxrow[c] += wv * gp
+                s += gp * arow[c]
+            gw[i] += s
+        gxb, gwb = grad_x[b], grad_w[b]
+        for i in range(n):
+            v = ob[i]
+            gwb[v] = gw[i]
+            gxrow, dst = gx[i], gxb[v]
+            for c in range(nc):
+                dst[c] = gxrow[c]
 
 
 class _TreeFilterFunction(torch.autograd.Function):
     """y = (S x) / (S 1) with S built from trees and squared guide distances of tree edges.
 
-    x (B, C, N); dist (B, N): squared guide distance of every vertex to its parent; differentiable
-    wrt x and dist.  Computed on the CPU in float64, returned in x's dtype and device.
+    x (B, N, C) pixel-major; dist (B, N): squared guide distance of every vertex to its parent;
+    differentiable wrt x and dist.  Computed on the CPU in float64, returned in x's dtype and
+    device.
     """
 
     @staticmethod
@@ -282,26 +301,32 @@ class _TreeFilterFunction(torch.autograd.Function):
         xn = x.detach().cpu().numpy()
         wn = np.exp(-dist.detach().cpu().double().numpy() / sigma)
         wn[wn < _WEIGHT_FLOOR] = 0.0
+        nb, n, nc = xn.shape
+        wq = np.empty((nb, n))
+        ppos = np.empty((nb, n), np.int64)
+        up = np.empty((nb, n, nc + 1))  # kept for backward: recomputing them costs ~1/3 of it
+        out = np.empty((nb, n, nc + 1))
         y = np.empty(xn.shape, dtype=xn.dtype)
-        _filter_forward(xn, wn, order, parent, y)
-        ctx.arrays = (xn, wn, order, parent)
+        _filter_forward(xn, wn, order, parent, wq, ppos, up, out, y)
+        ctx.arrays = (wn, order, wq, ppos, up, out)
         ctx.sigma = sigma
-        ctx.dist_dtype = dist.dtype
+        ctx.dtypes = (x.dtype, dist.dtype)
         return torch.from_numpy(y).to(x.device)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):  # type: ignore[override]
-        xn, wn, order, parent = ctx.arrays
-        gy = np.ascontiguousarray(grad_y.detach().cpu().numpy(), dtype=np.float64)
-        grad_x = np.empty(xn.shape, dtype=xn.dtype)
+        wn, order, wq, ppos, up, out = ctx.arrays
+        gy = np.ascontiguousarray(grad_y.detach().cpu().numpy())
+        grad_x = np.empty(gy.shape, dtype=np.float64)
         grad_w = np.empty(wn.shape, dtype=np.float64)
-        _filter_backward(xn, wn, order, parent, gy, grad_x, grad_w)
+        _filter_backward(order, wq, ppos, up, out, gy, grad_x, grad_w)
         grad_dist = grad_w * wn * (-1.0 / ctx.sigma)  # w = exp(-d / sigma)
         device = grad_y.device
+        x_dtype, dist_dtype = ctx.dtypes
         return (
-            torch.from_numpy(grad_x).to(device),
-            torch.from_numpy(grad_dist).to(device=device, dtype=ctx.dist_dtype),
+            torch.from_numpy(grad_x).to(device=device, dtype=x_dtype),
+            torch.from_numpy(grad_dist).to(device=device, dtype=dist_dtype),
             None,
             None,
             None,
@@ -363,6 +388,6 @@ def tree_filter(x: torch.Tensor, guide: torch.Tensor, sigma: float) -> torch.Ten
     g_parent = torch.gather(guide_flat, 2, parent_t[:, None, :].expand_as(guide_flat))
     dist = (guide_flat - g_parent).square().sum(1)
 
-    y = _TreeFilterFunction.apply(x.reshape(b, c, n).contiguous(), dist, float(sigma), orders,
-                                  parents)
-    return y.reshape(b, c, h, w)
+    x_pixels = x.reshape(b, c, n).transpose(1, 2).contiguous()  # channels innermost
+    y = _TreeFilterFunction.apply(x_pixels, dist, float(sigma), orders, parents)
+    return y.transpose(1, 2).reshape(b, c, h, w)
