@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from boxlevelset.image import as_boxes
+
 SAMPLES = Path(__file__).parent / "samples"
 
 
@@ -31,9 +33,12 @@ def _boxes_from_json(path: Path) -> dict[str, np.ndarray] | np.ndarray:
         raise ValueError(f"{path}: cannot read boxes JSON ({exc})") from None
     if isinstance(data, dict) and "boxes_xyxy" in data:
         data = data["boxes_xyxy"]
-    if isinstance(data, dict):
-        return {Path(k).name: np.asarray(v, float).reshape(-1, 4) for k, v in data.items()}
-    return np.asarray(data, float).reshape(-1, 4)
+    try:
+        if isinstance(data, dict):
+            return {Path(k).name: as_boxes(v) for k, v in data.items()}
+        return as_boxes(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def _folder_for(args: argparse.Namespace):

@@ -1,0 +1,74 @@
+"""The `boxlevelset` command line, run as a user would (in-process and as a module)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from skimage import io
+
+from boxlevelset.cli import main
+
+
+def test_segment_sample_writes_coco_labels_overlay(tmp_path):
+    assert main(["segment", "--sample", "--out", str(tmp_path)]) == 0
+    coco = json.loads((tmp_path / "masks.json").read_text())
+    assert len(coco["images"]) == 1 and len(coco["annotations"]) == 28
+    ann = coco["annotations"][0]
+    mask = mask_utils.decode(ann["segmentation"])
+    x, y, w, h = ann["bbox"]
+    assert mask.sum() == ann["area"] > 0
+    labels = io.imread(tmp_path / "labels" / "nuclei.png")
+    assert labels.max() == 28 and labels.shape == (256, 256)
+    assert io.imread(tmp_path / "overlays" / "nuclei.png").shape == (256, 256, 3)
+
+
+def test_segment_box_labeled_folder_keeps_categories(tiny_box_folder, tmp_path):
+    assert main(["segment", str(tiny_box_folder), "--out", str(tmp_path), "--iterations", "20"]) == 0
+    src = json.loads((tiny_box_folder / "annotations.json").read_text())
+    out = json.loads((tmp_path / "masks.json").read_text())
+    assert [a["category_id"] for a in out["annotations"]] == [
+        a["category_id"] for a in src["annotations"]]
+    assert out["categories"] == src["categories"]
+
+
+def test_segment_images_with_boxes_json(tmp_path):
+    img = np.zeros((40, 50), np.uint8)
+    img[10:30, 10:25] = 220
+    io.imsave(tmp_path / "a.png", img)
+    (tmp_path / "boxes.json").write_text(json.dumps({"a.png": [[10, 10, 25, 30]]}))
+    out = tmp_path / "out"
+    assert main(["segment", str(tmp_path / "a.png"), "--boxes", str(tmp_path / "boxes.json"),
+                 "--out", str(out)]) == 0
+    labels = io.imread(out / "labels" / "a.png")
+    truth = img > 0
+    assert ((labels > 0) & truth).sum() / ((labels > 0) | truth).sum() > 0.9
+
+
+def test_bad_input_is_one_clear_error(tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    (tmp_path / "boxes.json").write_text("[[0, 0, 5, 5]]")
+    assert main(["segment", str(bad), "--boxes", str(tmp_path / "boxes.json"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "broken.png" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["segment", str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert "empty" in capsys.readouterr().err
+    (tmp_path / "wrong.json").write_text("[[0, 0, 5]]")
+    io.imsave(tmp_path / "ok.png", np.zeros((8, 8), np.uint8))
+    assert main(["segment", str(tmp_path / "ok.png"), "--boxes", str(tmp_path / "wrong.json"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "wrong.json" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run([sys.executable, "-m", "boxlevelset", "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for command in ("segment", "train", "evaluate", "predict"):
+        assert command in result.stdout
