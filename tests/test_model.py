@@ -165,6 +165,9 @@ def test_no_boxes_gives_zero_instance_loss():
     for k in ("loss_box_projection", "loss_levelset_image", "loss_levelset_feature"):
         assert losses[k].item() == 0.0 and losses[k].requires_grad
     sum(losses.values()).backward()  # graph-connected, no crash
+    bad = [dict(boxes=torch.tensor([[1.0, 1.0, 30.0, 30.0]]), labels=torch.tensor([2]))]
+    with pytest.raises(ValueError, match="labels must lie in"):
+        model(images, bad)
 
 
 def test_mask_supervision_uses_dice():

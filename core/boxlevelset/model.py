@@ -286,6 +286,13 @@ class SOLOv2(nn.Module):
                  boxes[:, 2].clamp(0, width), boxes[:, 3].clamp(0, height)], dim=1
             )
             labels = tgt["labels"].to(images.device, torch.long).reshape(-1)
+            if len(labels) != len(boxes):
+                raise ValueError(f"target {b}: {len(boxes)} boxes but {len(labels)} labels")
+            if len(labels) and (labels.min() < 0 or labels.max() >= cfg.num_classes):
+                raise ValueError(
+                    f"target {b}: labels must lie in [0, {cfg.num_classes}), got "
+                    f"{labels.min().item()}..{labels.max().item()}"
+                )
             level_targets = assign_targets(
                 boxes, labels, (height, width), cfg.num_grids, cfg.scale_ranges,
                 cfg.sigma, cfg.min_box_pixels,
@@ -324,8 +331,10 @@ class SOLOv2(nn.Module):
         if not pos_kernels:
             # No positives: zero, but connected to every branch the instance loss would train.
             zero = sum(k.sum() for k in feats.kernels) * 0.0 + feats.mask_feature.sum() * 0.0
-            if guide is not None:
-                zero = zero + guide.sum() * 0.0
+            zero = zero + 0.0 * (
+                guide.sum() if guide is not None
+                else sum(p.sum() for p in self.guide_conv.parameters())
+            )
             losses.update({k: zero for k in keys})
             return losses
 
