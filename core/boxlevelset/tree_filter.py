@@ -41,11 +41,11 @@ def _edge_costs(g):  # pragma: no cover - compiled
     for k in range(d):
         for y in range(h):
             for x in range(w - 1):
-                t = np.float64(g[k, y, x + 1]) - np.float64(g[k, y, x])
+                t = g[k, y, x + 1] - g[k, y, x]
                 cost[y * (w - 1) + x] += t * t
         for y in range(h - 1):
             for x in range(w):
-                t = np.float64(g[k, y + 1, x]) - np.float64(g[k, y, x])
+                t = g[k, y + 1, x] - g[k, y, x]
                 cost[nh + y * w + x] += t * t
     return cost
 
@@ -146,9 +146,7 @@ def spanning_tree(guide: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = h * w
     if n == 1:
         return np.zeros(1, np.int64), np.zeros(1, np.int64)
-    if guide.dtype not in (np.float32, np.float64):
-        guide = guide.astype(np.float64)
-    cost = _edge_costs(np.ascontiguousarray(guide))
+    cost = _edge_costs(np.ascontiguousarray(guide, dtype=np.float64))
     if not np.isfinite(cost).all():
         raise ValueError("spanning_tree: guide contains NaN or infinite values")
     # argsort via one sort of (float32 cost bits, edge index) packed in uint64: non-negative floats
@@ -298,7 +296,8 @@ class _TreeFilterFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dist, sigma, order, parent):  # type: ignore[override]
-        xn = x.detach().cpu().numpy()
+        # Everything enters the kernels as float64, so each compiles for one signature only.
+        xn = x.detach().cpu().to(torch.float64).contiguous().numpy()
         wn = np.exp(-dist.detach().cpu().double().numpy() / sigma)
         wn[wn < _WEIGHT_FLOOR] = 0.0
         nb, n, nc = xn.shape
@@ -306,18 +305,18 @@ class _TreeFilterFunction(torch.autograd.Function):
         ppos = np.empty((nb, n), np.int64)
         up = np.empty((nb, n, nc + 1))  # kept for backward: recomputing them costs ~1/3 of it
         out = np.empty((nb, n, nc + 1))
-        y = np.empty(xn.shape, dtype=xn.dtype)
+        y = np.empty(xn.shape)
         _filter_forward(xn, wn, order, parent, wq, ppos, up, out, y)
         ctx.arrays = (wn, order, wq, ppos, up, out)
         ctx.sigma = sigma
         ctx.dtypes = (x.dtype, dist.dtype)
-        return torch.from_numpy(y).to(x.device)
+        return torch.from_numpy(y).to(device=x.device, dtype=x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):  # type: ignore[override]
         wn, order, wq, ppos, up, out = ctx.arrays
-        gy = np.ascontiguousarray(grad_y.detach().cpu().numpy())
+        gy = grad_y.detach().cpu().to(torch.float64).contiguous().numpy()
         grad_x = np.empty(gy.shape, dtype=np.float64)
         grad_w = np.empty(wn.shape, dtype=np.float64)
         _filter_backward(order, wq, ppos, up, out, gy, grad_x, grad_w)
@@ -373,10 +372,7 @@ def tree_filter(x: torch.Tensor, guide: torch.Tensor, sigma: float) -> torch.Ten
         return tree_filter(x.float(), guide, sigma).to(x.dtype)
 
     guide_flat = guide.reshape(b, guide.shape[1], n)
-    guide_cpu = guide.detach().cpu()
-    if guide_cpu.dtype not in (torch.float32, torch.float64):
-        guide_cpu = guide_cpu.float()
-    guide_np = guide_cpu.numpy()
+    guide_np = guide.detach().cpu().to(torch.float64).numpy()
     orders = np.empty((b, n), np.int64)
     parents = np.empty((b, n), np.int64)
     for i in range(b):
