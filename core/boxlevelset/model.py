@@ -461,10 +461,17 @@ class SOLOv2(nn.Module):
         if cand.numel() == 0:
             return empty
         scores = cates[cand[:, 0], cand[:, 1]]
+        # A near-zero threshold would make a mask for every cell and class: bound the work to the
+        # best 2 x nms_pre category scores (only nms_pre of them reach Matrix NMS anyway).
+        if len(scores) > 2 * cfg.nms_pre:
+            top = scores.topk(2 * cfg.nms_pre).indices
+            cand, scores = cand[top], scores[top]
         labels = cand[:, 1]
+        # One mask per cell, shared by the classes that fire on it.
+        cells, inverse = torch.unique(cand[:, 0], return_inverse=True)
         probs = self.dynamic_masks(
-            feats.mask_feature[b : b + 1], kernels[cand[:, 0]], torch.zeros_like(labels)
-        ).sigmoid()
+            feats.mask_feature[b : b + 1], kernels[cells], torch.zeros_like(cells)
+        ).sigmoid()[inverse]
         masks = probs > cfg.mask_threshold
         areas = masks.flatten(1).sum(1).float()
         keep = areas > cell_strides[cand[:, 0]]  # drop masks smaller than their level's stride
