@@ -139,10 +139,15 @@ def _targets():
     ]
 
 
-def test_train_forward_gradients_reach_every_branch():
-    model = tiny_model().train()
-    images = torch.rand(2, 3, 64, 64) * 255
-    losses = model(images, _targets())
+@pytest.mark.parametrize("per_level, guide", [(True, "normalized"), (False, "unit")])
+def test_train_forward_gradients_reach_every_branch(per_level, guide):
+    model = tiny_model(per_level_mask_stride=per_level, tree_image_guide=guide).train()
+    images = torch.rand(2, 3, 128, 128) * 255
+    targets = _targets()
+    # sqrt(wh) = 109: levels 1 and 2, so masks at stride 4 and (per level) 8 are both used.
+    targets[1]["boxes"] = torch.cat([targets[1]["boxes"], torch.tensor([[10.0, 10, 120, 118]])])
+    targets[1]["labels"] = torch.tensor([1, 0])
+    losses = model(images, targets)
     assert set(losses) == {"loss_category", "loss_box_projection", "loss_levelset_image",
                            "loss_levelset_feature"}
     assert all(torch.isfinite(v) and v.ndim == 0 for v in losses.values())
