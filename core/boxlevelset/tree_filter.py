@@ -24,6 +24,11 @@ path is exact (its cost is the device<->host copies of x and of the gradient).
 
 from __future__ import annotations
 
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
 import numba
 import numpy as np
 import torch
@@ -286,6 +291,33 @@ def _filter_backward(order, wq, ppos, up, out, grad_y, grad_x, grad_w):  # pragm
                 dst[c] = gxrow[c]
 
 
+_POOL: ThreadPoolExecutor | None = None
+_POOL_PID = -1
+_POOL_LOCK = threading.Lock()
+
+
+def _per_image(fn: Callable[[int, int], None], batch: int) -> None:
+    """Run ``fn(start, stop)`` over contiguous ranges of the batch in parallel threads.
+
+    The numba kernels and numpy's sort release the GIL, so images of a batch are filtered in
+    parallel, using at most torch's intra-op thread count (``torch.set_num_threads``).
+    """
+    workers = min(batch, torch.get_num_threads())
+    if workers <= 1:
+        fn(0, batch)
+        return
+    global _POOL, _POOL_PID
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_PID != os.getpid():  # a forked child cannot reuse the threads
+            _POOL = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="tree_filter")
+            _POOL_PID = os.getpid()
+        pool = _POOL
+    bounds = np.linspace(0, batch, workers + 1).round().astype(int)
+    futures = [pool.submit(fn, a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    for future in futures:
+        future.result()
+
+
 class _TreeFilterFunction(torch.autograd.Function):
     """y = (S x) / (S 1) with S built from trees and squared guide distances of tree edges.
 
@@ -306,10 +338,15 @@ class _TreeFilterFunction(torch.autograd.Function):
         up = np.empty((nb, n, nc + 1))  # kept for backward: recomputing them costs ~1/3 of it
         out = np.empty((nb, n, nc + 1))
         y = np.empty(xn.shape)
-        _filter_forward(xn, wn, order, parent, wq, ppos, up, out, y)
+        _per_image(
+            lambda i, j: _filter_forward(xn[i:j], wn[i:j], order[i:j], parent[i:j], wq[i:j],
+                                         ppos[i:j], up[i:j], out[i:j], y[i:j]),
+            nb,
+        )
         ctx.arrays = (wn, order, wq, ppos, up, out)
         ctx.sigma = sigma
         ctx.dtypes = (x.dtype, dist.dtype)
+        ctx.devices = (x.device, dist.device)
         return torch.from_numpy(y).to(device=x.device, dtype=x.dtype)
 
     @staticmethod
@@ -319,13 +356,16 @@ class _TreeFilterFunction(torch.autograd.Function):
         gy = grad_y.detach().cpu().to(torch.float64).contiguous().numpy()
         grad_x = np.empty(gy.shape, dtype=np.float64)
         grad_w = np.empty(wn.shape, dtype=np.float64)
-        _filter_backward(order, wq, ppos, up, out, gy, grad_x, grad_w)
+        _per_image(
+            lambda i, j: _filter_backward(order[i:j], wq[i:j], ppos[i:j], up[i:j], out[i:j],
+                                          gy[i:j], grad_x[i:j], grad_w[i:j]),
+            gy.shape[0],
+        )
         grad_dist = grad_w * wn * (-1.0 / ctx.sigma)  # w = exp(-d / sigma)
-        device = grad_y.device
-        x_dtype, dist_dtype = ctx.dtypes
+        (x_dtype, dist_dtype), (x_device, dist_device) = ctx.dtypes, ctx.devices
         return (
-            torch.from_numpy(grad_x).to(device=device, dtype=x_dtype),
-            torch.from_numpy(grad_dist).to(device=device, dtype=dist_dtype),
+            torch.from_numpy(grad_x).to(device=x_device, dtype=x_dtype),
+            torch.from_numpy(grad_dist).to(device=dist_device, dtype=dist_dtype),
             None,
             None,
             None,
@@ -375,8 +415,12 @@ def tree_filter(x: torch.Tensor, guide: torch.Tensor, sigma: float) -> torch.Ten
     guide_np = guide.detach().cpu().to(torch.float64).numpy()
     orders = np.empty((b, n), np.int64)
     parents = np.empty((b, n), np.int64)
-    for i in range(b):
-        orders[i], parents[i] = spanning_tree(guide_np[i])
+
+    def build_trees(start: int, stop: int) -> None:
+        for i in range(start, stop):
+            orders[i], parents[i] = spanning_tree(guide_np[i])
+
+    _per_image(build_trees, b)
 
     # Squared guide distance of every vertex to its parent, in torch so autograd carries the
     # gradient of the edge weights on into the guide.
