@@ -185,6 +185,25 @@ def test_batch_and_channels_equal_per_item_loops():
             torch.testing.assert_close(out[b : b + 1, c : c + 1], single)
 
 
+def test_threaded_batch_equals_serial():
+    torch.manual_seed(10)
+    x = torch.rand(3, 2, 7, 6, dtype=torch.float64, requires_grad=True)
+    guide = torch.rand(3, 2, 7, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(3, 2, 7, 6, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 3):  # images of the batch go to min(B, torch threads) worker threads
+            torch.set_num_threads(n)
+            out = tree_filter(x, guide, 0.2)
+            gx, gg = torch.autograd.grad((out * weight).sum(), (x, guide))
+            results.append((out, gx, gg))
+    finally:
+        torch.set_num_threads(threads)
+    for serial, threaded in zip(*results):
+        torch.testing.assert_close(threaded, serial, rtol=0, atol=0)
+
+
 def test_half_precision_is_filtered_in_float32():
     torch.manual_seed(8)
     x = torch.rand(1, 2, 5, 7)
