@@ -383,7 +383,8 @@ def tree_filter(x: torch.Tensor, guide: torch.Tensor, sigma: float) -> torch.Ten
             float32 and cast back.
         guide: ``(B, D, H, W)`` guide features; the tree is the MST of the 4-connected grid under
             squared guide distance, and the edge weights ``exp(-|g_v - g_parent|^2 / sigma)`` are
-            differentiable, so gradients flow into ``guide``.
+            differentiable, so gradients flow into ``guide`` (the tree's shape is piecewise
+            constant in the guide: gradients are exact wherever small changes keep the same MST).
         sigma: positive bandwidth of the edge weights.
 
     Returns:
