@@ -50,6 +50,8 @@ NEW_LAYER = "<new layer>"
 METHOD_LEVELSET = "Level set (no model)"
 METHOD_MODEL = "Model"
 HAND_EDIT_POLICIES = ("ask", "keep", "overwrite")
+# Propagation stops where the object's mean intensity (0..1 after windowing) drifts this much.
+PROPAGATE_INTENSITY_TOL = 0.15
 
 
 class LayerCombo(QComboBox):
@@ -90,6 +92,11 @@ class LayerCombo(QComboBox):
     def select(self, layer: Any) -> None:
         self.refresh()
         self.setCurrentText(layer.name)
+
+
+def _unwrap(obj: Any) -> Any:
+    """The layer behind napari's PublicOnlyProxy (plugins receive proxied viewers)."""
+    return getattr(obj, "__wrapped__", obj)
 
 
 def _bbox(mask: np.ndarray) -> np.ndarray | None:
@@ -241,6 +248,7 @@ class BoxToMaskWidget(QWidget):
         layout.addStretch(1)
 
         self.boxes_combo.currentTextChanged.connect(lambda _t: self._bind_boxes())
+        self.labels_combo.currentTextChanged.connect(lambda _t: self._adopt_existing())
         self.image_combo.currentTextChanged.connect(lambda _t: self._update_enabled())
         self._update_enabled()
 
@@ -308,7 +316,7 @@ class BoxToMaskWidget(QWidget):
 
     def _bind_boxes(self) -> None:
         layer = self.boxes_combo.layer()
-        if layer is self._bound:
+        if _unwrap(layer) is _unwrap(self._bound):
             return
         if self._bound is not None:
             try:
@@ -322,7 +330,12 @@ class BoxToMaskWidget(QWidget):
         self._locked.clear()
         if layer is None:
             return
-        for name in plugin_meta(layer).get("class_names", []):
+        names = list(plugin_meta(layer).get("class_names", []))
+        if names and self.class_names == [DEFAULT_CATEGORY]:  # untouched default: replace it
+            self.class_combo.blockSignals(True)
+            self.class_combo.clear()
+            self.class_combo.blockSignals(False)
+        for name in names:
             if self.class_combo.findText(name) < 0:
                 self.class_combo.addItem(name)
         if "category" in layer.features and len(layer.features):
@@ -341,6 +354,8 @@ class BoxToMaskWidget(QWidget):
             return
         data = np.asarray(labels.data)
         for box_id, plane, box, _cat in self._boxes():
+            if box_id in self._written:
+                continue
             view = data[plane] if plane is not None else data
             owned = view == box_id
             if owned.any():
@@ -479,7 +494,7 @@ class BoxToMaskWidget(QWidget):
         from boxlevelset.model import Predictor
 
         window = self._window(image)
-        key = (id(self.model), id(image), plane, window, image.data.shape)
+        key = (id(self.model), id(_unwrap(image)), plane, window, image.data.shape)
         if self._predictor is None or self._predictor_key != key:
             predictor = Predictor(self.model)
             predictor.set_image(self._plane_image(image, plane), window=window)
@@ -574,6 +589,12 @@ class BoxToMaskWidget(QWidget):
         if plane is not None and labels.data.ndim == 3:
             idx = (np.full(idx[0].shape, plane, dtype=idx[0].dtype), *idx)
         labels.data_setitem(idx, values)
+
+    def _mean_intensity(self, image: Any, plane: int | None, mask: np.ndarray) -> float:
+        from boxlevelset.image import as_float_image
+
+        values = as_float_image(self._plane_image(image, plane), self._window(image))
+        return float(values[mask].mean())
 
     def _paint(self, box_id: int, plane: int | None, mask: np.ndarray) -> bool:
         """Replace box `box_id`'s pixels on `plane` by `mask`; False when the user keeps theirs."""
@@ -735,6 +756,7 @@ class BoxToMaskWidget(QWidget):
             if start is None or not start.any():
                 continue
             count = 0
+            level = self._mean_intensity(image, plane, start)
             for step in (1, -1):
                 prev, z = start, plane + step
                 while 0 <= z < depth and (max_slices is None or abs(z - plane) <= max_slices):
@@ -742,7 +764,9 @@ class BoxToMaskWidget(QWidget):
                     bb = np.array([max(bb[0] - 2, 0), max(bb[1] - 2, 0),
                                    min(bb[2] + 2, width), min(bb[3] + 2, height)])
                     mask = self.masks_for(z, bb[None])[0]
-                    if not mask.any() or _iou(mask, prev) < threshold:
+                    if not mask.any() or _iou(mask, prev) < threshold or abs(
+                            self._mean_intensity(image, z, mask) - level) > \
+                            PROPAGATE_INTENSITY_TOL:
                         break
                     if self._paint(box_id, z, mask):
                         count += 1

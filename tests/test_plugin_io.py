@@ -1,0 +1,172 @@
+"""Plugin reader, sample data, writer and exports: CT geometry kept, COCO round trip identical."""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  -- before Qt (napari) is imported
+
+import json
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from napari.layers import Layer
+
+from boxlevelset.data import load_box_folder, read_volume
+from boxlevelset.export import read_coco_masks
+from boxlevelset_napari import _export
+from boxlevelset_napari._box_to_mask import BoxToMaskWidget
+from boxlevelset_napari._reader import napari_get_reader
+from boxlevelset_napari._sample_data import make_sample_ct, make_sample_nuclei
+from boxlevelset_napari._writer import write_labels
+
+pytestmark = pytest.mark.plugin
+SAMPLES = Path(str(files("boxlevelset") / "samples"))
+
+
+def _layers(layer_data):
+    return [Layer.create(data, dict(kwargs), kind) for data, kwargs, kind in layer_data]
+
+
+def _write_ct(path: Path) -> sitk.Image:
+    """A small anisotropic, oblique CT volume: a 'liver' (60 HU) block in water."""
+    arr = np.full((6, 40, 48), -1000, np.int16)
+    arr[:, 5:35, 5:43] = 0
+    arr[1:5, 10:26, 12:30] = 60
+    image = sitk.GetImageFromArray(arr)
+    image.SetSpacing((0.7, 0.8, 2.5))
+    image.SetOrigin((-12.5, 30.0, 101.0))
+    c, s = np.cos(0.3), np.sin(0.3)
+    image.SetDirection((c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(image, str(path))
+    return image
+
+
+def test_reader_claims_the_right_paths(tmp_path, tiny_box_folder):
+    ct = tmp_path / "ct.nii.gz"
+    _write_ct(ct)
+    assert napari_get_reader(str(ct)) is not None
+    assert napari_get_reader(str(tiny_box_folder)) is not None
+    assert napari_get_reader(str(tiny_box_folder / "annotations.json")) is not None
+    assert napari_get_reader(str(SAMPLES / "nuclei.png")) is not None
+    assert napari_get_reader(str(tmp_path / "notes.txt")) is None
+    assert napari_get_reader(str(tmp_path)) is None  # a folder of nothing we know
+
+
+def test_ct_reader_window_scale_and_nifti_export_keep_geometry(tmp_path, make_napari_viewer_proxy):
+    src = _write_ct(tmp_path / "ct.nii.gz")
+    (data, kwargs, kind), = napari_get_reader(str(tmp_path / "ct.nii.gz"))(str(tmp_path / "ct.nii.gz"))
+    assert kind == "image" and data.shape == (6, 40, 48)
+    assert kwargs["scale"] == pytest.approx((2.5, 0.8, 0.7))  # (z, y, x) physical spacing
+    assert kwargs["contrast_limits"] == pytest.approx((-160.0, 240.0))  # abdomen 40/400
+    assert data[2, 15, 20] == 60  # Hounsfield units, not rescaled
+
+    viewer = make_napari_viewer_proxy()
+    image = viewer.add_image(data, **kwargs)
+    widget = BoxToMaskWidget(viewer)
+    widget.image_combo.select(image)
+    boxes = widget.new_boxes_layer()
+    assert boxes.ndim == 3 and tuple(boxes.scale) == pytest.approx((2.5, 0.8, 0.7))
+    image.contrast_limits = (-20.0, 140.0)  # the liver preset 60/160: window follows the layer
+    boxes.add_rectangles([np.array([[2, 7, 9], [2, 7, 33], [2, 29, 33], [2, 29, 9]], float)])
+    labels = widget.labels_layer(create=False)
+    assert labels.data.shape == (6, 40, 48)
+    box_id = int(boxes.features["box_id"][0])
+    # The block is the only structure in the box: its mask is found on slice 2 only.
+    assert (labels.data[2] == box_id).sum() > 0.8 * 16 * 18
+    assert not np.delete(labels.data, 2, axis=0).any()
+
+    # Propagation through slices: the block spans slices 1..4.
+    boxes.selected_data = {0}
+    widget.overlap_spin.setValue(0.5)
+    added = widget.propagate_selected()
+    assert added[box_id] == 3
+    assert [bool((labels.data[z] == box_id).any()) for z in range(6)] == [
+        False, True, True, True, True, False]
+
+    out = widget.export("nifti", str(tmp_path / "out" / "labels.nii.gz"))
+    back = sitk.ReadImage(str(out))
+    assert back.GetSpacing() == pytest.approx(src.GetSpacing())
+    assert back.GetOrigin() == pytest.approx(src.GetOrigin())
+    assert back.GetDirection() == pytest.approx(src.GetDirection())
+    assert np.array_equal(sitk.GetArrayFromImage(back), labels.data)
+    # The npe2 writer does the same from the labels layer's metadata.
+    written = write_labels(str(tmp_path / "w.nrrd"), labels.data, {"metadata": labels.metadata})
+    assert read_volume(written[0]).origin == pytest.approx(src.GetOrigin())
+
+
+def test_sample_data_segments_and_coco_round_trip(tmp_path, make_napari_viewer_proxy):
+    viewer = make_napari_viewer_proxy()
+    layers = _layers(make_sample_nuclei())
+    for layer in layers:
+        viewer.add_layer(layer)
+    image, boxes = layers
+    assert len(boxes.data) == 28 and set(boxes.features["category"]) == {"nucleus"}
+    widget = BoxToMaskWidget(viewer)
+    assert widget.boxes_combo.layer().name == boxes.name
+    assert widget.image_combo.layer().name == image.name
+    widget.segment()
+    labels = widget.labels_layer(create=False)
+    ids = set(np.unique(labels.data)) - {0}
+    assert len(ids) >= 26 and ids <= set(boxes.features["box_id"])
+
+    out = widget.export("coco", str(tmp_path / "coco.json"))
+    (masks, cats), = read_coco_masks(out).values()
+    assert len(masks) == len(ids)
+    expect = np.stack([labels.data == i for i in sorted(ids)])
+    assert np.array_equal(masks, expect)  # masks identical after RLE and back
+    assert set(cats.tolist()) == {1}
+    coco = json.loads(Path(out).read_text())
+    assert coco["categories"] == [{"id": 1, "name": "nucleus"}]
+    assert coco["images"][0]["file_name"] == "nuclei.png"
+
+    png = widget.export("labels", str(tmp_path / "labels.png"))
+    import cv2
+    assert np.array_equal(cv2.imread(str(png), cv2.IMREAD_UNCHANGED), labels.data)
+
+
+def test_box_folder_open_export_save_reopen(tmp_path, tiny_box_folder, make_napari_viewer_proxy):
+    layer_data = napari_get_reader(str(tiny_box_folder))(str(tiny_box_folder))
+    image, boxes, labels = _layers(layer_data)
+    folder = load_box_folder(tiny_box_folder)
+    assert image.data.shape == (3, 64, 64, 3) and image.rgb
+    assert len(boxes.data) == sum(len(r.boxes) for r in folder.records)
+    assert set(boxes.features["category"]) == {"blob", "block"}
+    viewer = make_napari_viewer_proxy()
+    for layer in (image, boxes, labels):
+        viewer.add_layer(layer)
+    widget = BoxToMaskWidget(viewer)
+    widget.hand_combo.setCurrentText("keep")  # never a modal dialog in a test
+    widget.labels_combo.select(labels)
+    before = labels.data.copy()
+    widget.segment()  # folder masks are adopted, not re-segmented
+    assert np.array_equal(labels.data, before)
+
+    coco = widget.export("coco", str(tmp_path / "export.json"))
+    got = read_coco_masks(coco)
+    for record in folder.records:
+        masks, cats = got[record.file_name]
+        assert np.array_equal(masks, folder.gt_masks(record))
+        assert np.array_equal(cats, record.category_ids)
+
+    saved = widget.export("folder", str(tmp_path / "saved"))
+    again = load_box_folder(saved)
+    assert [r.file_name for r in again.records] == [r.file_name for r in folder.records]
+    for a, b in zip(again.records, folder.records):
+        assert np.allclose(a.boxes, b.boxes)
+        assert [again.categories[[c["id"] for c in again.categories].index(i)]["name"]
+                for i in a.category_ids] == \
+            [folder.categories[[c["id"] for c in folder.categories].index(i)]["name"]
+             for i in b.category_ids]
+        assert np.array_equal(again.gt_masks(a), folder.gt_masks(b))
+        assert np.array_equal(again.load_image(a), folder.load_image(b))
+
+
+def test_ct_sample_has_hu_window_and_boxes():
+    image, boxes = _layers(make_sample_ct())
+    vol = read_volume(SAMPLES / "ct_slice.nii.gz")
+    assert image.data.shape == vol.array.shape
+    assert tuple(image.contrast_limits) == pytest.approx((-160.0, 240.0))
+    assert tuple(image.scale) == pytest.approx(tuple(reversed(vol.spacing)))
+    assert list(boxes.features["category"]) == ["liver", "spine"]
