@@ -117,7 +117,9 @@ def train_within(config_kwargs: dict[str, Any], minutes: float, out: Path,
     print(f"  {out.name}: {done}/{iterations} iterations in {elapsed / 60:.1f} min "
           f"({done / elapsed:.2f} it/s incl. set-up; calibration {1 / sec_per_iter:.2f} it/s)",
           flush=True)
-    return path, 1.0 / _timed_iterations(stamps) if len(stamps) > 2 else float("nan"), done
+    # Speed from the run itself; a run too short to time falls back to the calibration.
+    its = 1.0 / _timed_iterations(stamps) if len(stamps) > 2 else 1.0 / sec_per_iter
+    return path, its, done
 
 
 # --------------------------------------------------------------------------------------- score

@@ -344,3 +344,20 @@ def test_evaluate_numbers_against_oracle(tiny_box_folder, monkeypatch):
     # 1 and "blob" AP at most its recall 1/4, so the class mean lies in [0.5, 0.625].
     assert metrics["box_mIoU"] == pytest.approx(4 / 7)
     assert 0.5 <= metrics["box_AP"] <= 0.625
+
+
+def test_predict_and_evaluate_command_line(trained, tmp_path, capsys):
+    from boxlevelset.predict import (add_evaluate_arguments, add_predict_arguments,
+                                     run_evaluate, run_predict)
+
+    data, path, _ = trained
+    args = add_predict_arguments(argparse.ArgumentParser()).parse_args(
+        [str(path), str(data), "--out", str(tmp_path / "p"), "--device", "cpu", "--no-overlays"])
+    assert run_predict(args) == 0
+    assert (tmp_path / "p" / "predictions.json").exists()
+    assert not (tmp_path / "p" / "overlays").exists() and (tmp_path / "p" / "labels").exists()
+    args = add_evaluate_arguments(argparse.ArgumentParser()).parse_args(
+        [str(path), str(data), "--device", "cpu", "--json", str(tmp_path / "m.json")])
+    assert run_evaluate(args) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert "| box_mIoU |" in capsys.readouterr().out and 0 <= metrics["box_mIoU"] <= 1

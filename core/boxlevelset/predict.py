@@ -331,7 +331,8 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     """Arguments of `boxlevelset predict MODEL INPUT`."""
     parser.add_argument("model", help="model checkpoint (.pth)")
     parser.add_argument("input", help="an image, a folder of images, or a box-labeled folder")
-    parser.add_argument("-o", "--output", default="predictions", help="output directory")
+    parser.add_argument("-o", "--output", "--out", dest="output", default="predictions",
+                        help="output directory")
     parser.add_argument("--score-threshold", type=float, help="keep instances above this score")
     parser.add_argument("--window", default="abdomen", help="CT window for volume slices")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")

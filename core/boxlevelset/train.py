@@ -789,7 +789,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("data", help="box-labeled folder (images/ + annotations.json, or Pascal VOC)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="lite",
                    help="training recipe (default: lite, for CPU fine-tuning)")
-    p.add_argument("-o", "--output", default="runs/boxlevelset", help="output directory")
+    p.add_argument("-o", "--output", "--out", dest="output", default="runs/boxlevelset",
+                   help="output directory")
     p.add_argument("--epochs", type=int)
     p.add_argument("--iterations", type=int, help="schedule length (overrides --epochs)")
     p.add_argument("--batch-size", type=int, help="images per iteration over all processes")
