@@ -190,35 +190,63 @@ def test_train_events_log_and_checkpoint(trained):
     assert model.config.input_size == 72 and model.config.max_size == 96  # mid of training scales
 
 
-def test_stop_by_callback_then_resume(tiny_box_folder, tmp_path):
+def test_stop_by_callback_then_resume_matches_uninterrupted(tiny_box_folder, tmp_path):
     from boxlevelset.model import load_model
+
+    straight = []
+    train(tiny_config(tiny_box_folder, tmp_path / "straight", max_iterations=4),
+          callbacks=[lambda e: straight.append((e.iteration, e.lr, e.losses.get("loss")))])
+    reference = _checkpoint(tmp_path / "straight" / "model.pth")["model"]
 
     seen = []
 
-    def stop_at_two(event):
+    def stop_at_one(event):
         seen.append(event.iteration)
-        if event.iteration == 2 and not event.done:
+        if event.iteration == 1 and not event.done:
             raise StopTraining
 
     cfg = tiny_config(tiny_box_folder, tmp_path / "run", max_iterations=4)
-    path = train(cfg, callbacks=[stop_at_two])
-    assert path.name == "last.pth" and seen == [1, 2, 2]
+    path = train(cfg, callbacks=[stop_at_one])
+    assert path.name == "last.pth" and seen == [1, 1]
     assert not (tmp_path / "run" / "model.pth").exists()
-    ckpt = _checkpoint(path)
-    assert ckpt["iteration"] == 2
+    assert _checkpoint(path)["iteration"] == 1
     load_model(path, device="cpu")  # a stopped run still gives a usable model
-    stopped_weights = {k: v.clone() for k, v in ckpt["model"].items()}
 
+    # Resume mid-epoch (3 images, batch 2): same samples, augmentations, lr and AdamW state
+    # as the uninterrupted run, so the same losses and final weights.
     resumed = []
     cfg = tiny_config(tiny_box_folder, tmp_path / "run", max_iterations=4, resume="auto")
-    final = train(cfg, callbacks=[lambda e: resumed.append((e.iteration, e.lr))])
-    assert [it for it, _ in resumed] == [3, 4, 4] and final.name == "model.pth"
+    final = train(cfg, callbacks=[lambda e: resumed.append((e.iteration, e.lr, e.losses.get("loss")))])
+    assert final.name == "model.pth"
+    assert [r[0] for r in resumed] == [2, 3, 4, 4]
+    for got, want in zip(resumed[:3], straight[1:4]):
+        assert got[0] == want[0] and got[1] == pytest.approx(want[1])
+        assert got[2] == pytest.approx(want[2], rel=1e-4)
     end = _checkpoint(tmp_path / "run" / "last.pth")
     assert end["iteration"] == 4 and end["scheduler"]["last_epoch"] == 4
     assert end["optimizer"]["state"][0]["step"].item() == 4  # AdamW state carried over
-    assert any(not torch.equal(stopped_weights[k], v) for k, v in end["model"].items())
+    for key, value in _checkpoint(final)["model"].items():
+        torch.testing.assert_close(value, reference[key], rtol=1e-4, atol=1e-6)
     rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
     assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4]
+
+
+def test_init_checkpoint_fine_tunes_with_new_classes(trained, tmp_path):
+    import conftest
+
+    data, path, _ = trained
+    init = _checkpoint(path)["model"]
+    folder = conftest.tiny_box_folder.__wrapped__(tmp_path)
+    # lr 0: the weights stay as loaded, so the test sees exactly what was initialised.
+    out = train(tiny_config(folder, tmp_path / "ft", init_checkpoint=path, max_iterations=1,
+                            lr=0.0, class_names=["block", "blob", "extra"],
+                            model={"fpn_channels": 999, "mask_threshold": 0.6}))
+    ckpt = _checkpoint(out)
+    assert list(ckpt["config"]["class_names"]) == ["block", "blob", "extra"]
+    assert ckpt["config"]["fpn_channels"] == 16  # architecture comes from the checkpoint
+    assert ckpt["config"]["mask_threshold"] == 0.6  # test-time settings may change
+    differ = sorted(k for k, v in ckpt["model"].items() if not torch.equal(v, init[k]))
+    assert differ and all(k.startswith("grid_head.cate_pred") for k in differ)
 
 
 def test_stop_event_and_returning_false(tiny_box_folder, tmp_path):
