@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch  # noqa: F401  -- torch must be imported before the Qt application exists
 
 import time
+import weakref
 from typing import Any
 
 import napari
@@ -114,8 +115,16 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 class BoxToMaskWidget(QWidget):
     """Dock widget: boxes on a Shapes layer -> one mask per box in a Labels layer."""
 
+    # Live widgets, so a finished fine-tune run can hand its model to the viewer's widget.
+    _instances: weakref.WeakSet = weakref.WeakSet()
+
+    @classmethod
+    def instances(cls) -> list[BoxToMaskWidget]:
+        return list(cls._instances)
+
     def __init__(self, napari_viewer: napari.Viewer):
         super().__init__()
+        BoxToMaskWidget._instances.add(self)
         self.viewer = napari_viewer
         self.model: Any = None
         self.model_path: str | None = None

@@ -1,0 +1,285 @@
+"""Fine-tune widget: train the box-supervised model on a folder (or this viewer's boxes)
+in a background thread_worker, with progress, a live loss plot, Stop, and the new model
+loaded into the box-to-mask widget when done."""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  -- torch must be imported before the Qt application exists
+
+import math
+import threading
+from pathlib import Path
+from typing import Any
+
+import napari
+from napari.qt.threading import thread_worker
+from napari.utils import progress
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QObject, QPointF, Qt, Signal
+from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ._box_to_mask import BoxToMaskWidget, LayerCombo, _unwrap
+
+SOURCE_FOLDER = "Box-labeled folder"
+SOURCE_VIEWER = "Boxes in this viewer"
+
+
+class _Bridge(QObject):
+    """Carries TrainEvents from the training thread to the GUI thread (queued signal)."""
+
+    event = Signal(object)
+
+
+class LossPlot(QWidget):
+    """A minimal live plot of the total loss per iteration (no plotting library needed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: list[float] = []
+        self.setMinimumHeight(80)
+
+    def add(self, value: float) -> None:
+        if math.isfinite(value):
+            self.values.append(float(value))
+            self.update()
+
+    def clear(self) -> None:
+        self.values = []
+        self.update()
+
+    def paintEvent(self, _event: Any) -> None:  # noqa: N802 (Qt name)
+        painter = QPainter(self)
+        painter.fillRect(self.rect(), QColor(30, 30, 36))
+        if len(self.values) < 2:
+            painter.setPen(QColor(160, 160, 160))
+            painter.drawText(self.rect(), Qt.AlignCenter, "loss")
+            return
+        lo, hi = min(self.values), max(self.values)
+        span = hi - lo or 1.0
+        w, h = self.width() - 8, self.height() - 8
+        n = len(self.values) - 1
+        points = QPolygonF([QPointF(4 + w * i / n, 4 + h * (1 - (v - lo) / span))
+                            for i, v in enumerate(self.values)])
+        painter.setPen(QPen(QColor(255, 200, 0), 1.5))
+        painter.drawPolyline(points)
+        painter.setPen(QColor(200, 200, 200))
+        painter.drawText(6, 14, f"loss {self.values[-1]:.4f}")
+
+
+class FineTuneWidget(QWidget):
+    """Dock widget: fine-tune on boxes with one click."""
+
+    finished = Signal(object)  # the checkpoint path (or None on error)
+
+    def __init__(self, napari_viewer: napari.Viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.worker: Any = None
+        self.config: Any = None
+        self.model: Any = None
+        self.checkpoint: Path | None = None
+        self.events: list[Any] = []
+        self.error: BaseException | None = None
+        # Extra TrainConfig fields (e.g. a smaller model for a quick run); set by scripts/tests.
+        self.config_overrides: dict[str, Any] = {}
+        self._progress: Any = None
+        self._bridge = _Bridge()
+        self._bridge.event.connect(self._on_event)
+        self._build_ui()
+
+    def _build_ui(self) -> None:
+        from boxlevelset.train import PRESETS
+
+        self.source_combo = QComboBox()
+        self.source_combo.addItems([SOURCE_FOLDER, SOURCE_VIEWER])
+        self.folder_edit = QLineEdit()
+        self.folder_edit.setPlaceholderText("folder with annotations.json + images/, or VOC")
+        browse = QPushButton("Browse…")
+        browse.clicked.connect(lambda: self._pick_dir(self.folder_edit))
+        self.image_combo = LayerCombo(self.viewer, napari.layers.Image)
+        self.boxes_combo = LayerCombo(self.viewer, napari.layers.Shapes)
+        self.preset_combo = QComboBox()
+        self.preset_combo.addItems(sorted(PRESETS))
+        self.preset_combo.setCurrentText("lite")
+        self.epochs_spin = QSpinBox()
+        self.epochs_spin.setRange(1, 1000)
+        self.epochs_spin.setValue(12)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(["auto", "cpu", "cuda"])
+        self.device_combo.setToolTip("auto: the GPU when there is one")
+        self.output_edit = QLineEdit(str(Path.home() / "boxlevelset_runs" / "finetune"))
+        out_browse = QPushButton("Browse…")
+        out_browse.clicked.connect(lambda: self._pick_dir(self.output_edit))
+        self.init_edit = QLineEdit()
+        self.init_edit.setPlaceholderText("optional: start from this checkpoint")
+        self.start_btn = QPushButton("Fine-tune")
+        self.start_btn.clicked.connect(self.start)
+        self.stop_btn = QPushButton("Stop")
+        self.stop_btn.setEnabled(False)
+        self.stop_btn.clicked.connect(self.stop)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self.plot = LossPlot()
+
+        form = QFormLayout()
+        form.addRow("Train on", self.source_combo)
+        row = QHBoxLayout()
+        row.addWidget(self.folder_edit, 1)
+        row.addWidget(browse)
+        form.addRow("Folder", row)
+        form.addRow("Image", self.image_combo)
+        form.addRow("Boxes", self.boxes_combo)
+        form.addRow("Preset", self.preset_combo)
+        form.addRow("Epochs", self.epochs_spin)
+        form.addRow("Device", self.device_combo)
+        row = QHBoxLayout()
+        row.addWidget(self.output_edit, 1)
+        row.addWidget(out_browse)
+        form.addRow("Output", row)
+        form.addRow("Start from", self.init_edit)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        row = QHBoxLayout()
+        row.addWidget(self.start_btn)
+        row.addWidget(self.stop_btn)
+        layout.addLayout(row)
+        layout.addWidget(self.plot)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+
+    def _pick_dir(self, edit: QLineEdit) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Choose folder", edit.text())
+        if path:
+            edit.setText(path)
+
+    # --------------------------------------------------------------- run
+    def _data_folder(self, output_dir: Path) -> Path:
+        if self.source_combo.currentText() == SOURCE_FOLDER:
+            folder = self.folder_edit.text().strip()
+            if not folder:
+                raise ValueError("choose a box-labeled folder to train on")
+            return Path(folder)
+        from ._export import save_annotations
+
+        image, boxes = self.image_combo.layer(), self.boxes_combo.layer()
+        if image is None or boxes is None or len(boxes.data) == 0:
+            raise ValueError("draw some boxes on an image first (or choose a folder)")
+        names = sorted({str(c) for c in boxes.features.get("category", ["object"])})
+        return save_annotations(output_dir / "viewer_annotations", image, boxes, None, names)
+
+    def make_config(self) -> Any:
+        """The TrainConfig the Fine-tune button runs (output dir created, stop event set)."""
+        from boxlevelset.train import TrainConfig
+
+        output_dir = Path(self.output_edit.text().strip() or "boxlevelset_runs/finetune")
+        values: dict[str, Any] = dict(
+            data=str(self._data_folder(output_dir)),
+            preset=self.preset_combo.currentText(),
+            output_dir=str(output_dir),
+            epochs=int(self.epochs_spin.value()),
+            device=self.device_combo.currentText(),
+            stop_event=threading.Event(),
+        )
+        if self.init_edit.text().strip():
+            values["init_checkpoint"] = self.init_edit.text().strip()
+        values.update(self.config_overrides)
+        return TrainConfig(**values)
+
+    def start(self) -> Any:
+        """Start fine-tuning in a background thread; returns the worker (None on bad input)."""
+        from boxlevelset.train import train
+
+        if self.worker is not None:
+            show_info("boxlevelset: fine-tuning is already running")
+            return self.worker
+        try:
+            self.config = self.make_config()
+        except Exception as err:
+            self._fail(err)
+            return None
+        self.events, self.error, self.checkpoint = [], None, None
+        self.plot.clear()
+        config, bridge = self.config, self._bridge
+
+        def run() -> Path:
+            return train(config, callbacks=[bridge.event.emit])
+
+        # Connecting "errored" keeps thread_worker from re-raising: the error is shown instead.
+        self.worker = thread_worker(run)(_connect={
+            "returned": self._on_returned, "errored": self._on_errored,
+            "finished": self._on_finished})
+        self.start_btn.setEnabled(False)
+        self.stop_btn.setEnabled(True)
+        self.status.setText("starting…")
+        return self.worker
+
+    def stop(self) -> None:
+        """Ask training to stop; it saves a checkpoint first, which is then loaded."""
+        if self.config is not None and self.config.stop_event is not None:
+            self.config.stop_event.set()
+            self.stop_btn.setEnabled(False)
+            self.status.setText("stopping after this iteration…")
+
+    # ------------------------------------------------------------ events
+    def _on_event(self, event: Any) -> None:
+        self.events.append(event)
+        losses = dict(event.losses or {})
+        total = losses.get("loss", sum(v for k, v in losses.items() if k.startswith("loss_")))
+        if self._progress is None:
+            self._progress = progress(total=int(event.max_iterations), desc="fine-tune")
+        self._progress.n = int(event.iteration)
+        eta = int(event.eta_seconds) if math.isfinite(event.eta_seconds) else 0
+        self._progress.set_description(f"fine-tune loss {total:.3f} ETA {eta}s")
+        self._progress.refresh()
+        self.plot.add(float(total))
+        self.status.setText(
+            f"iteration {event.iteration}/{event.max_iterations}  epoch {event.epoch}  "
+            f"loss {total:.4f}  lr {event.lr:.2e}  ETA {eta} s")
+
+    def _on_returned(self, path: Any) -> None:
+        from boxlevelset import load_model
+
+        self.checkpoint = Path(path)
+        try:
+            device = self.device_combo.currentText()
+            self.model = load_model(self.checkpoint, device=None if device == "auto" else device)
+        except Exception as err:
+            self._fail(err)
+            return
+        loaded = 0
+        for widget in BoxToMaskWidget.instances():
+            if _unwrap(widget.viewer) is _unwrap(self.viewer):
+                widget.set_model(self.model, str(self.checkpoint))
+                loaded += 1
+        where = " and loaded into Box to mask" if loaded else ""
+        self.status.setText(f"done: {self.checkpoint}{where}")
+        show_info(f"boxlevelset: fine-tuned model saved to {self.checkpoint}{where}")
+
+    def _on_errored(self, err: BaseException) -> None:
+        self._fail(err)
+
+    def _fail(self, err: BaseException) -> None:
+        self.error = err
+        self.status.setText(f"error: {err}")
+        show_error(f"boxlevelset fine-tune failed: {err}")
+
+    def _on_finished(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self.worker = None
+        self.start_btn.setEnabled(True)
+        self.stop_btn.setEnabled(False)
+        self.finished.emit(self.checkpoint)

@@ -1,0 +1,124 @@
+"""Fine-tune widget: a few iterations through the thread_worker, progress, Stop, errors,
+the reloaded model used by the box-to-mask widget (model mode and segment everything)."""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  -- before Qt (napari) is imported
+
+import numpy as np
+import pytest
+
+from boxlevelset.model import SOLOv2
+from boxlevelset_napari._box_to_mask import METHOD_MODEL, BoxToMaskWidget
+from boxlevelset_napari._finetune import SOURCE_VIEWER, FineTuneWidget
+from boxlevelset_napari._layers import boxes_to_rectangles
+
+pytestmark = pytest.mark.plugin
+
+TINY = dict(
+    pretrained=False, min_size=(64, 80), max_size=96, batch_size=2, warmup_iters=2,
+    checkpoint_every=100,
+    model=dict(fpn_channels=16, head_channels=16, stacked_convs=1, mask_feature_channels=16,
+               mask_feature_mid_channels=16, num_grids=(12, 10, 8, 6, 4),
+               feature_guide_channels=3, tree_filter_max_side=32, score_threshold=0.01),
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_finetune_progress_reload_and_model_mode(tmp_path, tiny_box_folder, qtbot,
+                                                 make_napari_viewer_proxy):
+    viewer = make_napari_viewer_proxy()
+    image = (np.random.default_rng(0).integers(0, 30, (64, 64, 3))).astype(np.uint8)
+    image[10:30, 12:28] = 220
+    viewer.add_image(image, name="img", rgb=True)
+    box_widget = BoxToMaskWidget(viewer)
+    tune = FineTuneWidget(viewer)
+    tune.folder_edit.setText(str(tiny_box_folder))
+    tune.output_edit.setText(str(tmp_path / "run"))
+    tune.device_combo.setCurrentText("cpu")
+    tune.config_overrides = dict(TINY, max_iterations=3)
+    with qtbot.waitSignal(tune.finished, timeout=120_000):
+        worker = tune.start()
+        assert worker is not None and not tune.start_btn.isEnabled()
+    assert tune.error is None, tune.error
+    its = [e.iteration for e in tune.events]
+    assert its[-1] == 3 and its == sorted(its)
+    assert all(np.isfinite(list(e.losses.values())).all() for e in tune.events)
+    assert len(tune.plot.values) >= 3
+    assert tune.checkpoint is not None and tune.checkpoint.is_file()
+    assert isinstance(tune.model, SOLOv2)
+    assert box_widget.model is tune.model  # the new model went straight to box-to-mask
+    assert box_widget.method_combo.currentText() == METHOD_MODEL
+    assert "blob" in box_widget.class_names and "block" in box_widget.class_names
+    assert tune.start_btn.isEnabled() and not tune.stop_btn.isEnabled()
+
+    # Model mode: a box gives a mask from the model, inside its box, under the box's id.
+    boxes = box_widget.new_boxes_layer()
+    boxes.add_rectangles(boxes_to_rectangles(np.array([[8.0, 6.0, 32.0, 34.0]])))
+    labels = box_widget.labels_layer(create=False)
+    box_id = int(boxes.features["box_id"][0])
+    from boxlevelset.model import Predictor
+    expect = Predictor(tune.model).set_image(image).predict_boxes(np.array([[8.0, 6, 32, 34]]))[0]
+    assert np.array_equal(labels.data == box_id, expect)
+
+    # Segment everything at score 0: every proposal becomes a box with its mask.
+    box_widget.score_slider.setValue(0)
+    n = box_widget.segment_everything()
+    assert len(boxes.data) == 1 + n
+    for bid in boxes.features["box_id"].to_numpy()[1:]:
+        assert (labels.data == bid).any() or not box_widget.overwrite_check.isChecked()
+
+
+def test_stop_keeps_checkpoint_and_errors_are_shown(tmp_path, tiny_box_folder, qtbot,
+                                                   make_napari_viewer_proxy):
+    viewer = make_napari_viewer_proxy()
+    tune = FineTuneWidget(viewer)
+    tune.folder_edit.setText(str(tiny_box_folder))
+    tune.output_edit.setText(str(tmp_path / "run"))
+    tune.device_combo.setCurrentText("cpu")
+    tune.config_overrides = dict(TINY, max_iterations=500)
+    stopped = []
+
+    def stop_early(event):
+        if not stopped:
+            stopped.append(event.iteration)
+            tune.stop()
+
+    tune._bridge.event.connect(stop_early)
+    with qtbot.waitSignal(tune.finished, timeout=120_000):
+        tune.start()
+    assert tune.error is None, tune.error
+    assert stopped and tune.events[-1].iteration < 50  # stopped long before 500
+    assert tune.checkpoint is not None and tune.checkpoint.name == "last.pth"
+    assert isinstance(tune.model, SOLOv2)  # the stopped run's checkpoint is loaded
+
+    # A folder that does not exist: the error is shown in the widget, nothing re-raised.
+    tune.folder_edit.setText(str(tmp_path / "missing"))
+    tune.config_overrides = dict(TINY, max_iterations=2)
+    with qtbot.capture_exceptions() as raised:
+        with qtbot.waitSignal(tune.finished, timeout=60_000):
+            tune.start()
+    assert not raised
+    assert tune.error is not None and "missing" in tune.status.text()
+
+    # Training on the viewer's own boxes writes the box folder first.
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[10:30, 12:28] = 200
+    viewer.add_image(image, name="img", rgb=True)
+    shapes = viewer.add_shapes(boxes_to_rectangles(np.array([[12.0, 10, 28, 30]])),
+                               features={"category": ["thing"], "box_id": [1]})
+    tune.source_combo.setCurrentText(SOURCE_VIEWER)
+    tune.image_combo.select(viewer.layers["img"])
+    tune.boxes_combo.select(shapes)
+    config = tune.make_config()
+    from boxlevelset.data import load_box_folder
+    folder = load_box_folder(config.data)
+    assert [c["name"] for c in folder.categories] == ["thing"]
+    assert np.allclose(folder.records[0].boxes, [[12, 10, 28, 30]])
