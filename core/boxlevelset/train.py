@@ -345,27 +345,36 @@ def collate(samples: list[dict[str, Any]], divisor: int = 32) -> tuple[torch.Ten
 
 
 class _EpochSampler(torch.utils.data.Sampler):
-    """One epoch of (index, augmentation seed) pairs for this rank, starting at `skip` samples.
+    """(index, augmentation seed) pairs of one epoch for this rank, from `skip` samples on.
 
-    Shuffling and rank split come from DistributedSampler (also for one process, so the order
-    does not depend on world size handling); skipping lets a resumed run continue mid-epoch.
+    Shuffling and the rank split come from DistributedSampler (also for one process);
+    `set_epoch(epoch, skip)` is read in the main process at each `iter(loader)`, so one
+    DataLoader (with persistent workers) serves every epoch, and a resumed run continues
+    mid-epoch with the same samples and augmentations it would have had.
     """
 
-    def __init__(self, n: int, world: int, rank: int, seed: int, epoch: int, skip: int) -> None:
-        base = torch.utils.data.DistributedSampler(
+    def __init__(self, n: int, world: int, rank: int, seed: int) -> None:
+        self.base = torch.utils.data.DistributedSampler(
             range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=False)
-        base.set_epoch(epoch)
-        order = list(base)
-        self.items = [
-            (int(idx), int(np.random.SeedSequence([seed, epoch, rank, pos]).generate_state(1)[0]))
-            for pos, idx in enumerate(order)
-        ][skip:]
+        self.rank, self.seed = rank, seed
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def _items(self) -> list[tuple[int, int]]:
+        self.base.set_epoch(self.epoch)
+        return [
+            (int(idx), int(np.random.SeedSequence(
+                [self.seed, self.epoch, self.rank, pos]).generate_state(1)[0]))
+            for pos, idx in enumerate(self.base)
+        ][self.skip:]
 
     def __iter__(self):
-        return iter(self.items)
+        return iter(self._items())
 
     def __len__(self) -> int:
-        return len(self.items)
+        return max(0, len(self.base) - self.skip)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,19 +502,31 @@ def weights_digest(model: nn.Module | dict[str, torch.Tensor]) -> str:
 
 
 class _LossLog:
-    """Per-iteration losses appended to a CSV (columns fixed by the first row) or JSON lines."""
+    """Per-iteration losses appended to a CSV (columns fixed by the first row) or JSON lines.
 
-    def __init__(self, path: Path, append: bool) -> None:
+    On resume (`keep_until` = the checkpoint's iteration) rows written after that checkpoint
+    by the interrupted run are dropped, so every iteration appears once.
+    """
+
+    def __init__(self, path: Path, keep_until: int | None = None) -> None:
         self.path = path
         self.jsonl = path.suffix in (".jsonl", ".json")
         path.parent.mkdir(parents=True, exist_ok=True)
         self.columns: list[str] | None = None
-        if append and path.exists() and not self.jsonl:
-            with open(path, newline="") as f:
-                header = next(csv.reader(f), None)
-            self.columns = header
-        mode = "a" if append and path.exists() else "w"
-        self.file = open(path, mode, newline="")
+        kept: list[str] = []
+        if keep_until is not None and path.exists():
+            lines = path.read_text().splitlines()
+            if self.jsonl:
+                kept = [ln for ln in lines if ln.strip()
+                        and int(json.loads(ln).get("iteration", 0)) <= keep_until]
+            elif lines:
+                self.columns = next(csv.reader(lines[:1]))
+                col = self.columns.index("iteration") if "iteration" in self.columns else 0
+                kept = lines[:1] + [ln for ln in lines[1:]
+                                    if int(next(csv.reader([ln]))[col]) <= keep_until]
+        self.file = open(path, "w", newline="")
+        for line in kept:
+            self.file.write(line + "\n")
 
     def write(self, row: dict[str, Any]) -> None:
         if self.jsonl:
@@ -649,7 +670,7 @@ def train(
         if is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             log_path = Path(config.log_path) if config.log_path else out_dir / "log.csv"
-            log = _LossLog(log_path, append=start_iter > 0)
+            log = _LossLog(log_path, keep_until=start_iter if resume else None)
             if progress:
                 from tqdm import tqdm
                 bar = tqdm(total=max_iter, initial=start_iter, desc="train", unit="it")
@@ -664,6 +685,11 @@ def train(
                          scaler=scaler.state_dict() if scaler.is_enabled() else None,
                          iteration=iteration, **train_state)
 
+        sampler = _EpochSampler(len(dataset), world, rank, config.seed)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=per_rank_batch, sampler=sampler, collate_fn=collate,
+            num_workers=config.num_workers, pin_memory=device.type == "cuda",
+            persistent_workers=config.num_workers > 0)
         it = start_iter
         last_saved: Path | None = Path(resume) if resume else None
         stopped = False
@@ -673,12 +699,7 @@ def train(
         epoch = it // iters_per_epoch
         while it < max_iter and not stopped:
             epoch = it // iters_per_epoch
-            sampler = _EpochSampler(len(dataset), world, rank, config.seed, epoch,
-                                    skip=(it % iters_per_epoch) * per_rank_batch)
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_size=per_rank_batch, sampler=sampler, collate_fn=collate,
-                num_workers=config.num_workers, pin_memory=device.type == "cuda",
-                persistent_workers=False)
+            sampler.set_epoch(epoch, skip=(it % iters_per_epoch) * per_rank_batch)
             t_iter = time.perf_counter()
             for images, targets in loader:
                 dropped_total += sum(t.pop("dropped") for t in targets)
