@@ -1,0 +1,85 @@
+"""Open napari with the plugin on the shipped nuclei image, segment its boxes, save a screenshot.
+
+    python scripts/screenshot.py [--out docs/screenshot.png] [--canvas-only]
+
+Without a display it re-runs itself under `xvfb-run` (napari needs an OpenGL context, which
+Xvfb + Mesa provide; Qt's offscreen platform does not).
+"""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  -- before Qt
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+
+def _ensure_display() -> None:
+    if os.environ.get("DISPLAY") or os.environ.get("BOXLEVELSET_XVFB"):
+        return
+    xvfb = shutil.which("xvfb-run")
+    if xvfb is None:
+        sys.exit("no display and no xvfb-run: install xvfb (see README) or run with a display")
+    os.environ["BOXLEVELSET_XVFB"] = "1"
+    os.environ["QT_QPA_PLATFORM"] = "xcb"
+    os.execv(xvfb, [xvfb, "-a", "-s", "-screen 0 1600x1000x24", sys.executable, *sys.argv])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" /
+                                             "screenshot.png"))
+    parser.add_argument("--canvas-only", action="store_true")
+    args = parser.parse_args()
+    _ensure_display()
+
+    import napari
+    from napari.layers import Layer
+    from qtpy.QtWidgets import QApplication
+
+    from boxlevelset_napari._box_to_mask import BoxToMaskWidget
+    from boxlevelset_napari._sample_data import make_sample_nuclei
+
+    viewer = napari.Viewer(title="boxlevelset: boxes to masks")
+    viewer.window.resize(1700, 1000)
+    for data, kwargs, kind in make_sample_nuclei():
+        viewer.add_layer(Layer.create(data, dict(kwargs), kind))
+    widget = BoxToMaskWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Box to mask", area="right")
+    t0 = time.perf_counter()
+    widget.segment()
+    print(f"segmented {len(viewer.layers['nuclei boxes'].data)} boxes in "
+          f"{time.perf_counter() - t0:.2f} s")
+    labels = widget.labels_layer(create=False)
+    labels.opacity = 0.55
+    boxes = viewer.layers["nuclei boxes"]
+    boxes.edge_width = 1.0
+    viewer.layers.selection.active = boxes
+    boxes.mode = "add_rectangle"
+    for _ in range(20):  # let Qt lay out the window before fitting the view to the canvas
+        QApplication.processEvents()
+        time.sleep(0.05)
+    viewer.reset_view()
+    try:  # start-up toasts (e.g. napari's PyQt5 deprecation notice) would cover the image
+        from napari._qt.dialogs.qt_notification import NapariQtNotification
+
+        for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+            toast.close()
+    except ImportError:
+        pass
+    for _ in range(10):
+        QApplication.processEvents()
+        time.sleep(0.05)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    viewer.screenshot(str(out), canvas_only=args.canvas_only, flash=False)
+    print(f"wrote {out}")
+    viewer.close()
+
+
+if __name__ == "__main__":
+    main()
