@@ -393,3 +393,45 @@ def test_predict_and_evaluate_command_line(trained, tmp_path, capsys):
     assert run_evaluate(args) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert "| box_mIoU |" in capsys.readouterr().out and 0 <= metrics["box_mIoU"] <= 1
+
+
+class _ThresholdModel:
+    """Fake model: one instance per slice, the pixels above 100 HU (checks windowing is passed)."""
+
+    config = argparse.Namespace(class_names=("organ",), num_classes=1)
+
+    def predict(self, image, window=None, score_threshold=None):
+        from boxlevelset.model import Instances
+
+        assert window == "liver" and image.dtype == np.float32  # raw HU + the window
+        mask = image > 100
+        n = int(mask.any())
+        return Instances(mask[None][:n], np.zeros((n, 4), np.float32), np.zeros(n, np.int64),
+                         np.full(n, 0.9, np.float32))
+
+
+def test_predict_volume_writes_label_volume_with_geometry(tmp_path):
+    import SimpleITK as sitk
+
+    from boxlevelset.data import read_volume
+    from boxlevelset.predict import predict_folder
+
+    hu = np.full((3, 20, 30), -500, np.int16)
+    hu[0, 2:8, 3:9] = 200
+    hu[2, 10:15, 5:25] = 300  # slice 1 stays empty
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing((0.7, 0.7, 2.5))
+    image.SetOrigin((10.0, -5.0, 3.0))
+    sitk.WriteImage(image, str(tmp_path / "ct.nii.gz"))
+    out = predict_folder(_ThresholdModel(), tmp_path / "ct.nii.gz", tmp_path / "out",
+                         window="liver")
+    coco = json.loads(out.read_text())
+    assert [im["slice_index"] for im in coco["images"]] == [0, 1, 2]
+    assert len(coco["annotations"]) == 2
+    labels = read_volume(tmp_path / "out" / "ct_labels.nii.gz")
+    assert labels.spacing == pytest.approx((0.7, 0.7, 2.5))
+    assert labels.origin == pytest.approx((10.0, -5.0, 3.0))
+    expected = np.zeros(hu.shape, np.int32)
+    expected[0][hu[0] > 100] = 1
+    expected[2][hu[2] > 100] = 2  # numbered across the volume
+    np.testing.assert_array_equal(labels.array.astype(np.int32), expected)

@@ -131,13 +131,16 @@ def predict_folder(
 ) -> Path:
     """Predict every image of a folder (or one image) and write the results under `out_dir`.
 
-    Writes `predictions.json` (COCO, masks as RLE, categories = the model's classes with ids
-    1..K), and unless disabled `labels/<name>.png` (uint16 instance labels, the most
+    A CT volume file is predicted slice by slice (see `predict_volume`). Otherwise writes
+    `predictions.json` (COCO, masks as RLE, categories = the model's classes with ids 1..K), and unless disabled `labels/<name>.png` (uint16 instance labels, the most
     confident mask wins overlaps; `.tif` when over 65535 instances) and
     `overlays/<name>.png` (the image with the masks tinted). Returns the JSON path.
     """
     from boxlevelset.export import masks_to_labels, write_coco, write_label_image
 
+    if isinstance(source, (str, Path)) and _is_volume_file(Path(source)):
+        return predict_volume(model, source, out_dir, score_threshold=score_threshold,
+                              window=window, progress=progress)
     folder = _load_source(source, window)
     if len(folder) == 0:
         raise ValueError(f"{source}: no images to predict")
@@ -168,6 +171,57 @@ def predict_folder(
     logger.info("%d images, %d instances -> %s", len(images),
                 sum(len(a["masks"]) for a in annotations), path)
     return path
+
+
+def _is_volume_file(path: Path) -> bool:
+    from boxlevelset.data import VOLUME_SUFFIXES
+
+    name = path.name.lower()
+    return path.is_file() and any(name.endswith(s) for s in VOLUME_SUFFIXES)
+
+
+def predict_volume(
+    model: Any, path: str | Path, out_dir: str | Path, *, score_threshold: float | None = None,
+    window: Any = "abdomen", slices: Sequence[int] | None = None, progress: bool = False,
+) -> Path:
+    """Predict every axial slice (or `slices`) of a CT volume file, windowed with `window`.
+
+    Writes `<name>_labels.nii.gz` (instance labels numbered across the whole volume, with the
+    volume's spacing, origin and direction) and `predictions.json` (COCO, one image entry per
+    slice with its slice_index). Returns the JSON path.
+    """
+    from boxlevelset.data import read_volume, write_label_volume
+    from boxlevelset.export import write_coco
+
+    volume = read_volume(path)
+    depth = volume.shape[0]
+    indices = list(range(depth)) if slices is None else [int(z) for z in slices]
+    bad = [z for z in indices if not 0 <= z < depth]
+    if bad:
+        raise ValueError(f"{path}: slice {bad[0]} is outside the volume's {depth} slices")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = np.zeros(volume.shape, np.int32)
+    images, annotations, next_label = [], [], 1
+    iterator = indices
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(indices, desc="predict", unit="slice")
+    name = Path(path).name
+    for image_id, z in enumerate(iterator, start=1):
+        inst = model.predict(volume.array[z], window=window, score_threshold=score_threshold)
+        masks, labs, scores = _sorted_instances(inst)
+        for mask in masks:  # confident masks first; later ones do not overwrite them
+            labels[z][mask & (labels[z] == 0)] = next_label
+            next_label += 1
+        images.append({"id": image_id, "file_name": name, "height": volume.shape[1],
+                       "width": volume.shape[2], "slice_index": z})
+        annotations.append({"image_id": image_id, "masks": masks, "category_ids": labs + 1,
+                            "scores": scores})
+    stem = _stem(argparse.Namespace(file_name=name, slice_index=None))
+    write_label_volume(out_dir / f"{stem}_labels.nii.gz", labels, like=volume)
+    categories = [{"id": i + 1, "name": n} for i, n in enumerate(_class_names(model))]
+    return write_coco(out_dir / "predictions.json", images, annotations, categories)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,7 +384,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of `boxlevelset predict MODEL INPUT`."""
     parser.add_argument("model", help="model checkpoint (.pth)")
-    parser.add_argument("input", help="an image, a folder of images, or a box-labeled folder")
+    parser.add_argument("input", help="an image, a folder of images, a box-labeled folder, or a "
+                        "CT volume file (.nii.gz, .nrrd, .mha: every slice, windowed)")
     parser.add_argument("-o", "--output", "--out", dest="output", default="predictions",
                         help="output directory")
     parser.add_argument("--score-threshold", type=float, help="keep instances above this score")
