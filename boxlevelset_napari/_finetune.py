@@ -18,6 +18,7 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, QPointF, Qt, Signal
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -31,6 +32,7 @@ from qtpy.QtWidgets import (
 )
 
 from ._box_to_mask import BoxToMaskWidget, LayerCombo, _unwrap
+from ._train_process import train_in_subprocess
 
 SOURCE_FOLDER = "Box-labeled folder"
 SOURCE_VIEWER = "Boxes in this viewer"
@@ -122,6 +124,8 @@ class FineTuneWidget(QWidget):
         self.output_edit = QLineEdit(str(Path.home() / "boxlevelset_runs" / "finetune"))
         out_browse = QPushButton("Browse…")
         out_browse.clicked.connect(lambda: self._pick_dir(self.output_edit))
+        self.process_check = QCheckBox("Train in a separate process (viewer stays responsive)")
+        self.process_check.setChecked(True)
         self.init_edit = QLineEdit()
         self.init_edit.setPlaceholderText("optional: start from this checkpoint")
         self.start_btn = QPushButton("Fine-tune")
@@ -149,6 +153,7 @@ class FineTuneWidget(QWidget):
         row.addWidget(out_browse)
         form.addRow("Output", row)
         form.addRow("Start from", self.init_edit)
+        form.addRow("", self.process_check)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         row = QHBoxLayout()
@@ -180,8 +185,13 @@ class FineTuneWidget(QWidget):
         return save_annotations(output_dir / "viewer_annotations", image, boxes, None, names)
 
     def make_config(self) -> Any:
-        """The TrainConfig the Fine-tune button runs (output dir created, stop event set)."""
+        """The TrainConfig the Fine-tune button runs (its stop_event is what Stop sets)."""
         from boxlevelset.train import TrainConfig
+
+        values = self._config_values()
+        return TrainConfig(**values, stop_event=threading.Event())
+
+    def _config_values(self) -> dict[str, Any]:
 
         output_dir = Path(self.output_edit.text().strip() or "boxlevelset_runs/finetune")
         values: dict[str, Any] = dict(
@@ -190,30 +200,33 @@ class FineTuneWidget(QWidget):
             output_dir=str(output_dir),
             epochs=int(self.epochs_spin.value()),
             device=self.device_combo.currentText(),
-            stop_event=threading.Event(),
         )
         if self.init_edit.text().strip():
             values["init_checkpoint"] = self.init_edit.text().strip()
         values.update(self.config_overrides)
-        return TrainConfig(**values)
+        return values
 
     def start(self) -> Any:
         """Start fine-tuning in a background thread; returns the worker (None on bad input)."""
-        from boxlevelset.train import train
+        from boxlevelset.train import TrainConfig, train
 
         if self.worker is not None:
             show_info("boxlevelset: fine-tuning is already running")
             return self.worker
         try:
-            self.config = self.make_config()
+            values = self._config_values()
+            self.config = TrainConfig(**values, stop_event=threading.Event())  # validates
         except Exception as err:
             self._fail(err)
             return None
         self.events, self.error, self.checkpoint = [], None, None
         self.plot.clear()
         config, bridge = self.config, self._bridge
+        in_process = self.process_check.isChecked()
 
         def run() -> Path:
+            if in_process:
+                return train_in_subprocess(values, bridge.event.emit, config.stop_event)
             return train(config, callbacks=[bridge.event.emit])
 
         # Connecting "errored" keeps thread_worker from re-raising: the error is shown instead.

@@ -53,6 +53,7 @@ def test_finetune_progress_reload_and_model_mode(tmp_path, tiny_box_folder, qtbo
     assert all(np.isfinite(list(e.losses.values())).all() for e in tune.events)
     assert len(tune.plot.values) >= 3
     assert tune.checkpoint is not None and tune.checkpoint.is_file()
+    assert tune.process_check.isChecked()  # this run trained in a child process
     assert isinstance(tune.model, SOLOv2)
     assert box_widget.model is tune.model  # the new model went straight to box-to-mask
     assert box_widget.method_combo.currentText() == METHOD_MODEL
@@ -84,6 +85,7 @@ def test_stop_keeps_checkpoint_and_errors_are_shown(tmp_path, tiny_box_folder, q
     tune.output_edit.setText(str(tmp_path / "run"))
     tune.device_combo.setCurrentText("cpu")
     tune.config_overrides = dict(TINY, max_iterations=500)
+    tune.process_check.setChecked(False)  # in-thread mode (the first test covers the process)
     stopped = []
 
     def stop_early(event):
@@ -99,7 +101,8 @@ def test_stop_keeps_checkpoint_and_errors_are_shown(tmp_path, tiny_box_folder, q
     assert tune.checkpoint is not None and tune.checkpoint.name == "last.pth"
     assert isinstance(tune.model, SOLOv2)  # the stopped run's checkpoint is loaded
 
-    # A folder that does not exist: the error is shown in the widget, nothing re-raised.
+    # A folder that does not exist: the error is shown in the widget, nothing re-raised
+    # (in-thread mode here: the worker's own exception path).
     tune.folder_edit.setText(str(tmp_path / "missing"))
     tune.config_overrides = dict(TINY, max_iterations=2)
     with qtbot.capture_exceptions() as raised:

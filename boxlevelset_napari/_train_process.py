@@ -1,0 +1,68 @@
+"""Training in a child process, so a running fine-tune never holds the viewer's GIL.
+
+Kept free of napari and Qt imports: the child (multiprocessing "spawn") imports only this
+module and the engine.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def _child(values: dict[str, Any], events: Any, stop: Any) -> None:
+    from boxlevelset.train import TrainConfig, train
+
+    stop_event = threading.Event()
+
+    def forward_stop() -> None:
+        stop.wait()
+        stop_event.set()
+
+    threading.Thread(target=forward_stop, daemon=True).start()
+    try:
+        path = train(TrainConfig(**values, stop_event=stop_event), callbacks=[events.put])
+        events.put(("done", str(path)))
+    except BaseException as err:  # reported to the parent, which raises it in its worker
+        events.put(("error", f"{type(err).__name__}: {err}"))
+
+
+def train_in_subprocess(values: dict[str, Any], on_event: Callable[[Any], Any],
+                        stop_requested: threading.Event, poll_s: float = 0.1) -> Path:
+    """Run `boxlevelset.train(TrainConfig(**values))` in a spawned process.
+
+    Every TrainEvent is passed to `on_event` (in the calling thread); setting
+    `stop_requested` stops training cleanly (the child saves its checkpoint). Returns the
+    checkpoint path; raises RuntimeError with the child's error message on failure.
+    """
+    ctx = mp.get_context("spawn")  # fork after Qt/torch threads exist is unsafe
+    events, stop = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=_child, args=(values, events, stop), daemon=True,
+                       name="boxlevelset-finetune")
+    proc.start()
+    try:
+        while True:
+            if stop_requested.is_set() and not stop.is_set():
+                stop.set()
+            try:
+                item = events.get(timeout=poll_s)
+            except queue.Empty:
+                if not proc.is_alive():
+                    raise RuntimeError(
+                        f"training process ended unexpectedly (exit code {proc.exitcode})"
+                    ) from None
+                continue
+            if isinstance(item, tuple):
+                kind, payload = item
+                if kind == "done":
+                    return Path(payload)
+                raise RuntimeError(payload)
+            on_event(item)
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.terminate()
