@@ -647,7 +647,9 @@ def train(
         if resume == "auto":
             resume = last_path if last_path.exists() else None
         if resume:
-            ckpt = torch.load(resume, map_location=device, weights_only=False)
+            from boxlevelset.model import load_checkpoint
+
+            ckpt = load_checkpoint(resume, device)
             for key in ("model", "optimizer", "scheduler", "iteration"):
                 if key not in ckpt:
                     raise ValueError(f"{resume}: cannot resume, the checkpoint has no {key!r} "
