@@ -7,6 +7,7 @@ module and the engine.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -15,7 +16,12 @@ from typing import Any
 
 
 def _child(values: dict[str, Any], events: Any, stop: Any) -> None:
+    import torch
+
     from boxlevelset.train import TrainConfig, train
+
+    # Leave one core to the viewer: its event loop must keep running while training does.
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
 
     stop_event = threading.Event()
 

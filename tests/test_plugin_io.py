@@ -52,6 +52,14 @@ def test_reader_claims_the_right_paths(tmp_path, tiny_box_folder):
     assert napari_get_reader(str(SAMPLES / "nuclei.png")) is not None
     assert napari_get_reader(str(tmp_path / "notes.txt")) is None
     assert napari_get_reader(str(tmp_path)) is None  # a folder of nothing we know
+    png = str(SAMPLES / "nuclei.png")
+    (data, kwargs, kind), = napari_get_reader(png)(png)
+    assert kind == "image" and data.shape[:2] == (256, 256)
+    labels = np.zeros((8, 9), np.int32)
+    labels[2:5, 3:6] = 7
+    out = write_labels(str(tmp_path / "l.tif"), labels, {})
+    import tifffile
+    assert np.array_equal(tifffile.imread(out[0]), labels)
 
 
 def test_ct_reader_window_scale_and_nifti_export_keep_geometry(tmp_path, make_napari_viewer_proxy):
