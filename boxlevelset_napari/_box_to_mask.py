@@ -786,8 +786,6 @@ class BoxToMaskWidget(QWidget):
 
     # ------------------------------------------------------------ export
     def _export_dialog(self, kind: str) -> None:
-        from . import _export
-
         filters = {"coco": "COCO JSON (*.json)", "labels": "Label image (*.png *.tif *.tiff)",
                    "nifti": "Label volume (*.nii.gz *.nii *.nrrd *.mha)"}
         try:
@@ -801,7 +799,6 @@ class BoxToMaskWidget(QWidget):
         except Exception as err:
             show_error(f"boxlevelset: export failed: {err}")
             self._say(f"export failed: {err}")
-        del _export
 
     def export(self, kind: str, path: str) -> Any:
         """Export the current image's annotations: kind 'coco', 'labels', 'nifti' or 'folder'."""

@@ -109,7 +109,8 @@ def export_coco(path: str | os.PathLike, image: Any, boxes: Any, labels: Any,
         raise ValueError("there are no masks to export yet (segment some boxes first)")
     stacked = _is_stack(image)
     per_plane = _ensure_stack_plane(_boxes_by_plane(boxes), stacked)
-    cats = _categories(image, class_names)
+    used = [cat for items in per_plane.values() for _bid, _box, cat in items]
+    cats = _categories(image, list(dict.fromkeys([*class_names, *used])))
     cat_id = {c["name"]: int(c["id"]) for c in cats}
     default_cat = cat_id[class_names[0]] if class_names else int(cats[0]["id"])
     images, annotations = [], []
@@ -190,11 +191,8 @@ def save_annotations(folder: str | os.PathLike, image: Any, boxes: Any, labels: 
         raise ValueError("there are no boxes to save")
     stacked = _is_stack(image)
     per_plane = _ensure_stack_plane(_boxes_by_plane(boxes), stacked)
-    cats = _categories(image, class_names)
-    for _plane_items in per_plane.values():  # categories drawn but not in the class list
-        for _bid, _box, cat in _plane_items:
-            if cat not in {c["name"] for c in cats}:
-                cats.append({"id": max(int(c["id"]) for c in cats) + 1, "name": cat})
+    used = [cat for items in per_plane.values() for _bid, _box, cat in items]
+    cats = _categories(image, list(dict.fromkeys([*class_names, *used])))
     cat_id = {c["name"]: int(c["id"]) for c in cats}
     items = []
     for plane in sorted(per_plane, key=lambda p: -1 if p is None else p):

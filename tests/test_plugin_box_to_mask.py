@@ -25,10 +25,6 @@ def _disc_image(size: int = 96) -> tuple[np.ndarray, list[np.ndarray]]:
     return image, discs
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max((a | b).sum(), 1))
-
-
 def _engine(image: np.ndarray, box) -> np.ndarray:
     """The reference: what the engine itself returns for this box."""
     return segment_boxes(image, np.asarray([box], dtype=float))[0]

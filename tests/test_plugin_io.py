@@ -15,7 +15,6 @@ from napari.layers import Layer
 
 from boxlevelset.data import load_box_folder, read_volume
 from boxlevelset.export import read_coco_masks
-from boxlevelset_napari import _export
 from boxlevelset_napari._box_to_mask import BoxToMaskWidget
 from boxlevelset_napari._reader import napari_get_reader
 from boxlevelset_napari._sample_data import make_sample_ct, make_sample_nuclei
