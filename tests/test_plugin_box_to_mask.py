@@ -159,3 +159,28 @@ def test_accept_locks_masks(viewer_widget):
     boxes.selected_data = {0}
     boxes.remove_selected()
     assert np.array_equal(labels.data, before)  # accepted masks survive their box
+
+
+def test_box_drawn_with_the_mouse_gets_its_mask(viewer_widget):
+    """The real user path: press, drag, release in rectangle mode (ADDED fires on release)."""
+    from napari.utils._test_utils import read_only_mouse_event
+    from napari.utils.interactions import (
+        mouse_move_callbacks,
+        mouse_press_callbacks,
+        mouse_release_callbacks,
+    )
+
+    viewer, widget, image = viewer_widget
+    boxes = getattr(widget.new_boxes_layer(), "__wrapped__", None) or widget.boxes_layer()
+    assert boxes.mode == "add_rectangle"
+    # (row, col): from (16, 14) to (45, 43) is the box x 14..43, y 16..45.
+    mouse_press_callbacks(boxes, read_only_mouse_event(type="mouse_press", position=(16, 14)))
+    assert widget.labels_layer(create=False) is None  # nothing while the box is being drawn
+    mouse_move_callbacks(boxes, read_only_mouse_event(type="mouse_move", is_dragging=True,
+                                                      position=(45, 43)))
+    mouse_release_callbacks(boxes, read_only_mouse_event(type="mouse_release",
+                                                         position=(45, 43)))
+    assert len(boxes.data) == 1
+    labels = widget.labels_layer(create=False)
+    box_id = int(boxes.features["box_id"][0])
+    assert np.array_equal(labels.data == box_id, _engine(image, (14, 16, 43, 45)))
