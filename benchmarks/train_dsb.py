@@ -186,7 +186,8 @@ def table(rows: list[tuple[str, dict]]) -> str:
 # --------------------------------------------------------------------------------------- main
 
 
-def build_parser(description: str, data: Path, n_train: int, n_test: int) -> argparse.ArgumentParser:
+def build_parser(description: str, data: Path, n_train: int, n_test: int
+                 ) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--data", type=Path, default=data)
     p.add_argument("--train-images", type=int, default=n_train)

@@ -219,7 +219,8 @@ def test_stop_by_callback_then_resume_matches_uninterrupted(tiny_box_folder, tmp
     # as the uninterrupted run, so the same losses and final weights.
     resumed = []
     cfg = tiny_config(tiny_box_folder, tmp_path / "run", max_iterations=4, resume="auto")
-    final = train(cfg, callbacks=[lambda e: resumed.append((e.iteration, e.lr, e.losses.get("loss")))])
+    final = train(cfg, callbacks=[
+        lambda e: resumed.append((e.iteration, e.lr, e.losses.get("loss")))])
     assert final.name == "model.pth"
     assert [r[0] for r in resumed] == [2, 3, 4, 4]
     for got, want in zip(resumed[:3], straight[1:4]):

@@ -132,9 +132,10 @@ def predict_folder(
     """Predict every image of a folder (or one image) and write the results under `out_dir`.
 
     A CT volume file is predicted slice by slice (see `predict_volume`). Otherwise writes
-    `predictions.json` (COCO, masks as RLE, categories = the model's classes with ids 1..K), and unless disabled `labels/<name>.png` (uint16 instance labels, the most
-    confident mask wins overlaps; `.tif` when over 65535 instances) and
-    `overlays/<name>.png` (the image with the masks tinted). Returns the JSON path.
+    `predictions.json` (COCO, masks as RLE, categories = the model's classes with ids 1..K),
+    and unless disabled `labels/<name>.png` (uint16 instance labels, the most confident mask
+    wins overlaps; `.tif` when over 65535 instances) and `overlays/<name>.png` (the image with
+    the masks tinted). Returns the JSON path.
     """
     from boxlevelset.export import masks_to_labels, write_coco, write_label_image
 

@@ -146,7 +146,8 @@ class TrainConfig:
         if self.supervision not in ("box", "mask"):
             raise ValueError(f"supervision must be 'box' or 'mask', got {self.supervision!r}")
         if any(not 0.0 < s <= 1.0 for s in self.lr_steps):
-            raise ValueError(f"lr_steps are fractions of the schedule in (0, 1], got {self.lr_steps}")
+            raise ValueError(
+                f"lr_steps are fractions of the schedule in (0, 1], got {self.lr_steps}")
         for name in ("batch_size", "max_size", "checkpoint_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
