@@ -87,7 +87,8 @@ def run_segment(args: argparse.Namespace) -> int:
     for record in tqdm(folder.records, desc="segment", unit="image"):
         image = folder.load_image(record)
         boxes = np.asarray(record.boxes, float).reshape(-1, 4)
-        masks = segment_boxes(image, boxes, model=model, iterations=args.iterations)
+        options = {} if args.iterations is None else {"iterations": args.iterations}
+        masks = segment_boxes(image, boxes, model=model, **options)
         stack = np.stack(masks) if masks else np.zeros((0,) + image.shape[:2], bool)
         images.append(_image_entry(record))
         annotations.append({"image_id": int(record.image_id), "masks": stack,
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--model", help="checkpoint for model-based masks (default: model-free)")
     seg.add_argument("--device", default=None, help="cpu / cuda (model only)")
     seg.add_argument("--window", default=None, help="CT window preset for volumes in a folder")
-    seg.add_argument("--iterations", type=int, default=60, help="level-set iterations")
+    seg.add_argument("--iterations", type=int, help="level-set iterations (model-free)")
     seg.add_argument("--label-format", choices=("png", "tif"), default="png")
     seg.set_defaults(func=run_segment)
 
