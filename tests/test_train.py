@@ -352,8 +352,13 @@ class _OraclePredictor:
         self.model = model
 
     def set_image(self, image):
+        self.image = image
         self.record = next(r for r in self.model.folder.records
                            if np.array_equal(self.model.folder.load_image(r), image))
+        return self
+
+    def predict(self, score_threshold=None):
+        return self.model.predict(self.image, score_threshold=score_threshold)
 
     def predict_boxes(self, boxes):
         masks = self.model.folder.gt_masks(self.record)

@@ -257,15 +257,20 @@ def evaluate_model(
     "voc_AP70", "voc_AP75"), and with `box_prompted` the quality of masks prompted by the
     ground-truth boxes ("box_mIoU": mean IoU with the matching GT mask; "box_AP", ...: COCO AP
     with every prompted mask scored 1.0), plus "images", "instances" and inference times
-    ("ms_per_image", "box_ms_per_image"). Class-agnostic when the model's classes do not cover
-    the folder's (or when asked): every category is then merged into one.
+    ("ms_per_image": the whole model; "box_ms_per_image": the box prompts of an image once
+    its features are cached, as in interactive use). Class-agnostic when the model's classes
+    do not cover the folder's (or when asked): every category is then merged into one. Images
+    without objects are predicted too, so their false positives count.
     """
     from boxlevelset.evaluate import coco_mask_ap, matched_ious, voc_mask_ap
     from boxlevelset.export import coco_results
 
     folder = _load_source(folder, window)
-    records = [r for r in folder.records if len(r.boxes)]
-    if not records:
+    # Every image is predicted (images without objects count false positives); box prompts
+    # only exist where there are boxes.
+    records = list(folder.records)
+    n_prompted = sum(1 for r in records if len(r.boxes))
+    if not n_prompted:
         raise ValueError(f"{folder.root}: no annotated images to evaluate on")
     gt = folder.to_coco_gt()
     missing = [a for a in gt["annotations"] if "segmentation" not in a]
@@ -292,7 +297,10 @@ def evaluate_model(
     for record in iterator:
         image = folder.load_image(record)
         t0 = time.perf_counter()
-        inst = model.predict(image, score_threshold=None)
+        if predictor is not None:  # one backbone pass serves both evaluations
+            inst = predictor.set_image(image).predict(score_threshold=None)
+        else:
+            inst = model.predict(image, score_threshold=None)
         t_model += time.perf_counter() - t0
         masks, labs, scores = _sorted_instances(inst)
         if mapping is None:
@@ -302,10 +310,9 @@ def evaluate_model(
             masks, labs, scores = masks[keep], labs[keep], scores[keep]
             cats = np.array([mapping[int(l)] for l in labs], np.int64)
         results += coco_results(record.image_id, masks, scores, cats)
-        if predictor is not None:
+        if predictor is not None and len(record.boxes):
             gt_masks = folder.gt_masks(record)
             t0 = time.perf_counter()
-            predictor.set_image(image)
             box_masks = np.stack(predictor.predict_boxes(record.boxes)).astype(bool)
             t_box += time.perf_counter() - t0
             ious.append(np.asarray(matched_ious(gt_masks, box_masks), np.float64))
@@ -321,7 +328,7 @@ def evaluate_model(
         out["box_mIoU"] = float(np.concatenate(ious).mean()) if ious else 0.0
         for key, value in _ap(coco_mask_ap, gt, prompted, max_dets).items():
             out[f"box_{key}"] = value
-        out["box_ms_per_image"] = 1000.0 * t_box / len(records)
+        out["box_ms_per_image"] = 1000.0 * t_box / n_prompted
     out["images"] = len(records)
     out["instances"] = len(gt["annotations"])
     out["ms_per_image"] = 1000.0 * t_model / len(records)
