@@ -379,7 +379,7 @@ def segment_boxes(
     window: Window = None,
     iterations: int = 25,
     step_size: float = 0.5,
-    gamma: float = 0.25,
+    gamma: float = 0.15,
     alpha: float = 3.0,
     max_side: int = 64,
     smooth: float = 0.5,
