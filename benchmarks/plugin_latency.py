@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-COCO_PHOTO = Path("/work/shared/data/coco128-dev/images/000000000009.jpg")
+COCO_PHOTO = (Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128-dev" / "images"
+              / "000000000009.jpg")
 
 
 def _ensure_display() -> None:

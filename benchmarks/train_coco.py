@@ -1,6 +1,6 @@
 """Fine-tune the `lite` preset on COCO photos from boxes only, and from masks, and compare.
 
-The same protocol as train_dsb.py on /work/shared/data/coco128-dev (80 COCO train2017 photos,
+The same protocol as train_dsb.py on ../shared/data/coco128-dev (80 COCO train2017 photos,
 80 classes): split by image (default 60 train / 20 held out, fixed seed), train `lite` with box
 supervision and with mask supervision within a time budget each, and score on the held-out
 images: the model alone (class-aware COCO mask AP), the model prompted with the ground-truth
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_dsb import build_parser, run  # noqa: E402
 
-COCO128 = Path("/work/shared/data/coco128-dev")
+COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128-dev"
 
 
 def main() -> None:

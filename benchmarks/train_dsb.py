@@ -1,6 +1,6 @@
 """Fine-tune the `lite` preset on DSB2018 nuclei from boxes only, and from masks, and compare.
 
-Splits /work/shared/data/dsb2018-dev by image (default 60 train / 20 held out, fixed seed),
+Splits ../shared/data/dsb2018-dev by image (default 60 train / 20 held out, fixed seed),
 trains `lite` with box supervision (the paper's level-set loss) and with mask supervision (the
 SOLOv2 dice ceiling) on the same schedule within a time budget each, then scores on the held-out
 images:
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-DSB = Path("/work/shared/data/dsb2018-dev")
+DSB = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018-dev"
 METRIC_KEYS = ("AP", "AP50", "AP75", "mIoU")
 
 

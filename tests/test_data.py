@@ -25,7 +25,7 @@ from boxlevelset.data import (
     write_label_volume,
 )
 
-DATA = Path("/work/shared/data")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # shared/ beside the checkout
 
 
 # ----------------------------------------------------------------------------- read_image
