@@ -203,7 +203,8 @@ def latency(max_side_px: int = 256, repeats: int = 3) -> dict:
                 segment_boxes(img, boxes)
                 times.append(time.perf_counter() - t0)
             per_box.append(min(times) * 1000 / len(boxes))
-    return {"median_ms_per_box": float(np.median(per_box)), "p90": float(np.percentile(per_box, 90))}
+    return {"median_ms_per_box": float(np.median(per_box)),
+            "p90": float(np.percentile(per_box, 90))}
 
 
 def main() -> int:
@@ -232,7 +233,8 @@ def main() -> int:
               f"{r['ms/box']:.1f} |")
     if not args.no_latency:
         lat = latency()
-        print(f"\nours, boxes up to 256 px, batched per image: median {lat['median_ms_per_box']:.1f}"
+        print("\nours, boxes up to 256 px, batched per image: "
+              f"median {lat['median_ms_per_box']:.1f}"
               f" ms/box (p90 {lat['p90']:.1f})")
     return 0
 

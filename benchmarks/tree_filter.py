@@ -17,7 +17,6 @@ import argparse
 import os
 import time
 
-import numpy as np
 import torch
 
 from boxlevelset.tree_filter import spanning_tree, tree_filter

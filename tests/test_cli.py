@@ -19,7 +19,6 @@ def test_segment_sample_writes_coco_labels_overlay(tmp_path):
     assert len(coco["images"]) == 1 and len(coco["annotations"]) == 28
     ann = coco["annotations"][0]
     mask = mask_utils.decode(ann["segmentation"])
-    x, y, w, h = ann["bbox"]
     assert mask.sum() == ann["area"] > 0
     labels = io.imread(tmp_path / "labels" / "nuclei.png")
     assert labels.max() == 28 and labels.shape == (256, 256)
@@ -27,7 +26,8 @@ def test_segment_sample_writes_coco_labels_overlay(tmp_path):
 
 
 def test_segment_box_labeled_folder_keeps_categories(tiny_box_folder, tmp_path):
-    assert main(["segment", str(tiny_box_folder), "--out", str(tmp_path), "--iterations", "20"]) == 0
+    args = ["segment", str(tiny_box_folder), "--out", str(tmp_path), "--iterations", "20"]
+    assert main(args) == 0
     src = json.loads((tiny_box_folder / "annotations.json").read_text())
     out = json.loads((tmp_path / "masks.json").read_text())
     assert [a["category_id"] for a in out["annotations"]] == [

@@ -138,8 +138,9 @@ def test_edge_cases_clip_empty_zero_area():
     logits = torch.randn(1, 8, 8)
     feats = torch.rand(1, 1, 8, 8)
     # A box partly outside the map is clipped to it.
-    partly = L.region_energy(logits, feats, torch.tensor([[-5.0, -3.0, 4.0, 4.0]]), torch.tensor([0]))
-    inside = L.region_energy(logits, feats, torch.tensor([[0.0, 0.0, 4.0, 4.0]]), torch.tensor([0]))
+    one = torch.tensor([0])
+    partly = L.region_energy(logits, feats, torch.tensor([[-5.0, -3.0, 4.0, 4.0]]), one)
+    inside = L.region_energy(logits, feats, torch.tensor([[0.0, 0.0, 4.0, 4.0]]), one)
     torch.testing.assert_close(partly, inside)
     # No instances: empty result.
     assert L.levelset_energy(torch.zeros(0, 8, 8), feats, torch.zeros(0, 4)).shape == (0,)

@@ -20,7 +20,6 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from boxlevelset.image import Window, as_boxes, as_float_image, clip_boxes
@@ -325,7 +324,9 @@ def _initial_phi(pix: BoxPixels) -> np.ndarray:
     return 2.0 * (1.0 - u * u - v * v)
 
 
-def evolution_energy(phi: Tensor, feats: Tensor, pix: BoxPixels, gamma: float, alpha: float) -> Tensor:
+def evolution_energy(
+    phi: Tensor, feats: Tensor, pix: BoxPixels, gamma: float, alpha: float
+) -> Tensor:
     """Energy the model-free evolution descends, per box: region (Eq. 3-4) on the
     standardised crop + gamma x perimeter / sqrt(box pixels) + alpha x box projection."""
     p = torch.sigmoid(phi)
