@@ -1,4 +1,5 @@
-"""npe2 reader: images, CT volumes (HU, window presets, physical spacing) and box-labeled folders."""
+"""npe2 reader: images, CT volumes (HU, window presets, physical spacing) and box-labeled
+folders."""
 
 from __future__ import annotations
 

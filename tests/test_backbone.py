@@ -184,7 +184,8 @@ def test_shipped_lite0_weights_load_in_order():
     m = build_backbone("efficientnet_lite0", pretrained=True)
     sd = m.state_dict()
     assert torch.equal(sd["conv_stem.weight"], src["_conv_stem.weight"])
-    assert torch.equal(sd["blocks.0.depthwise_conv.weight"], src["_blocks.0._depthwise_conv.weight"])
+    assert torch.equal(sd["blocks.0.depthwise_conv.weight"],
+                       src["_blocks.0._depthwise_conv.weight"])
     assert torch.equal(sd["blocks.15.bn2.running_var"], src["_blocks.15._bn2.running_var"])
     assert not any(k.startswith(("conv_head", "fc")) for k in sd)
 

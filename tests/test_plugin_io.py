@@ -63,7 +63,8 @@ def test_reader_claims_the_right_paths(tmp_path, tiny_box_folder):
 
 def test_ct_reader_window_scale_and_nifti_export_keep_geometry(tmp_path, make_napari_viewer_proxy):
     src = _write_ct(tmp_path / "ct.nii.gz")
-    (data, kwargs, kind), = napari_get_reader(str(tmp_path / "ct.nii.gz"))(str(tmp_path / "ct.nii.gz"))
+    path = str(tmp_path / "ct.nii.gz")
+    (data, kwargs, kind), = napari_get_reader(path)(path)
     assert kind == "image" and data.shape == (6, 40, 48)
     assert kwargs["scale"] == pytest.approx((2.5, 0.8, 0.7))  # (z, y, x) physical spacing
     assert kwargs["contrast_limits"] == pytest.approx((-160.0, 240.0))  # abdomen 40/400

@@ -140,7 +140,8 @@ def _load_by_name(model: nn.Module, state: "OrderedDict[str, Tensor]", source: s
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         raise ValueError(f"{source}: weights do not fit {type(model).__name__}: "
-                         f"missing keys [{_short(missing)}], unexpected keys [{_short(unexpected)}]")
+                         f"missing keys [{_short(missing)}], "
+                         f"unexpected keys [{_short(unexpected)}]")
     wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
              if state[k].shape != v.shape]
     if wrong:

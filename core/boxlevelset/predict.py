@@ -306,9 +306,9 @@ def evaluate_model(
         if mapping is None:
             cats = np.ones(len(labs), np.int64)
         else:
-            keep = np.array([int(l) in mapping for l in labs], bool)
+            keep = np.array([int(lab) in mapping for lab in labs], bool)
             masks, labs, scores = masks[keep], labs[keep], scores[keep]
-            cats = np.array([mapping[int(l)] for l in labs], np.int64)
+            cats = np.array([mapping[int(lab)] for lab in labs], np.int64)
         results += coco_results(record.image_id, masks, scores, cats)
         if predictor is not None and len(record.boxes):
             gt_masks = folder.gt_masks(record)
