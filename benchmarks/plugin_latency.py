@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch  # noqa: F401  -- before Qt
 
 import argparse
-import os
 import shutil
 import statistics
 import sys
@@ -25,22 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from boxlevelset_napari._display import ensure_display
+
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO_PHOTO = (Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128-dev" / "images"
               / "000000000009.jpg")
-
-
-def _ensure_display() -> None:
-    if os.environ.get("DISPLAY") or os.environ.get("BOXLEVELSET_XVFB"):
-        return
-    xvfb = shutil.which("xvfb-run")
-    if xvfb is None:
-        sys.exit("no display and no xvfb-run")
-    os.environ["BOXLEVELSET_XVFB"] = "1"
-    os.environ["QT_QPA_PLATFORM"] = "xcb"
-    os.execv(xvfb, [xvfb, "-a", "-s", "-screen 0 1600x1000x24", sys.executable, *sys.argv])
 
 
 def _process(app, seconds: float = 0.0) -> None:
@@ -158,7 +148,7 @@ def main() -> None:
     parser.add_argument("--train-seconds", type=float, default=20.0)
     parser.add_argument("--skip-train", action="store_true")
     args = parser.parse_args()
-    _ensure_display()
+    ensure_display()
 
     import napari
     from qtpy.QtWidgets import QApplication

@@ -11,22 +11,10 @@ from __future__ import annotations
 import torch  # noqa: F401  -- before Qt
 
 import argparse
-import os
-import shutil
-import sys
 import time
 from pathlib import Path
 
-
-def _ensure_display() -> None:
-    if os.environ.get("DISPLAY") or os.environ.get("BOXLEVELSET_XVFB"):
-        return
-    xvfb = shutil.which("xvfb-run")
-    if xvfb is None:
-        sys.exit("no display and no xvfb-run: install xvfb (see README) or run with a display")
-    os.environ["BOXLEVELSET_XVFB"] = "1"
-    os.environ["QT_QPA_PLATFORM"] = "xcb"
-    os.execv(xvfb, [xvfb, "-a", "-s", "-screen 0 1600x1000x24", sys.executable, *sys.argv])
+from boxlevelset_napari._display import ensure_display
 
 
 def main() -> None:
@@ -35,7 +23,7 @@ def main() -> None:
                                              "screenshot.png"))
     parser.add_argument("--canvas-only", action="store_true")
     args = parser.parse_args()
-    _ensure_display()
+    ensure_display()
 
     import napari
     from napari.layers import Layer
