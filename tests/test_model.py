@@ -230,6 +230,25 @@ def test_training_lowers_loss_and_improves_box_prompt(trained):
     assert not outside.any()
 
 
+def test_box_probabilities_and_level_set_refinement(trained):
+    from boxlevelset.levelset import segment_boxes
+
+    model, _, _ = trained
+    image, disk, box = disk_scene()
+    predictor = Predictor(model).set_image(image)
+    (prob,) = predictor.box_probabilities(box)
+    x0, y0, x1, y1 = box[0].astype(int)
+    assert prob.shape == (y1 - y0, x1 - x0) and prob.dtype == np.float32
+    assert 0.0 <= prob.min() and prob.max() <= 1.0
+    mask = predictor.predict_boxes(box)[0]
+    assert np.array_equal(mask[y0:y1, x0:x1], prob > model.config.mask_threshold)
+    # refine=0 is the model's mask; level-set steps from it move it onto the disk.
+    assert np.array_equal(segment_boxes(image, box, model=model)[0], mask)
+    refined = segment_boxes(image, box, model=model, refine=25)[0]
+    assert iou(refined, disk) > max(iou(mask, disk), 0.9)
+    assert not refined[:y0].any() and not refined[:, :x0].any()
+
+
 def test_predict_instances_consistent(trained):
     model, _, _ = trained
     image = np.random.default_rng(0).integers(0, 255, (70, 90)).astype(np.uint8)

@@ -343,8 +343,10 @@ def _evolve(
     step_size: float,
     gamma: float,
     alpha: float,
+    init: list[np.ndarray] | None = None,
 ) -> list[np.ndarray]:
-    """Adam descent on phi of all crops together; returns phi per crop.
+    """Adam descent on phi of all crops together, from ``init`` (phi per crop) or an
+    ellipse inscribed in each box; returns phi per crop.
 
     The gradient of ``evolution_energy`` is computed in closed form by a compiled kernel
     (tests check it against autograd): at box sizes of tens of pixels, autograd's per-op
@@ -353,7 +355,7 @@ def _evolve(
     from boxlevelset._evolve_kernel import adam_evolve
 
     pix, feats = _ragged_layout(crops)
-    phi = _initial_phi(pix)
+    phi = _initial_phi(pix) if init is None else np.concatenate([i.ravel() for i in init])
     adam_evolve(
         phi,
         feats.numpy().astype(np.float64),
@@ -385,6 +387,7 @@ def segment_boxes(
     max_side: int = 64,
     smooth: float = 0.5,
     lab: bool = True,
+    refine: int = 0,
     fill_holes: bool = True,
     largest_component: bool = True,
 ) -> list[np.ndarray]:
@@ -408,6 +411,8 @@ def segment_boxes(
         max_side: boxes with a longer side are evolved at this resolution, then upsampled.
         smooth: Gaussian sigma (pixels at evolution resolution) applied to each crop.
         lab: measure colour images in CIE Lab (closer to perceived contrast than RGB).
+        refine: with a model, this many level-set steps starting from the model's mask
+            (0: the model's mask as it is).
         fill_holes, largest_component: clean-up of each mask inside its box.
 
     Returns:
@@ -422,17 +427,29 @@ def segment_boxes(
     if box_arr.shape[0] == 0:
         return []
     clipped = clip_boxes(box_arr, height, width)
+    # Same rounding as _integer_bounds, in numpy (tiny torch ops are slow on this path).
+    bounds = np.concatenate([np.floor(clipped[:, :2]), np.ceil(clipped[:, 2:])], 1).astype(int)
+    init = None
     if model is not None:
         from boxlevelset.model import Predictor
 
         predictor = Predictor(model)
         predictor.set_image(image, window=window)
-        return predictor.predict_boxes(clipped)
-
-    # Same rounding as _integer_bounds, in numpy (tiny torch ops are slow on this path).
-    bounds = np.concatenate([np.floor(clipped[:, :2]), np.ceil(clipped[:, 2:])], 1).astype(int)
+        if refine == 0:
+            return predictor.predict_boxes(clipped)
+        iterations = refine
+        # The model's mask, as a level set at each crop's resolution, starts the evolution.
+        init = []
+        for prob, (x0, y0, x1, y1) in zip(predictor.box_probabilities(clipped), bounds):
+            side = max(x1 - x0, y1 - y0)
+            size = (x1 - x0, y1 - y0)
+            if side > max_side:
+                size = tuple(max(1, round(s * max_side / side)) for s in size)
+                prob = cv2.resize(prob, size, interpolation=cv2.INTER_AREA)
+            prob = np.clip(prob.astype(np.float64), 0.02, 0.98)
+            init.append(np.log(prob / (1 - prob)))
     crops = _crop_features(img, bounds, max_side, smooth, lab)
-    phis = _evolve(crops, iterations, step_size, gamma, alpha)
+    phis = _evolve(crops, iterations, step_size, gamma, alpha, init)
 
     masks = []
     for (x0, y0, x1, y1), phi in zip(bounds, phis):

@@ -521,6 +521,23 @@ class SOLOv2(nn.Module):
         return Predictor(self).set_image(image, window).predict(score_threshold)
 
 
+def _resized(probs: Tensor, padded: tuple[int, int], valid: tuple[int, int],
+             out: tuple[int, int]) -> Tensor:
+    """Stride-4 probabilities [N, h, w] -> float32 [N, *out] at the original image size."""
+    p = F.interpolate(probs[:, None].float(), size=padded, mode="bilinear", align_corners=False)
+    p = p[..., : valid[0], : valid[1]]
+    if tuple(p.shape[-2:]) != tuple(out):
+        p = F.interpolate(p, size=out, mode="bilinear", align_corners=False)
+    return p[:, 0]
+
+
+def _pixel_bounds(boxes: np.ndarray, height: int, width: int) -> list[tuple[int, int, int, int]]:
+    """(c0, r0, c1, r1) pixel ranges of xyxy boxes with inclusive rounding, clipped."""
+    return [(max(0, int(np.floor(x0))), max(0, int(np.floor(y0))),
+             min(width, int(np.ceil(x1))), min(height, int(np.ceil(y1))))
+            for x0, y0, x1, y1 in boxes]
+
+
 def _threshold_resized(
     probs: Tensor,
     padded: tuple[int, int],
@@ -596,12 +613,29 @@ class Predictor:
     @torch.no_grad()
     def predict_boxes(self, boxes: np.ndarray | Sequence[Sequence[float]]) -> list[np.ndarray]:
         """One bool HxW mask (original image size) per xyxy box, zero outside its box."""
+        threshold = self.model.config.mask_threshold
+        self._require()
+        h0, w0 = self._orig
+        out = []
+        for crop, (c0, r0, c1, r1) in zip(self.box_probabilities(boxes),
+                                          _pixel_bounds(as_boxes(boxes), h0, w0)):
+            mask = np.zeros((h0, w0), bool)
+            mask[r0:r1, c0:c1] = crop > threshold
+            out.append(mask)
+        return out
+
+    @torch.no_grad()
+    def box_probabilities(self, boxes: np.ndarray | Sequence[Sequence[float]]) -> list[np.ndarray]:
+        """Per xyxy box, the mask probabilities inside it (float32, at the original image
+        resolution, rows floor(y0)..ceil(y1)-1 and columns floor(x0)..ceil(x1)-1, clipped):
+        the kernel of the grid cell at the box centre, on the level whose scale range holds
+        the box. Memory follows the summed box area, not boxes x image size."""
         feats = self._require()
         cfg = self.model.config
         arr = as_boxes(boxes)
+        h0, w0 = self._orig
         if len(arr) == 0:
             return []
-        h0, w0 = self._orig
         ph, pw = feats.input_size
         net = arr * self._scale
         kernels = []
@@ -616,17 +650,13 @@ class Predictor:
         probs = self.model.dynamic_masks(
             feats.mask_feature, kern, torch.zeros(len(kern), dtype=torch.long, device=kern.device)
         ).sigmoid()
-        masks = _threshold_resized(
-            probs, feats.input_size, self._valid, self._orig, cfg.mask_threshold
-        ).cpu().numpy()
-        out = []
-        for m, (x0, y0, x1, y1) in zip(masks, arr):
-            inside = np.zeros_like(m)
-            c0, r0 = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
-            c1, r1 = min(w0, int(np.ceil(x1))), min(h0, int(np.ceil(y1)))
-            inside[r0:r1, c0:c1] = True
-            out.append(m & inside)
-        return out
+        bounds = _pixel_bounds(arr, h0, w0)
+        crops = []
+        for i in range(0, len(probs), 16):  # chunks: 16 full-size maps at a time at most
+            full = _resized(probs[i : i + 16], feats.input_size, self._valid, self._orig)
+            for m, (c0, r0, c1, r1) in zip(full.cpu().numpy(), bounds[i : i + 16]):
+                crops.append(m[r0:r1, c0:c1].copy())
+        return crops
 
     @torch.no_grad()
     def predict(self, score_threshold: float | None = None) -> Instances:
