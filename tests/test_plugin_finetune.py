@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from boxlevelset.model import SOLOv2
-from boxlevelset_napari._box_to_mask import METHOD_MODEL, BoxToMaskWidget
+from boxlevelset import segment_boxes
+from boxlevelset_napari._box_to_mask import (
+    METHOD_MODEL,
+    METHOD_MODEL_REFINED,
+    REFINE_STEPS,
+    BoxToMaskWidget,
+)
 from boxlevelset_napari._finetune import SOURCE_VIEWER, FineTuneWidget
 from boxlevelset_napari._layers import boxes_to_rectangles
 
@@ -69,11 +75,20 @@ def test_finetune_progress_reload_and_model_mode(tmp_path, tiny_box_folder, qtbo
     expect = Predictor(tune.model).set_image(image).predict_boxes(np.array([[8.0, 6, 32, 34]]))[0]
     assert np.array_equal(labels.data == box_id, expect)
 
+    # "Model + level set": the model's mask refined by level-set steps, as the engine does it.
+    box_widget.method_combo.setCurrentText(METHOD_MODEL_REFINED)
+    boxes.add_rectangles(boxes_to_rectangles(np.array([[36.0, 30.0, 60.0, 58.0]])))
+    refined_id = int(boxes.features["box_id"][1])
+    expect = segment_boxes(image, np.array([[36.0, 30, 60, 58]]), model=tune.model,
+                           refine=REFINE_STEPS)[0]
+    assert np.array_equal(labels.data == refined_id, expect & ~(labels.data == box_id))
+    box_widget.method_combo.setCurrentText(METHOD_MODEL)
+
     # Segment everything at score 0: every proposal becomes a box with its mask.
     box_widget.score_slider.setValue(0)
     n = box_widget.segment_everything()
-    assert len(boxes.data) == 1 + n
-    for bid in boxes.features["box_id"].to_numpy()[1:]:
+    assert len(boxes.data) == 2 + n
+    for bid in boxes.features["box_id"].to_numpy()[2:]:
         assert (labels.data == bid).any() or not box_widget.overwrite_check.isChecked()
 
 

@@ -402,7 +402,8 @@ def segment_boxes(
     Args:
         image: HxW or HxWxC array (uint8, uint16, float; CT in Hounsfield units with window).
         boxes: Nx4 array of (x0, y0, x1, y1) in pixels; clipped to the image.
-        model: optional trained model.
+        model: optional trained model, or a ``Predictor`` already holding this image
+            (interactive use: the backbone then runs once per image, not per call).
         window: CT (level, width) or a preset name ("abdomen", "liver", "lung", "bone").
         iterations: gradient steps of the evolution.
         step_size: Adam step on phi.
@@ -433,8 +434,11 @@ def segment_boxes(
     if model is not None:
         from boxlevelset.model import Predictor
 
-        predictor = Predictor(model)
-        predictor.set_image(image, window=window)
+        if isinstance(model, Predictor):  # features of this image already cached
+            predictor = model
+        else:
+            predictor = Predictor(model)
+            predictor.set_image(image, window=window)
         if refine == 0:
             return predictor.predict_boxes(clipped)
         iterations = refine
