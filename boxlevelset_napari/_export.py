@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -71,6 +72,16 @@ def _categories(image: Any, class_names: list[str]) -> list[dict]:
     return cats
 
 
+
+def _boxes_and_categories(image: Any, boxes: Any, class_names: Sequence[str]):
+    """(stacked, boxes per plane, COCO categories, name -> id) shared by both exports:
+    categories are the widget's classes followed by any other class the boxes use."""
+    stacked = _is_stack(image)
+    per_plane = _ensure_stack_plane(_boxes_by_plane(boxes), stacked)
+    used = [cat for items in per_plane.values() for _bid, _box, cat in items]
+    cats = _categories(image, list(dict.fromkeys([*class_names, *used])))
+    return stacked, per_plane, cats, {c["name"]: int(c["id"]) for c in cats}
+
 def _boxes_by_plane(boxes: Any) -> dict[int | None, list[tuple[int, np.ndarray, str]]]:
     out: dict[int | None, list] = {}
     if boxes is None:
@@ -107,11 +118,7 @@ def export_coco(path: str | os.PathLike, image: Any, boxes: Any, labels: Any,
 
     if labels is None:
         raise ValueError("there are no masks to export yet (segment some boxes first)")
-    stacked = _is_stack(image)
-    per_plane = _ensure_stack_plane(_boxes_by_plane(boxes), stacked)
-    used = [cat for items in per_plane.values() for _bid, _box, cat in items]
-    cats = _categories(image, list(dict.fromkeys([*class_names, *used])))
-    cat_id = {c["name"]: int(c["id"]) for c in cats}
+    stacked, per_plane, cats, cat_id = _boxes_and_categories(image, boxes, class_names)
     default_cat = cat_id[class_names[0]] if class_names else int(cats[0]["id"])
     images, annotations = [], []
     for plane in _planes(image):
@@ -189,11 +196,7 @@ def save_annotations(folder: str | os.PathLike, image: Any, boxes: Any, labels: 
 
     if boxes is None or len(boxes.data) == 0:
         raise ValueError("there are no boxes to save")
-    stacked = _is_stack(image)
-    per_plane = _ensure_stack_plane(_boxes_by_plane(boxes), stacked)
-    used = [cat for items in per_plane.values() for _bid, _box, cat in items]
-    cats = _categories(image, list(dict.fromkeys([*class_names, *used])))
-    cat_id = {c["name"]: int(c["id"]) for c in cats}
+    stacked, per_plane, cats, cat_id = _boxes_and_categories(image, boxes, class_names)
     items = []
     for plane in sorted(per_plane, key=lambda p: -1 if p is None else p):
         entries = per_plane[plane]
