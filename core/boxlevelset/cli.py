@@ -74,7 +74,7 @@ def run_segment(args: argparse.Namespace) -> int:
 
     from boxlevelset.export import masks_to_labels, write_coco, write_label_image
     from boxlevelset.levelset import segment_boxes
-    from boxlevelset.predict import _image_entry, _stem, _write_png, overlay_image
+    from boxlevelset.predict import coco_image_entry, output_stem, overlay_image, write_png
 
     folder = _folder_for(args)
     model = None
@@ -90,13 +90,13 @@ def run_segment(args: argparse.Namespace) -> int:
         options = {} if args.iterations is None else {"iterations": args.iterations}
         masks = segment_boxes(image, boxes, model=model, **options)
         stack = np.stack(masks) if masks else np.zeros((0,) + image.shape[:2], bool)
-        images.append(_image_entry(record))
+        images.append(coco_image_entry(record))
         annotations.append({"image_id": int(record.image_id), "masks": stack,
                             "category_ids": np.asarray(record.category_ids, np.int64)})
-        stem = _stem(record)
+        stem = output_stem(record)
         labels = masks_to_labels(stack) if len(stack) else np.zeros(image.shape[:2], np.int32)
         write_label_image(out / "labels" / f"{stem}.{args.label_format}", labels)
-        _write_png(out / "overlays" / f"{stem}.png", overlay_image(image, stack))
+        write_png(out / "overlays" / f"{stem}.png", overlay_image(image, stack))
     path = write_coco(out / "masks.json", images, annotations, folder.categories)
     n = sum(len(a["masks"]) for a in annotations)
     print(f"{len(images)} images, {n} masks -> {path}, {out / 'labels'}, {out / 'overlays'}")

@@ -51,7 +51,9 @@ def _load_source(source: str | Path | Any, window: Any) -> Any:
     return load_box_folder(path, window=window)
 
 
-def _stem(record: Any) -> str:
+def output_stem(record: Any) -> str:
+    """File stem for a record's outputs: the image name without its (volume) suffix, plus
+    ``_zNNNN`` for a CT slice, so slices of one volume do not overwrite each other."""
     stem = Path(record.file_name).name
     for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
         if stem.lower().endswith(suffix):
@@ -94,7 +96,8 @@ def overlay_image(image: np.ndarray, masks: np.ndarray, alpha: float = 0.45) -> 
     return out
 
 
-def _write_png(path: Path, rgb: np.ndarray) -> None:
+def write_png(path: Path, rgb: np.ndarray) -> None:
+    """Write an RGB uint8 array as a PNG, atomically (a crash never leaves half a file)."""
     import cv2
 
     from boxlevelset.export import atomic_path
@@ -111,7 +114,8 @@ def _sorted_instances(inst: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return masks, np.asarray(inst.labels, np.int64)[order], np.asarray(inst.scores)[order]
 
 
-def _image_entry(record: Any) -> dict:
+def coco_image_entry(record: Any) -> dict:
+    """The COCO ``images`` entry of a record (with ``slice_index`` for CT slices)."""
     entry = {"id": int(record.image_id), "file_name": record.file_name,
              "height": int(record.height), "width": int(record.width)}
     if record.slice_index is not None:
@@ -157,17 +161,17 @@ def predict_folder(
         image = folder.load_image(record)
         inst = model.predict(image, score_threshold=score_threshold)
         masks, labs, scores = _sorted_instances(inst)
-        images.append(_image_entry(record))
+        images.append(coco_image_entry(record))
         annotations.append({"image_id": int(record.image_id), "masks": masks,
                             "category_ids": labs + 1, "scores": scores})
-        stem = _stem(record)
+        stem = output_stem(record)
         if labels:
             label_image = (masks_to_labels(masks) if len(masks)
                            else np.zeros(image.shape[:2], np.int32))
             suffix = ".png" if len(masks) < 65536 else ".tif"
             write_label_image(out_dir / "labels" / f"{stem}{suffix}", label_image)
         if overlays:
-            _write_png(out_dir / "overlays" / f"{stem}.png", overlay_image(image, masks))
+            write_png(out_dir / "overlays" / f"{stem}.png", overlay_image(image, masks))
     path = write_coco(out_dir / "predictions.json", images, annotations, categories)
     logger.info("%d images, %d instances -> %s", len(images),
                 sum(len(a["masks"]) for a in annotations), path)
@@ -219,7 +223,7 @@ def predict_volume(
                        "width": volume.shape[2], "slice_index": z})
         annotations.append({"image_id": image_id, "masks": masks, "category_ids": labs + 1,
                             "scores": scores})
-    stem = _stem(argparse.Namespace(file_name=name, slice_index=None))
+    stem = output_stem(argparse.Namespace(file_name=name, slice_index=None))
     write_label_volume(out_dir / f"{stem}_labels.nii.gz", labels, like=volume)
     categories = [{"id": i + 1, "name": n} for i, n in enumerate(_class_names(model))]
     return write_coco(out_dir / "predictions.json", images, annotations, categories)
