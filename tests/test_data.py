@@ -359,3 +359,39 @@ def test_save_box_folder_with_ct_slices(tmp_path):
     assert back.load_image(back.records[1]).shape == (8, 10)
     with pytest.raises(ValueError, match="needs a Volume"):
         save_box_folder(tmp_path / "bad", [("x.nii.gz", vol.array, [], [], None, 0)], [])
+
+
+def test_crowd_regions_kept_for_scoring_not_training(tmp_path):
+    from boxlevelset.evaluate import coco_mask_ap
+    from boxlevelset.export import masks_to_rle
+
+    (tmp_path / "images").mkdir()
+    cv2.imwrite(str(tmp_path / "images" / "a.png"), np.zeros((20, 30), np.uint8))
+    obj = np.zeros((20, 30), bool)
+    obj[2:8, 2:10] = True
+    crowd = np.zeros((20, 30), bool)
+    crowd[10:18, 15:28] = True
+    crowd_rle = masks_to_rle(crowd[None])[0]
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 30, "height": 20}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 8, 6],
+             "segmentation": masks_to_rle(obj[None])[0], "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [15, 10, 13, 8],
+             "segmentation": crowd_rle, "iscrowd": 1},
+        ],
+        "categories": [{"id": 1, "name": "person"}],
+    }
+    (tmp_path / "annotations.json").write_text(json.dumps(coco))
+    folder = load_box_folder(tmp_path)
+    rec = folder.records[0]
+    assert len(rec.boxes) == 1 and len(rec.crowd) == 1  # training sees one box
+    gt = folder.to_coco_gt()
+    assert [a["iscrowd"] for a in gt["annotations"]] == [0, 1]
+    # The more confident detection lies on the crowd region: pycocotools ignores it, so the
+    # object alone decides AP (1.0); had the crowd been dropped it would be a false positive.
+    dets = [{"image_id": 1, "category_id": 1, "segmentation": masks_to_rle(m[None])[0],
+             "score": s} for m, s in ((crowd, 0.9), (obj, 0.8))]
+    assert coco_mask_ap(gt, dets)["AP"] == pytest.approx(1.0)
+    no_crowd = dict(gt, annotations=gt["annotations"][:1])
+    assert coco_mask_ap(no_crowd, dets)["AP"] < 0.9

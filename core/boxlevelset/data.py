@@ -275,6 +275,7 @@ class Record:
     category_ids: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
     segmentations: list = field(default_factory=list)
     slice_index: int | None = None
+    crowd: list = field(default_factory=list)
 
 
 class BoxFolder:
@@ -354,7 +355,8 @@ class BoxFolder:
         return out
 
     def to_coco_gt(self) -> dict:
-        """A COCO ground-truth dict (segmentations as RLE, area, iscrowd 0) for pycocotools.
+        """A COCO ground-truth dict (segmentations as RLE, area) for pycocotools: the boxes
+        with iscrowd 0, then the folder's crowd annotations with iscrowd 1.
 
         Boxes without a segmentation get no "segmentation" key (mask AP then refuses them).
         """
@@ -377,6 +379,13 @@ class BoxFolder:
                 else:
                     ann["area"] = (x1 - x0) * (y1 - y0)
                 annotations.append(ann)
+            for ann in rec.crowd:  # ignore regions: matched detections are neither TP nor FP
+                rle = segmentation_to_rle(ann["segmentation"], rec.height, rec.width)
+                annotations.append({
+                    "id": len(annotations) + 1, "image_id": rec.image_id,
+                    "category_id": int(ann["category_id"]), "bbox": list(ann["bbox"]),
+                    "iscrowd": 1, "segmentation": rle, "area": float(mask_utils.area(rle)),
+                })
         return {"images": images, "annotations": annotations,
                 "categories": [dict(c) for c in self.categories]}
 
@@ -502,10 +511,13 @@ def _load_coco(json_path: Path, root: Path, window: Window) -> BoxFolder:
                 continue
             h, w = checked[path]
 
-        boxes, cats, segs = [], [], []
+        boxes, cats, segs, crowds = [], [], [], []
         for ann in per_image.get(int(im["id"]), []):
             if ann.get("iscrowd", 0):
-                crowd += 1
+                if ann.get("segmentation") and ann.get("category_id") in cat_ids \
+                        and len(ann.get("bbox", ())) == 4:
+                    crowds.append(ann)
+                    crowd += 1
                 continue
             if "bbox" not in ann or len(ann["bbox"]) != 4:
                 raise ValueError(f"{json_path}: annotation {ann.get('id')} has no 4-number bbox")
@@ -526,11 +538,13 @@ def _load_coco(json_path: Path, root: Path, window: Window) -> BoxFolder:
             boxes=clipped[keep], category_ids=np.array(cats, dtype=np.int64)[keep] if cats
             else np.zeros((0,), np.int64),
             segmentations=[s for s, k in zip(segs, keep) if k], slice_index=slice_index,
+            crowd=crowds,
         ))
     if dropped:
         logger.warning("%s: dropped %d boxes with zero area inside their image", json_path, dropped)
     if crowd:
-        logger.info("%s: left out %d crowd annotations", json_path, crowd)
+        logger.info("%s: %d crowd annotations kept as ignore regions for scoring, not trained on",
+                    json_path, crowd)
     if not folder.records:
         raise ValueError(f"{root}: no readable images among the {len(coco['images'])} listed")
     return folder

@@ -334,7 +334,7 @@ def evaluate_model(
             out[f"box_{key}"] = value
         out["box_ms_per_image"] = 1000.0 * t_box / n_prompted
     out["images"] = len(records)
-    out["instances"] = len(gt["annotations"])
+    out["instances"] = sum(1 for a in gt["annotations"] if not a["iscrowd"])
     out["ms_per_image"] = 1000.0 * t_model / len(records)
     return out
 
