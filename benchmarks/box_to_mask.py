@@ -61,45 +61,49 @@ def _pick_polarity(fg: np.ndarray) -> np.ndarray:
     return fg if border.mean() <= 0.5 else ~fg
 
 
-def otsu(img01: np.ndarray, boxes: np.ndarray) -> list[np.ndarray]:
+def _in_each_box(
+    img01: np.ndarray, boxes: np.ndarray, crop_mask: Callable[[np.ndarray], np.ndarray | None]
+) -> list[np.ndarray]:
+    """One full-size mask per box from crop_mask(gray crop); None (a crop it cannot handle)
+    keeps the filled box."""
     gray = _gray(img01)
     h, w = gray.shape
     out = []
     for b in boxes:
         x0, y0, x1, y1 = _int_box(b, h, w)
-        crop = gray[y0:y1, x0:x1]
         m = np.zeros((h, w), bool)
-        if crop.size > 1 and crop.max() > crop.min():
-            m[y0:y1, x0:x1] = _pick_polarity(crop > threshold_otsu(crop))
-        else:
-            m[y0:y1, x0:x1] = True
+        inside = crop_mask(gray[y0:y1, x0:x1])
+        m[y0:y1, x0:x1] = True if inside is None else inside
         out.append(m)
     return out
+
+
+def otsu(img01: np.ndarray, boxes: np.ndarray) -> list[np.ndarray]:
+    def crop_mask(crop: np.ndarray) -> np.ndarray | None:
+        if crop.size > 1 and crop.max() > crop.min():
+            return _pick_polarity(crop > threshold_otsu(crop))
+        return None
+
+    return _in_each_box(img01, boxes, crop_mask)
 
 
 def morph_chan_vese(img01: np.ndarray, boxes: np.ndarray, max_side: int = 128) -> list[np.ndarray]:
     """scikit-image's morphological Chan-Vese in the box from an inscribed disk; crops are
     evolved at most max_side pixels long (ours uses 64) to keep the benchmark tractable."""
-    gray = _gray(img01)
-    h, w = gray.shape
-    out = []
-    for b in boxes:
-        x0, y0, x1, y1 = _int_box(b, h, w)
-        crop = gray[y0:y1, x0:x1]
-        m = np.zeros((h, w), bool)
-        if min(crop.shape) >= 3:
-            scale = min(1.0, max_side / max(crop.shape))
-            small = cv2.resize(crop, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-            yy, xx = np.mgrid[: small.shape[0], : small.shape[1]]
-            u = (xx + 0.5) / small.shape[1] * 2 - 1
-            v = (yy + 0.5) / small.shape[0] * 2 - 1
-            ls = morphological_chan_vese(small, 50, init_level_set=(u * u + v * v) < 1.0)
-            m[y0:y1, x0:x1] = cv2.resize(ls.astype(np.uint8), crop.shape[::-1],
-                                         interpolation=cv2.INTER_NEAREST).astype(bool)
-        else:
-            m[y0:y1, x0:x1] = True
-        out.append(m)
-    return out
+
+    def crop_mask(crop: np.ndarray) -> np.ndarray | None:
+        if min(crop.shape) < 3:
+            return None
+        scale = min(1.0, max_side / max(crop.shape))
+        small = cv2.resize(crop, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        yy, xx = np.mgrid[: small.shape[0], : small.shape[1]]
+        u = (xx + 0.5) / small.shape[1] * 2 - 1
+        v = (yy + 0.5) / small.shape[0] * 2 - 1
+        ls = morphological_chan_vese(small, 50, init_level_set=(u * u + v * v) < 1.0)
+        return cv2.resize(ls.astype(np.uint8), crop.shape[::-1],
+                          interpolation=cv2.INTER_NEAREST).astype(bool)
+
+    return _in_each_box(img01, boxes, crop_mask)
 
 
 def grabcut(img01: np.ndarray, boxes: np.ndarray) -> list[np.ndarray]:
