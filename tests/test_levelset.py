@@ -178,6 +178,49 @@ def test_compiled_gradient_equals_autograd():
     np.testing.assert_allclose(grad, phi.grad.numpy(), atol=1e-12)
 
 
+def test_compiled_gradient_with_histogram_term_equals_autograd():
+    from boxlevelset import _evolve_kernel
+
+    assert _evolve_kernel.HIST_PRIOR == L.HIST_PRIOR
+    rng = np.random.default_rng(3)
+    crops = [rng.normal(size=(6, 5, 3)).astype(np.float32),
+             rng.normal(size=(3, 4, 3)).astype(np.float32)]
+    rings = [rng.normal(size=(20, 3)).astype(np.float32), np.zeros((0, 3), np.float32)]
+    bins, ring_counts = L._histograms(crops, rings)
+    assert bins.shape == (42, 3) and ring_counts.shape == (2, 3, L.HIST_BINS)
+    # The ring weighs RING_WEIGHT x the box's pixels; an empty ring leaves the prior only.
+    np.testing.assert_allclose(ring_counts[0].sum(1), L.RING_WEIGHT * 30 + 0.5 * L.HIST_BINS)
+    np.testing.assert_allclose(ring_counts[1], 0.5)
+    pix, feats = L._ragged_layout(crops)
+    phi = torch.tensor(rng.normal(size=int(pix.counts.sum())), requires_grad=True)
+    hist = (torch.from_numpy(bins), torch.from_numpy(ring_counts), 2.5)
+    L.evolution_energy(phi, feats.double(), pix, 0.3, 3.0, hist).sum().backward()
+    grad = np.zeros(phi.shape[0])
+    energy_gradient(phi.detach().numpy(), feats.numpy().astype(np.float64),
+                    pix.instance.numpy(), pix.local_x.numpy(), pix.local_y.numpy(),
+                    pix.widths.numpy(), pix.heights.numpy(), 0.3, 3.0, grad,
+                    hist=(bins, ring_counts, 2.5))
+    np.testing.assert_allclose(grad, phi.grad.numpy(), atol=1e-12)
+
+
+def test_histogram_energy_matches_direct_entropy():
+    # One box, one channel: N_in H(h_in) + N_out H(h_out), computed by hand.
+    crop = np.array([[[-2.0], [-2.0]], [[2.0], [0.0]]], np.float32)  # 2 x 2 x 1
+    ring = np.array([[-2.0], [-2.0], [2.5], [-2.1]], np.float32)
+    bins, ring_counts = L._histograms([crop], [ring])
+    pix, _ = L._ragged_layout([crop])
+    p = torch.tensor([0.9, 0.2, 0.6, 0.5], dtype=torch.float64)
+    got = L._histogram_energy_ragged(p, torch.from_numpy(bins), torch.from_numpy(ring_counts),
+                                     pix)
+    h_in = np.full(L.HIST_BINS, L.HIST_PRIOR)
+    h_out = ring_counts[0, 0].copy()
+    for b, pk in zip(bins[:, 0], p.numpy()):
+        h_in[b] += pk
+        h_out[b] += 1 - pk
+    want = sum(-(h * np.log(h / h.sum())).sum() for h in (h_in, h_out)) / 4
+    assert got.item() == pytest.approx(want, rel=1e-12)
+
+
 # --- segment_boxes ---
 
 

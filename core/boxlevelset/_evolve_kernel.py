@@ -5,6 +5,10 @@ inside a box, so the right neighbour of pixel k is k + 1 and the one below is k 
 
 Region term: with c1, c2 the p- and (1-p)-weighted means (Eq. 4), dE/dc = 0 at those
 means, so dE/dp(x) = sum_c [(I-c1)^2 - (I-c2)^2] / (C n) exactly.
+
+Histogram term (optional): E = -sum_b h_in(b) log(h_in(b) / |h_in|) - the same for h_out,
+with h_in(b) the sum of p over the pixels in bin b and h_out that of 1 - p plus fixed ring
+counts; for the same reason dE/dp(x) = -log(h_in / |h_in|) + log(h_out / |h_out|) at x's bin.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import numpy as np
 from numba import njit
 
 _EPS = 1e-5
+HIST_PRIOR = 0.5  # pseudo-count per histogram bin (levelset.HIST_PRIOR is the same)
 
 
 class _Layout:
@@ -54,8 +59,8 @@ def _projection_grad(p, slot, owner, sizes, alpha, n, gp):  # pragma: no cover
 
 @njit(cache=True)
 def _gradient(
-    phi, feats, inst, lx, ly, widths, heights, col_slot, row_slot, col_owner, row_owner,
-    gamma, alpha, grad,
+    phi, feats, bins, ring, hist_weight, inst, lx, ly, widths, heights, col_slot, row_slot,
+    col_owner, row_owner, gamma, alpha, grad,
 ):  # pragma: no cover
     n_pix, n_ch = feats.shape
     n = widths.shape[0]
@@ -77,17 +82,37 @@ def _gradient(
         for c in range(n_ch):
             c1[i, c] /= max(sp[i], _EPS)
             c2[i, c] /= max(sq[i], _EPS)
+    # Histogram region competition: -log h_in + log h_out per channel, h_out also counting
+    # the ring of pixels around the box (known background, given in ring with the prior).
+    n_bins = ring.shape[2]
+    log_ratio = np.zeros((n, n_ch, n_bins))
+    if hist_weight > 0:
+        h1 = np.full((n, n_ch, n_bins), HIST_PRIOR)
+        h2 = ring.copy()
+        for k in range(n_pix):
+            i = inst[k]
+            for c in range(n_ch):
+                h1[i, c, bins[k, c]] += p[k]
+                h2[i, c, bins[k, c]] += 1.0 - p[k]
+        for i in range(n):
+            for c in range(n_ch):
+                t1 = h1[i, c].sum()
+                t2 = h2[i, c].sum()
+                for b in range(n_bins):
+                    log_ratio[i, c, b] = np.log(h2[i, c, b] / t2) - np.log(h1[i, c, b] / t1)
     gp = np.zeros(n_pix)
     for k in range(n_pix):
         i = inst[k]
         w = widths[i]
         count = w * heights[i]
         d = 0.0
+        h = 0.0
         for c in range(n_ch):
             a = feats[k, c] - c1[i, c]
             b = feats[k, c] - c2[i, c]
             d += a * a - b * b
-        gp[k] += d / (n_ch * count)
+            h += log_ratio[i, c, bins[k, c]]
+        gp[k] += (d + hist_weight * h) / (n_ch * count)
         # Length term: |p(right) - p(k)| and |p(below) - p(k)| inside the box.
         g = gamma / np.sqrt(count)
         if lx[k] < w - 1:
@@ -105,14 +130,14 @@ def _gradient(
 
 
 @njit(cache=True)
-def _adam(phi, feats, layout, iterations, lr, gamma, alpha):  # pragma: no cover
+def _adam(phi, feats, hist, layout, iterations, lr, gamma, alpha):  # pragma: no cover
     n_pix = phi.shape[0]
     grad = np.zeros(n_pix)
     m = np.zeros(n_pix)
     v = np.zeros(n_pix)
     b1, b2, eps = 0.9, 0.999, 1e-8
     for t in range(1, iterations + 1):
-        _gradient(phi, feats, *layout, gamma, alpha, grad)
+        _gradient(phi, feats, *hist, *layout, gamma, alpha, grad)
         c1 = 1.0 - b1**t
         c2 = 1.0 - b2**t
         for k in range(n_pix):
@@ -121,13 +146,28 @@ def _adam(phi, feats, layout, iterations, lr, gamma, alpha):  # pragma: no cover
             phi[k] -= lr * (m[k] / c1) / (np.sqrt(v[k] / c2) + eps)
 
 
-def energy_gradient(phi, feats, inst, lx, ly, widths, heights, gamma, alpha, grad) -> None:
-    """Write d(sum of evolution energies)/d phi into grad (float64 arithmetic)."""
+def _hist_args(hist, feats, n_boxes):
+    if hist is None:  # no histogram term: one dummy bin
+        return (np.zeros(feats.shape, np.int64), np.ones((n_boxes, feats.shape[1], 1)), 0.0)
+    bins, ring, weight = hist
+    return (np.ascontiguousarray(bins, np.int64), np.ascontiguousarray(ring, np.float64),
+            float(weight))
+
+
+def energy_gradient(
+    phi, feats, inst, lx, ly, widths, heights, gamma, alpha, grad, hist=None
+) -> None:
+    """Write d(sum of evolution energies)/d phi into grad (float64 arithmetic); hist is
+    None or (bins [P, C], ring counts [N, C, bins], weight) for the histogram term."""
     layout = _Layout(inst, lx, ly, widths, heights).args
-    _gradient(np.asarray(phi, np.float64), feats, *layout, gamma, alpha, grad)
+    h = _hist_args(hist, feats, widths.shape[0])
+    _gradient(np.asarray(phi, np.float64), feats, *h, *layout, gamma, alpha, grad)
 
 
-def adam_evolve(phi, feats, inst, lx, ly, widths, heights, iterations, lr, gamma, alpha) -> None:
+def adam_evolve(
+    phi, feats, inst, lx, ly, widths, heights, iterations, lr, gamma, alpha, hist=None
+) -> None:
     """Adam (betas 0.9, 0.999, eps 1e-8, as torch.optim.Adam) on phi (float64), in place."""
     layout = _Layout(inst, lx, ly, widths, heights).args
-    _adam(phi, feats, layout, iterations, float(lr), float(gamma), float(alpha))
+    h = _hist_args(hist, feats, widths.shape[0])
+    _adam(phi, feats, h, layout, iterations, float(lr), float(gamma), float(alpha))
