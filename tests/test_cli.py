@@ -35,6 +35,23 @@ def test_segment_box_labeled_folder_keeps_categories(tiny_box_folder, tmp_path):
     assert out["categories"] == src["categories"]
 
 
+def test_segment_passes_energy_options(tiny_box_folder, tmp_path, monkeypatch):
+    import boxlevelset.levelset as levelset
+
+    seen = []
+    real = levelset.segment_boxes
+
+    def spy(image, boxes, model=None, **options):
+        seen.append(options)
+        return real(image, boxes, model=model, **options)
+
+    monkeypatch.setattr(levelset, "segment_boxes", spy)
+    args = ["segment", str(tiny_box_folder), "--out", str(tmp_path), "--histogram", "0",
+            "--iterations", "5"]
+    assert main(args) == 0
+    assert seen and all(o == {"histogram": 0.0, "iterations": 5} for o in seen)
+
+
 def test_segment_images_with_boxes_json(tmp_path):
     img = np.zeros((40, 50), np.uint8)
     img[10:30, 10:25] = 220

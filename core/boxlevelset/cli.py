@@ -87,7 +87,10 @@ def run_segment(args: argparse.Namespace) -> int:
     for record in tqdm(folder.records, desc="segment", unit="image"):
         image = folder.load_image(record)
         boxes = np.asarray(record.boxes, float).reshape(-1, 4)
-        options = {} if args.iterations is None else {"iterations": args.iterations}
+        options = {k: v for k, v in (("iterations", args.iterations),
+                                     ("histogram", args.histogram)) if v is not None}
+        if model is not None:
+            options["refine"] = args.refine
         masks = segment_boxes(image, boxes, model=model, **options)
         stack = np.stack(masks) if masks else np.zeros((0,) + image.shape[:2], bool)
         images.append(coco_image_entry(record))
@@ -122,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--device", default=None, help="cpu / cuda (model only)")
     seg.add_argument("--window", default=None, help="CT window preset for volumes in a folder")
     seg.add_argument("--iterations", type=int, help="level-set iterations (model-free)")
+    seg.add_argument("--histogram", type=float, metavar="W",
+                     help="weight of the histogram region term (default 10; 0: the paper's "
+                          "energy alone)")
+    seg.add_argument("--refine", type=int, default=0, metavar="N",
+                     help="with --model: N level-set steps starting from the model's masks")
     seg.add_argument("--label-format", choices=("png", "tif"), default="png")
     seg.set_defaults(func=run_segment)
 
