@@ -472,9 +472,10 @@ def segment_boxes(
     energy of Eq. 3-4 + length term + box projection of Eq. 9), all boxes of the image
     together, from an ellipse inscribed in the box. A histogram region term (GrabCut's
     idea in level-set form: a background model that also learns from a thin ring of
-    pixels around the box) is added by default; ``histogram=0`` leaves the paper's energy. With a model (see
-    ``boxlevelset.load_model``), the mask comes from the SOLOv2 kernel of the grid cell at
-    the box centre (``boxlevelset.model.Predictor``).
+    pixels around the box) is added by default; ``histogram=0`` leaves the paper's energy.
+    With a model (see ``boxlevelset.load_model``), the mask comes from the SOLOv2 kernel of
+    the grid cell at the box centre (``boxlevelset.model.Predictor``), optionally refined
+    by ``refine`` steps of the same evolution.
 
     Args:
         image: HxW or HxWxC array (uint8, uint16, float; CT in Hounsfield units with window).
