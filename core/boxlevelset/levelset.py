@@ -1,5 +1,6 @@
 """Level-set energies inside boxes (Eq. 3, 4, 8, 9 of Li et al., ECCV 2022) and the
-model-free box-to-mask evolution built on them.
+model-free box-to-mask evolution built on them (which adds a histogram region term with
+context around the box; the training loss uses the paper's energies only).
 
 Every energy is evaluated on the pixels inside each instance's box only, stored as one
 ragged list of pixels for all instances together (``BoxPixels``). Per-instance sums are
