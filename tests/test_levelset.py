@@ -178,7 +178,7 @@ def test_compiled_gradient_equals_autograd():
     np.testing.assert_allclose(grad, phi.grad.numpy(), atol=1e-12)
 
 
-def test_compiled_gradient_with_histogram_term_equals_autograd():
+def test_compiled_gradient_with_histogram_and_edge_terms_equals_autograd():
     from boxlevelset import _evolve_kernel
 
     assert _evolve_kernel.HIST_PRIOR == L.HIST_PRIOR
@@ -194,13 +194,24 @@ def test_compiled_gradient_with_histogram_term_equals_autograd():
     pix, feats = L._ragged_layout(crops)
     phi = torch.tensor(rng.normal(size=int(pix.counts.sum())), requires_grad=True)
     hist = (torch.from_numpy(bins), torch.from_numpy(ring_counts), 2.5)
-    L.evolution_energy(phi, feats.double(), pix, 0.3, 3.0, hist).sum().backward()
+    edges = L._edge_weights(crops, 0.7)
+    assert all(0 < e.min() and e.max() <= 1 for e in edges)
+    L.evolution_energy(phi, feats.double(), pix, 0.3, 3.0, hist,
+                       tuple(torch.from_numpy(e) for e in edges)).sum().backward()
     grad = np.zeros(phi.shape[0])
     energy_gradient(phi.detach().numpy(), feats.numpy().astype(np.float64),
                     pix.instance.numpy(), pix.local_x.numpy(), pix.local_y.numpy(),
                     pix.widths.numpy(), pix.heights.numpy(), 0.3, 3.0, grad,
-                    hist=(bins, ring_counts, 2.5))
+                    hist=(bins, ring_counts, 2.5), edges=edges)
     np.testing.assert_allclose(grad, phi.grad.numpy(), atol=1e-12)
+
+
+def test_edge_weights_cheapen_links_across_a_step():
+    crop = np.zeros((4, 6, 1), np.float32)
+    crop[:, 3:] = 5.0  # a vertical step between columns 2 and 3
+    right, down = (w.reshape(4, 6) for w in L._edge_weights([crop], 1.0))
+    assert np.all(right[:, 2] < 0.01) and np.all(right[:, [0, 1, 3, 4]] == 1.0)
+    assert np.all(down == 1.0)
 
 
 def test_histogram_energy_matches_direct_entropy():

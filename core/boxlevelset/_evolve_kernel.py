@@ -59,7 +59,7 @@ def _projection_grad(p, slot, owner, sizes, alpha, n, gp):  # pragma: no cover
 
 @njit(cache=True)
 def _gradient(
-    phi, feats, bins, ring, hist_weight, inst, lx, ly, widths, heights, col_slot, row_slot,
+    phi, feats, bins, ring, hist_weight, wr, wd, inst, lx, ly, widths, heights, col_slot, row_slot,
     col_owner, row_owner, gamma, alpha, grad,
 ):  # pragma: no cover
     n_pix, n_ch = feats.shape
@@ -116,11 +116,11 @@ def _gradient(
         # Length term: |p(right) - p(k)| and |p(below) - p(k)| inside the box.
         g = gamma / np.sqrt(count)
         if lx[k] < w - 1:
-            s = np.sign(p[k + 1] - p[k]) * g
+            s = np.sign(p[k + 1] - p[k]) * g * wr[k]
             gp[k + 1] += s
             gp[k] -= s
         if ly[k] < heights[i] - 1:
-            s = np.sign(p[k + w] - p[k]) * g
+            s = np.sign(p[k + w] - p[k]) * g * wd[k]
             gp[k + w] += s
             gp[k] -= s
     _projection_grad(p, col_slot, col_owner, widths.astype(np.float64), alpha, n, gp)
@@ -154,20 +154,27 @@ def _hist_args(hist, feats, n_boxes):
             float(weight))
 
 
+def _edge_args(edges, n_pix):
+    if edges is None:
+        return (np.ones(n_pix), np.ones(n_pix))
+    return tuple(np.ascontiguousarray(e, np.float64) for e in edges)
+
+
 def energy_gradient(
-    phi, feats, inst, lx, ly, widths, heights, gamma, alpha, grad, hist=None
+    phi, feats, inst, lx, ly, widths, heights, gamma, alpha, grad, hist=None, edges=None
 ) -> None:
     """Write d(sum of evolution energies)/d phi into grad (float64 arithmetic); hist is
     None or (bins [P, C], ring counts [N, C, bins], weight) for the histogram term."""
     layout = _Layout(inst, lx, ly, widths, heights).args
-    h = _hist_args(hist, feats, widths.shape[0])
+    h = _hist_args(hist, feats, widths.shape[0]) + _edge_args(edges, phi.shape[0])
     _gradient(np.asarray(phi, np.float64), feats, *h, *layout, gamma, alpha, grad)
 
 
 def adam_evolve(
-    phi, feats, inst, lx, ly, widths, heights, iterations, lr, gamma, alpha, hist=None
+    phi, feats, inst, lx, ly, widths, heights, iterations, lr, gamma, alpha, hist=None,
+    edges=None,
 ) -> None:
     """Adam (betas 0.9, 0.999, eps 1e-8, as torch.optim.Adam) on phi (float64), in place."""
     layout = _Layout(inst, lx, ly, widths, heights).args
-    h = _hist_args(hist, feats, widths.shape[0])
+    h = _hist_args(hist, feats, widths.shape[0]) + _edge_args(edges, phi.shape[0])
     _adam(phi, feats, h, layout, iterations, float(lr), float(gamma), float(alpha))
