@@ -263,13 +263,19 @@ def test_segment_boxes_masks_stay_in_box_and_dtypes():
 
 
 def test_segment_boxes_on_real_nuclei_beats_filled_box():
+    from pycocotools import mask as mask_utils
+
     img = io.imread(SAMPLES / "nuclei.png")
-    boxes = np.array(json.loads((SAMPLES / "nuclei_boxes.json").read_text())["boxes_xyxy"])
-    masks = boxlevelset.segment_boxes(img, boxes)
-    fill = np.array([(m.sum()) for m in masks])
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    # Nuclei are round: the masks fill clearly less than their boxes, never nothing.
-    assert (fill > 0).all() and np.median(fill / area) < 0.9
+    sample = json.loads((SAMPLES / "nuclei_boxes.json").read_text())
+    boxes = np.array(sample["boxes_xyxy"])
+    truth = [mask_utils.decode(r).astype(bool) for r in sample["masks_rle"]]
+    filled = [m.astype(bool) for m in L.box_masks(torch.from_numpy(boxes), 256, 256).numpy()]
+    # The ground-truth masks of this DSB image (28 nuclei): filled boxes score 0.763 mean
+    # IoU, the paper's energy 0.859, the default energy 0.842.
+    filled_iou = np.mean([_iou(f, t) for f, t in zip(filled, truth)])
+    for options in ({}, {"histogram": 0, "edge": 0, "gamma": 0.15}):
+        masks = boxlevelset.segment_boxes(img, boxes, **options)
+        assert np.mean([_iou(m, t) for m, t in zip(masks, truth)]) > filled_iou + 0.05
 
 
 def test_segment_boxes_ct_window():
