@@ -399,6 +399,15 @@ def test_predict_and_evaluate_command_line(trained, tmp_path, capsys):
     assert run_evaluate(args) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert "| box_mIoU |" in capsys.readouterr().out and 0 <= metrics["box_mIoU"] <= 1
+    # Box prompts refined by the level set: the 3-iteration model's masks are poor, the
+    # refined ones follow the tiny folder's bright shapes.
+    args = add_evaluate_arguments(argparse.ArgumentParser()).parse_args(
+        [str(path), str(data), "--device", "cpu", "--refine", "15", "--json",
+         str(tmp_path / "r.json")])
+    assert run_evaluate(args) == 0
+    refined = json.loads((tmp_path / "r.json").read_text())
+    assert refined["box_mIoU"] > max(0.8, metrics["box_mIoU"])
+    assert refined["AP"] == metrics["AP"]  # the automatic path is untouched
 
 
 class _ThresholdModel:

@@ -252,7 +252,8 @@ def _category_map(model_names: Sequence[str], folder: Any, class_agnostic: bool 
 
 def evaluate_model(
     model: Any, folder: str | Path | Any, max_dets: int = 1000, *, box_prompted: bool = True,
-    class_agnostic: bool | None = None, window: Any = "abdomen", progress: bool = False,
+    refine: int = 0, class_agnostic: bool | None = None, window: Any = "abdomen",
+    progress: bool = False,
 ) -> dict[str, float]:
     """Score a model on a folder with ground-truth masks.
 
@@ -262,7 +263,10 @@ def evaluate_model(
     ground-truth boxes ("box_mIoU": mean IoU with the matching GT mask; "box_AP", ...: COCO AP
     with every prompted mask scored 1.0), plus "images", "instances" and inference times
     ("ms_per_image": the whole model; "box_ms_per_image": the box prompts of an image once
-    its features are cached, as in interactive use). Class-agnostic when the model's classes
+    its features are cached, as in interactive use). With `refine` > 0 the prompted masks
+    are the model's masks refined by that many level-set steps (``segment_boxes(...,
+    model=, refine=)``, the plugin's "Model + level set"). Class-agnostic when the model's
+    classes
     do not cover the folder's (or when asked): every category is then merged into one. Images
     without objects are predicted too, so their false positives count.
     """
@@ -317,7 +321,13 @@ def evaluate_model(
         if predictor is not None and len(record.boxes):
             gt_masks = folder.gt_masks(record)
             t0 = time.perf_counter()
-            box_masks = np.stack(predictor.predict_boxes(record.boxes)).astype(bool)
+            if refine > 0:
+                from boxlevelset.levelset import segment_boxes
+
+                box_masks = np.stack(segment_boxes(image, record.boxes, model=predictor,
+                                                   refine=refine))
+            else:
+                box_masks = np.stack(predictor.predict_boxes(record.boxes)).astype(bool)
             t_box += time.perf_counter() - t0
             ious.append(np.asarray(matched_ious(gt_masks, box_masks), np.float64))
             gt_cats = (np.ones(len(record.boxes), np.int64) if mapping is None
@@ -369,6 +379,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                         help="detections per image scored (COCO's default 100 caps recall)")
     parser.add_argument("--no-box-prompted", action="store_true",
                         help="skip the box-prompted evaluation")
+    parser.add_argument("--refine", type=int, default=0, metavar="N",
+                        help="box prompts: refine the model's masks by N level-set steps")
     parser.add_argument("--class-agnostic", action="store_true", help="merge all categories")
     parser.add_argument("--window", default="abdomen", help="CT window for volume slices")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
@@ -383,7 +395,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, device=args.device)
     metrics = evaluate_model(model, args.data, max_dets=args.max_dets,
-                             box_prompted=not args.no_box_prompted,
+                             box_prompted=not args.no_box_prompted, refine=args.refine,
                              class_agnostic=True if args.class_agnostic else None,
                              window=args.window, progress=True)
     print(format_metrics(metrics))
