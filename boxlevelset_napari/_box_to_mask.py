@@ -58,6 +58,14 @@ HAND_EDIT_POLICIES = ("ask", "keep", "overwrite")
 PROPAGATE_INTENSITY_TOL = 0.15
 
 
+def hbox(*widgets: QWidget, stretch_first: bool = False) -> QHBoxLayout:
+    """A row of widgets for a form; with stretch_first the first one takes the spare width."""
+    row = QHBoxLayout()
+    for i, widget in enumerate(widgets):
+        row.addWidget(widget, 1 if stretch_first and i == 0 else 0)
+    return row
+
+
 class LayerCombo(QComboBox):
     """A combo box listing the viewer's layers of one type, kept in sync with the layer list."""
 
@@ -213,21 +221,12 @@ class BoxToMaskWidget(QWidget):
 
         form = QFormLayout()
         form.addRow("Image", self.image_combo)
-        row = QHBoxLayout()
-        row.addWidget(self.boxes_combo, 1)
-        row.addWidget(self.new_boxes_btn)
-        form.addRow("Boxes", row)
+        form.addRow("Boxes", hbox(self.boxes_combo, self.new_boxes_btn, stretch_first=True))
         form.addRow("Masks into", self.labels_combo)
         form.addRow("Class", self.class_combo)
         form.addRow("Method", self.method_combo)
-        row = QHBoxLayout()
-        row.addWidget(self.model_edit, 1)
-        row.addWidget(browse)
-        form.addRow("Model", row)
-        row = QHBoxLayout()
-        row.addWidget(self.device_combo)
-        row.addWidget(self.load_btn)
-        form.addRow("Device", row)
+        form.addRow("Model", hbox(self.model_edit, browse, stretch_first=True))
+        form.addRow("Device", hbox(self.device_combo, self.load_btn))
         form.addRow("", self.model_label)
         form.addRow("Hand-edited masks", self.hand_combo)
 

@@ -22,7 +22,6 @@ from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
     QFormLayout,
-    QHBoxLayout,
     QLabel,
     QLineEdit,
     QPushButton,
@@ -31,7 +30,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._box_to_mask import BoxToMaskWidget, LayerCombo, _unwrap
+from ._box_to_mask import BoxToMaskWidget, LayerCombo, _unwrap, hbox
 from ._train_process import train_in_subprocess
 
 SOURCE_FOLDER = "Box-labeled folder"
@@ -139,27 +138,18 @@ class FineTuneWidget(QWidget):
 
         form = QFormLayout()
         form.addRow("Train on", self.source_combo)
-        row = QHBoxLayout()
-        row.addWidget(self.folder_edit, 1)
-        row.addWidget(browse)
-        form.addRow("Folder", row)
+        form.addRow("Folder", hbox(self.folder_edit, browse, stretch_first=True))
         form.addRow("Image", self.image_combo)
         form.addRow("Boxes", self.boxes_combo)
         form.addRow("Preset", self.preset_combo)
         form.addRow("Epochs", self.epochs_spin)
         form.addRow("Device", self.device_combo)
-        row = QHBoxLayout()
-        row.addWidget(self.output_edit, 1)
-        row.addWidget(out_browse)
-        form.addRow("Output", row)
+        form.addRow("Output", hbox(self.output_edit, out_browse, stretch_first=True))
         form.addRow("Start from", self.init_edit)
         form.addRow("", self.process_check)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
-        row = QHBoxLayout()
-        row.addWidget(self.start_btn)
-        row.addWidget(self.stop_btn)
-        layout.addLayout(row)
+        layout.addLayout(hbox(self.start_btn, self.stop_btn))
         layout.addWidget(self.plot)
         layout.addWidget(self.status)
         layout.addStretch(1)
