@@ -152,6 +152,15 @@ def test_edge_cases_clip_empty_zero_area():
         L.region_energy(logits, feats, torch.tensor([[9.0, 0.0, 12.0, 6.0]]), torch.tensor([0]))
 
 
+def test_pixel_bounds_match_the_energy_rounding():
+    from boxlevelset.image import pixel_bounds
+
+    boxes = np.array([[1.2, 0.5, 4.0, 6.7], [-3.0, 2.0, 30.0, 9.1]])
+    want = L._integer_bounds(torch.from_numpy(boxes), 8, 12).numpy()
+    np.testing.assert_array_equal(pixel_bounds(boxes, 8, 12), want)
+    np.testing.assert_array_equal(want, [[1, 0, 4, 7], [0, 2, 12, 8]])
+
+
 def test_cost_follows_box_area_not_instances_times_image():
     pix = L.box_pixels(torch.tensor([[0.0, 0.0, 4.0, 4.0]] * 50), 1000, 1000)
     assert pix.instance.numel() == 50 * 16  # not 50 x 10^6

@@ -111,3 +111,12 @@ def clip_boxes(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
             f"{width}x{height} image ({bad.size} such boxes)"
         )
     return arr
+
+
+def pixel_bounds(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Pixel ranges (c0, r0, c1, r1) [N, 4] int of xyxy boxes: columns floor(x0) ..
+    ceil(x1) - 1 and rows floor(y0) .. ceil(y1) - 1 (inclusive rounding), clipped."""
+    arr = as_boxes(boxes)
+    low = np.floor(arr[:, :2]).clip(min=0)
+    high = np.minimum(np.ceil(arr[:, 2:]), [width, height])
+    return np.concatenate([low, high], 1).astype(np.int64)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from boxlevelset.image import Window, as_boxes, as_float_image, clip_boxes
+from boxlevelset.image import Window, as_boxes, as_float_image, clip_boxes, pixel_bounds
 
 __all__ = [
     "BoxPixels",
@@ -544,7 +544,10 @@ def segment_boxes(
         return []
     clipped = clip_boxes(box_arr, height, width)
     # Same rounding as _integer_bounds, in numpy (tiny torch ops are slow on this path).
-    bounds = np.concatenate([np.floor(clipped[:, :2]), np.ceil(clipped[:, 2:])], 1).astype(int)
+    bounds = pixel_bounds(clipped, height, width)
+    crops, rings = _crop_features(
+        img, bounds, max_side, smooth, lab, context if histogram > 0 else 0.0
+    )
     init = None
     if model is not None:
         from boxlevelset.model import Predictor
@@ -559,15 +562,11 @@ def segment_boxes(
         iterations = refine
         # The model's mask, as a level set at each crop's resolution, starts the evolution.
         init = []
-        for prob, (x0, y0, x1, y1) in zip(predictor.box_probabilities(clipped), bounds):
-            side = max(x1 - x0, y1 - y0)
-            size = (x1 - x0, y1 - y0)
-            if side > max_side:
-                size = tuple(max(1, round(s * max_side / side)) for s in size)
-                prob = cv2.resize(prob, size, interpolation=cv2.INTER_AREA)
+        for prob, crop in zip(predictor.box_probabilities(clipped), crops):
+            if prob.shape != crop.shape[:2]:
+                prob = cv2.resize(prob, crop.shape[1::-1], interpolation=cv2.INTER_AREA)
             prob = np.clip(prob.astype(np.float64), 0.02, 0.98)
             init.append(np.log(prob / (1 - prob)))
-    crops, rings = _crop_features(img, bounds, max_side, smooth, lab, context)
     hist = None
     if histogram > 0:
         bins, ring_counts = _histograms(crops, rings)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from boxlevelset.heads import FPN, GridHead, MaskFeatureHead
-from boxlevelset.image import Window, as_boxes, as_float_image
+from boxlevelset.image import Window, as_boxes, as_float_image, pixel_bounds
 from boxlevelset.losses import (
     LevelSetWeights,
     dice_loss,
@@ -531,13 +531,6 @@ def _resized(probs: Tensor, padded: tuple[int, int], valid: tuple[int, int],
     return p[:, 0]
 
 
-def _pixel_bounds(boxes: np.ndarray, height: int, width: int) -> list[tuple[int, int, int, int]]:
-    """(c0, r0, c1, r1) pixel ranges of xyxy boxes with inclusive rounding, clipped."""
-    return [(max(0, int(np.floor(x0))), max(0, int(np.floor(y0))),
-             min(width, int(np.ceil(x1))), min(height, int(np.ceil(y1))))
-            for x0, y0, x1, y1 in boxes]
-
-
 def _threshold_resized(
     probs: Tensor,
     padded: tuple[int, int],
@@ -618,7 +611,7 @@ class Predictor:
         h0, w0 = self._orig
         out = []
         for crop, (c0, r0, c1, r1) in zip(self.box_probabilities(boxes),
-                                          _pixel_bounds(as_boxes(boxes), h0, w0)):
+                                          pixel_bounds(boxes, h0, w0)):
             mask = np.zeros((h0, w0), bool)
             mask[r0:r1, c0:c1] = crop > threshold
             out.append(mask)
@@ -650,7 +643,7 @@ class Predictor:
         probs = self.model.dynamic_masks(
             feats.mask_feature, kern, torch.zeros(len(kern), dtype=torch.long, device=kern.device)
         ).sigmoid()
-        bounds = _pixel_bounds(arr, h0, w0)
+        bounds = pixel_bounds(arr, h0, w0)
         crops = []
         for i in range(0, len(probs), 16):  # chunks: 16 full-size maps at a time at most
             full = _resized(probs[i : i + 16], feats.input_size, self._valid, self._orig)
