@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit
 
 _EPS = 1e-5
-HIST_PRIOR = 0.5  # pseudo-count per histogram bin (levelset.HIST_PRIOR is the same)
+HIST_PRIOR = 0.5  # pseudo-count per histogram bin (levelset adds it to the ring counts too)
 
 
 class _Layout:
@@ -130,14 +130,14 @@ def _gradient(
 
 
 @njit(cache=True)
-def _adam(phi, feats, hist, layout, iterations, lr, gamma, alpha):  # pragma: no cover
+def _adam(phi, feats, args, iterations, lr, gamma, alpha):  # pragma: no cover
     n_pix = phi.shape[0]
     grad = np.zeros(n_pix)
     m = np.zeros(n_pix)
     v = np.zeros(n_pix)
     b1, b2, eps = 0.9, 0.999, 1e-8
     for t in range(1, iterations + 1):
-        _gradient(phi, feats, *hist, *layout, gamma, alpha, grad)
+        _gradient(phi, feats, *args, gamma, alpha, grad)
         c1 = 1.0 - b1**t
         c2 = 1.0 - b2**t
         for k in range(n_pix):
@@ -146,28 +146,33 @@ def _adam(phi, feats, hist, layout, iterations, lr, gamma, alpha):  # pragma: no
             phi[k] -= lr * (m[k] / c1) / (np.sqrt(v[k] / c2) + eps)
 
 
-def _hist_args(hist, feats, n_boxes):
-    if hist is None:  # no histogram term: one dummy bin
-        return (np.zeros(feats.shape, np.int64), np.ones((n_boxes, feats.shape[1], 1)), 0.0)
-    bins, ring, weight = hist
-    return (np.ascontiguousarray(bins, np.int64), np.ascontiguousarray(ring, np.float64),
-            float(weight))
-
-
-def _edge_args(edges, n_pix):
+def _kernel_args(feats, inst, lx, ly, widths, heights, hist, edges) -> tuple:
+    """Everything _gradient takes between feats and gamma: the histogram term (a dummy
+    single bin with weight 0 when hist is None), the link weights (ones when edges is
+    None) and the index layout."""
+    n_pix = feats.shape[0]
+    if hist is None:
+        hist_args = (np.zeros(feats.shape, np.int64), np.ones((widths.shape[0], feats.shape[1], 1)),
+                     0.0)
+    else:
+        bins, ring, weight = hist
+        hist_args = (np.ascontiguousarray(bins, np.int64), np.ascontiguousarray(ring, np.float64),
+                     float(weight))
     if edges is None:
-        return (np.ones(n_pix), np.ones(n_pix))
-    return tuple(np.ascontiguousarray(e, np.float64) for e in edges)
+        edge_args = (np.ones(n_pix), np.ones(n_pix))
+    else:
+        edge_args = tuple(np.ascontiguousarray(e, np.float64) for e in edges)
+    return hist_args + edge_args + _Layout(inst, lx, ly, widths, heights).args
 
 
 def energy_gradient(
     phi, feats, inst, lx, ly, widths, heights, gamma, alpha, grad, hist=None, edges=None
 ) -> None:
     """Write d(sum of evolution energies)/d phi into grad (float64 arithmetic); hist is
-    None or (bins [P, C], ring counts [N, C, bins], weight) for the histogram term."""
-    layout = _Layout(inst, lx, ly, widths, heights).args
-    h = _hist_args(hist, feats, widths.shape[0]) + _edge_args(edges, phi.shape[0])
-    _gradient(np.asarray(phi, np.float64), feats, *h, *layout, gamma, alpha, grad)
+    None or (bins [P, C], ring counts [N, C, bins], weight) for the histogram term, edges
+    None or the (right, down) link weights of the length term."""
+    args = _kernel_args(feats, inst, lx, ly, widths, heights, hist, edges)
+    _gradient(np.asarray(phi, np.float64), feats, *args, gamma, alpha, grad)
 
 
 def adam_evolve(
@@ -175,6 +180,5 @@ def adam_evolve(
     edges=None,
 ) -> None:
     """Adam (betas 0.9, 0.999, eps 1e-8, as torch.optim.Adam) on phi (float64), in place."""
-    layout = _Layout(inst, lx, ly, widths, heights).args
-    h = _hist_args(hist, feats, widths.shape[0]) + _edge_args(edges, phi.shape[0])
-    _adam(phi, feats, h, layout, iterations, float(lr), float(gamma), float(alpha))
+    args = _kernel_args(feats, inst, lx, ly, widths, heights, hist, edges)
+    _adam(phi, feats, args, iterations, float(lr), float(gamma), float(alpha))

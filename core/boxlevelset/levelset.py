@@ -308,18 +308,20 @@ def _crop_features(
     return crops, rings
 
 
-# Histogram region term: bins over +-3 standard deviations of the standardised crop, the
-# ring around the box weighing 3x the box's pixels, and half a pseudo-count per bin (chosen
-# on coco128, dsb2018 and ct3slice together; see benchmarks/box_to_mask.py).
+# Histogram region term: bins over +-3 standard deviations of the standardised crop and
+# the ring around the box weighing 3x the box's pixels (chosen on coco128, dsb2018 and
+# ct3slice together; see benchmarks/box_to_mask.py). The pseudo-count per bin,
+# HIST_PRIOR, lives in _evolve_kernel: its compiled code is cached with the value.
 HIST_BINS = 32
 RING_WEIGHT = 3.0
-HIST_PRIOR = 0.5  # same as _evolve_kernel.HIST_PRIOR
 
 
 def _histograms(crops: list[np.ndarray], rings: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Bin index of every crop pixel per channel [P, C], and per box the background counts
     the ring contributes [N, C, bins] (ring histogram scaled to RING_WEIGHT x the box's
     pixels, plus the pseudo-count)."""
+    from boxlevelset._evolve_kernel import HIST_PRIOR
+
     edges = np.linspace(-3.0, 3.0, HIST_BINS + 1)[1:-1]
     bins = np.concatenate([np.searchsorted(edges, c.reshape(-1, c.shape[-1])) for c in crops])
     ring_counts = np.zeros((len(crops), crops[0].shape[-1], HIST_BINS))
@@ -338,6 +340,8 @@ def _histogram_energy_ragged(
     """Histogram region competition per box: sum over channels of N_in H(h_in) + N_out
     H(h_out), where h_in counts p and h_out counts 1 - p plus the ring around the box (known
     background), over (channels x box pixels). Its gradient is -log h_in + log h_out."""
+    from boxlevelset._evolve_kernel import HIST_PRIOR
+
     n, n_ch, n_bins = ring_counts.shape
     slot = (pix.instance[:, None] * n_ch + torch.arange(n_ch)) * n_bins + bins  # [P, C]
     size = n * n_ch * n_bins
