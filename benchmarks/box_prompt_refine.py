@@ -1,7 +1,7 @@
 """Box-prompted masks of a trained model, with and without level-set refinement, against the
 model-free level set, on a folder with ground-truth masks (GT boxes in, one mask per box).
 
-    python benchmarks/box_prompt_refine.py CHECKPOINT FOLDER [--refine 10 25]
+    python benchmarks/box_prompt_refine.py CHECKPOINT FOLDER [--refine 10 25] [--paper-energy]
 
 Prints mean IoU, COCO mask AP (every mask scored 1.0, maxDets 1000) and seconds per method.
 """
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from boxlevelset import load_model, segment_boxes
+from boxlevelset.levelset import PAPER_ENERGY
 from boxlevelset.data import load_box_folder
 from boxlevelset.evaluate import coco_mask_ap, mask_iou
 from boxlevelset.export import masks_to_rle
@@ -26,13 +27,16 @@ def main() -> None:
     parser.add_argument("folder")
     parser.add_argument("--refine", type=int, nargs="*", default=[10, 25])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--paper-energy", action="store_true",
+                        help="evolve the paper's energy alone (no histogram or edge terms)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.checkpoint, device="cpu")
     folder = load_box_folder(args.folder)
     gt = folder.to_coco_gt()
-    methods = [("model-free level set", {}), ("model box prompt", {"model": model})]
-    methods += [(f"model + {k} level-set steps", {"model": model, "refine": k})
+    energy = PAPER_ENERGY if args.paper_energy else {}
+    methods = [("model-free level set", energy), ("model box prompt", {"model": model})]
+    methods += [(f"model + {k} level-set steps", {"model": model, "refine": k, **energy})
                 for k in args.refine]
     print("| method | mean IoU | mask AP | s |\n|---|---|---|---|")
     for name, options in methods:

@@ -25,6 +25,7 @@ from skimage.filters import threshold_otsu
 from skimage.segmentation import morphological_chan_vese
 
 from boxlevelset import segment_boxes
+from boxlevelset.levelset import PAPER_ENERGY
 from boxlevelset.data import BoxFolder, load_box_folder
 from boxlevelset.evaluate import coco_mask_ap, mask_iou
 from boxlevelset.export import masks_to_rle
@@ -138,6 +139,7 @@ def grabcut(img01: np.ndarray, boxes: np.ndarray) -> list[np.ndarray]:
 
 METHODS: dict[str, Callable[[np.ndarray, np.ndarray], list[np.ndarray]]] = {
     "ours (level set)": lambda img, boxes: segment_boxes(img, boxes),
+    "ours (paper energy)": lambda img, boxes: segment_boxes(img, boxes, **PAPER_ENERGY),
     "filled box": filled_box,
     "Otsu in box": otsu,
     "morph. Chan-Vese": morph_chan_vese,

@@ -160,6 +160,12 @@ def model_free(image: np.ndarray, boxes: np.ndarray) -> list[np.ndarray]:
     return segment_boxes(image, boxes)
 
 
+def model_free_paper_energy(image: np.ndarray, boxes: np.ndarray) -> list[np.ndarray]:
+    from boxlevelset.levelset import PAPER_ENERGY, segment_boxes
+
+    return segment_boxes(image, boxes, **PAPER_ENERGY)
+
+
 def score_model(checkpoint: Path, test: Path) -> tuple[dict, dict]:
     """(automatic, box-prompted) metric dicts of a trained checkpoint on the test folder."""
     from boxlevelset.model import load_model
@@ -243,6 +249,8 @@ def run(args: argparse.Namespace, title: str, model_defaults: dict[str, Any]) ->
         auto_ap[kind], boxed_ap[kind] = auto["AP"], boxed["AP"]
     if not args.skip_model_free:
         rows.append(("segment_boxes, model-free, GT boxes", score_prompted(test_dir, model_free)))
+        rows.append(("segment_boxes, model-free, paper energy only, GT boxes",
+                     score_prompted(test_dir, model_free_paper_energy)))
     rows.append(("filled GT boxes", score_prompted(test_dir, filled_boxes)))
     print(table(rows))
     print()

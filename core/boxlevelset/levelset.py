@@ -259,6 +259,10 @@ def levelset_energy(
 
 # --- model-free box-to-mask ---
 
+# segment_boxes options that leave the paper's energy alone (region + plain length + box
+# projection, the defaults before the histogram and edge terms), for comparisons.
+PAPER_ENERGY: dict[str, float] = {"histogram": 0.0, "edge": 0.0, "gamma": 0.15}
+
 
 def _crop_raw(img: np.ndarray, bounds, scale: float, smooth: float, lab: bool) -> np.ndarray:
     """A crop resized by ``scale``, in CIE Lab for colour images when ``lab``, smoothed."""
