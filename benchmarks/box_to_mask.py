@@ -4,6 +4,7 @@ Ground-truth boxes go in, masks come out; every prediction is scored 1.0 for COC
 
     python benchmarks/box_to_mask.py                   # every folder of ../shared/data with masks
     python benchmarks/box_to_mask.py FOLDER [FOLDER..] [--max-images N] [--methods ours,box]
+    python benchmarks/box_to_mask.py ../shared/data/ct3slice-dev --per-instance  # small sets
 
 Prints one markdown table: per folder and method, mean IoU, share of instances with
 IoU > 0.5 and > 0.75, COCO mask AP (pycocotools, maxDets 1000) and milliseconds per box
@@ -155,7 +156,8 @@ def _image_for(folder: BoxFolder, record) -> np.ndarray:
     return as_float_image(folder.load_image(record))
 
 
-def run_folder(path: Path, methods: list[str], max_images: int | None) -> list[dict]:
+def run_folder(path: Path, methods: list[str], max_images: int | None,
+               per_instance: bool = False) -> list[dict]:
     folder = load_box_folder(path, window=CT_WINDOW)
     gt = folder.to_coco_gt()
     records = [r for r in folder.records if len(r.boxes)][:max_images]
@@ -189,6 +191,11 @@ def run_folder(path: Path, methods: list[str], max_images: int | None) -> list[d
         })
         print(f"  {path.name:14s} {name:18s} mIoU {ious_a.mean():.3f}  AP {ap['AP']:.3f}",
               file=sys.stderr)
+        if per_instance:
+            cats = {c["id"]: c["name"] for c in gt["categories"]}
+            labels = [f"{r.image_id}:{cats.get(int(c), c)}"
+                      for r in records for c in r.category_ids]
+            print(f"  {name}: " + ", ".join(f"{lab} {v:.3f}" for lab, v in zip(labels, ious)))
     return rows
 
 
@@ -220,6 +227,8 @@ def main() -> int:
     parser.add_argument("--methods", default=",".join(METHODS),
                         help="comma-separated subset of: " + ", ".join(METHODS))
     parser.add_argument("--no-latency", action="store_true")
+    parser.add_argument("--per-instance", action="store_true",
+                        help="also print every box's IoU (image id:category) per method")
     args = parser.parse_args()
     folders = args.folders or [DATA / n for n in ("coco128-dev", "dsb2018-dev", "ct3slice-dev")]
     methods = [m.strip() for m in args.methods.split(",")]
@@ -228,7 +237,7 @@ def main() -> int:
         parser.error(f"unknown methods {unknown}")
     rows = []
     for f in folders:
-        rows.extend(run_folder(f, methods, args.max_images))
+        rows.extend(run_folder(f, methods, args.max_images, args.per_instance))
     print(f"torch threads {torch.get_num_threads()}, images per folder: "
           f"{args.max_images or 'all'}\n")
     print("| folder | method | boxes | mean IoU | IoU>0.5 | IoU>0.75 | mask AP | AP50 | ms/box |")
