@@ -58,8 +58,9 @@ def test_segment_images_with_boxes_json(tmp_path):
     io.imsave(tmp_path / "a.png", img)
     (tmp_path / "boxes.json").write_text(json.dumps({"a.png": [[10, 10, 25, 30]]}))
     out = tmp_path / "out"
+    # -o, as train and predict take it.
     assert main(["segment", str(tmp_path / "a.png"), "--boxes", str(tmp_path / "boxes.json"),
-                 "--out", str(out)]) == 0
+                 "-o", str(out)]) == 0
     labels = io.imread(out / "labels" / "a.png")
     truth = img > 0
     assert ((labels > 0) & truth).sum() / ((labels > 0) | truth).sum() > 0.9

@@ -118,9 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     seg = sub.add_parser("segment", help="masks from boxes (model-free level set, or --model)")
     seg.add_argument("inputs", nargs="*", type=Path, help="images, or one box-labeled folder")
-    seg.add_argument("--boxes", type=Path, help="JSON boxes for image inputs (see docs)")
+    seg.add_argument("--boxes", type=Path,
+                     help='JSON boxes for image inputs: [[x0, y0, x1, y1], ...] for every image, '
+                          '{"a.png": [[x0, y0, x1, y1], ...], ...} per file name, or '
+                          '{"boxes_xyxy": [...]}')
     seg.add_argument("--sample", action="store_true", help="run on the shipped nuclei sample")
-    seg.add_argument("--out", type=Path, default=Path("boxlevelset-out"), help="output folder")
+    # -o / --output / --out, as train and predict take them.
+    seg.add_argument("-o", "--output", "--out", dest="out", type=Path,
+                     default=Path("boxlevelset-out"), help="output folder")
     seg.add_argument("--model", help="checkpoint for model-based masks (default: model-free)")
     seg.add_argument("--device", default=None, help="cpu / cuda (model only)")
     seg.add_argument("--window", default=None, help="CT window preset for volumes in a folder")
