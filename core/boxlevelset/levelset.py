@@ -551,12 +551,7 @@ def segment_boxes(
     if box_arr.shape[0] == 0:
         return []
     clipped = clip_boxes(box_arr, height, width)
-    # Same rounding as _integer_bounds, in numpy (tiny torch ops are slow on this path).
-    bounds = pixel_bounds(clipped, height, width)
-    crops, rings = _crop_features(
-        img, bounds, max_side, smooth, lab, context if histogram > 0 else 0.0
-    )
-    init = None
+    predictor = None
     if model is not None:
         from boxlevelset.model import Predictor
 
@@ -565,9 +560,16 @@ def segment_boxes(
         else:
             predictor = Predictor(model)
             predictor.set_image(image, window=window)
-        if refine == 0:
+        if refine == 0:  # the model's masks as they are: no crops needed
             return predictor.predict_boxes(clipped)
         iterations = refine
+    # Same rounding as _integer_bounds, in numpy (tiny torch ops are slow on this path).
+    bounds = pixel_bounds(clipped, height, width)
+    crops, rings = _crop_features(
+        img, bounds, max_side, smooth, lab, context if histogram > 0 else 0.0
+    )
+    init = None
+    if predictor is not None:
         # The model's mask, as a level set at each crop's resolution, starts the evolution.
         init = []
         for prob, crop in zip(predictor.box_probabilities(clipped), crops):
