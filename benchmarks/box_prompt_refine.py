@@ -40,23 +40,14 @@ def feature_refined(model, image: np.ndarray, boxes: np.ndarray, steps: int,
     feats = predictor._feats  # benchmark-only: the cached features of this image
     tensor, _ = model.preprocess(image)
     arr = as_boxes(boxes)
-    net = arr * predictor._scale
-    ph, pw = feats.input_size
-    kernels = []
-    for x0, y0, x1, y1 in net:  # the kernel Predictor.box_probabilities picks
-        level = predictor.level_for_box(np.sqrt(max(x1 - x0, 0) * max(y1 - y0, 0)))
-        s = model.config.num_grids[level]
-        i = min(s - 1, max(0, int((y0 + y1) / 2 / ph * s)))
-        j = min(s - 1, max(0, int((x0 + x1) / 2 / pw * s)))
-        kernels.append(feats.kernels[level][0, :, i, j])
-    batch = torch.zeros(len(kernels), dtype=torch.long)
+    logits = predictor.box_logits(arr)  # the prompts' masks before the sigmoid
+    batch = torch.zeros(len(logits), dtype=torch.long)
     with torch.no_grad():
-        logits = model.dynamic_masks(feats.mask_feature, torch.stack(kernels), batch)
         guide = model.guide_conv(feats.mask_feature)
         image_norm = F.avg_pool2d(model.normalize(tensor), 4)
     logits.requires_grad_(True)
     optimizer = torch.optim.Adam([logits], lr=lr)
-    boxes4 = torch.as_tensor(net / 4, dtype=torch.float32)
+    boxes4 = torch.as_tensor(arr * predictor._scale / 4, dtype=torch.float32)
     for _ in range(steps):
         terms = levelset_instance_loss(logits, boxes4, batch, image_norm, image_norm, guide,
                                        model.levelset_weights)

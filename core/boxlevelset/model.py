@@ -618,31 +618,40 @@ class Predictor:
         return out
 
     @torch.no_grad()
-    def box_probabilities(self, boxes: np.ndarray | Sequence[Sequence[float]]) -> list[np.ndarray]:
-        """Per xyxy box, the mask probabilities inside it (float32, at the original image
-        resolution, rows floor(y0)..ceil(y1)-1 and columns floor(x0)..ceil(x1)-1, clipped):
-        the kernel of the grid cell at the box centre, on the level whose scale range holds
-        the box. Memory follows the summed box area, not boxes x image size."""
+    def box_logits(self, boxes: np.ndarray | Sequence[Sequence[float]]) -> Tensor:
+        """Stride-4 mask logits [N, H/4, W/4] of the padded network input, one per xyxy box
+        (original image pixels): the dynamic kernel of the grid cell at the box centre, on
+        the level whose scale range holds the box."""
         feats = self._require()
         cfg = self.model.config
-        arr = as_boxes(boxes)
-        h0, w0 = self._orig
-        if len(arr) == 0:
-            return []
         ph, pw = feats.input_size
-        net = arr * self._scale
         kernels = []
-        for x0, y0, x1, y1 in net:
+        for x0, y0, x1, y1 in as_boxes(boxes) * self._scale:
             level = self.level_for_box(np.sqrt(max(x1 - x0, 0) * max(y1 - y0, 0)))
             s = cfg.num_grids[level]
             cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
             i = min(s - 1, max(0, int(cy / ph * s)))
             j = min(s - 1, max(0, int(cx / pw * s)))
             kernels.append(feats.kernels[level][0, :, i, j])
+        if not kernels:
+            return feats.mask_feature.new_zeros((0,) + tuple(feats.mask_feature.shape[-2:]))
         kern = torch.stack(kernels)
-        probs = self.model.dynamic_masks(
+        return self.model.dynamic_masks(
             feats.mask_feature, kern, torch.zeros(len(kern), dtype=torch.long, device=kern.device)
-        ).sigmoid()
+        )
+
+    @torch.no_grad()
+    def box_probabilities(self, boxes: np.ndarray | Sequence[Sequence[float]]) -> list[np.ndarray]:
+        """Per xyxy box, the mask probabilities inside it (float32, at the original image
+        resolution, rows floor(y0)..ceil(y1)-1 and columns floor(x0)..ceil(x1)-1, clipped):
+        the kernel of the grid cell at the box centre, on the level whose scale range holds
+        the box. Memory follows the summed box area, not boxes x image size."""
+        feats = self._require()
+        arr = as_boxes(boxes)
+        h0, w0 = self._orig
+        if len(arr) == 0:
+            return []
+        probs = self.box_logits(arr).sigmoid()
         bounds = pixel_bounds(arr, h0, w0)
         crops = []
         for i in range(0, len(probs), 16):  # chunks: 16 full-size maps at a time at most
