@@ -51,7 +51,8 @@ NEW_LAYER = "<new layer>"
 METHOD_LEVELSET = "Level set (no model)"
 METHOD_MODEL = "Model"
 METHOD_MODEL_REFINED = "Model + level set"
-# Level-set steps after the model's mask (held-out DSB: box-prompt AP 0.32 -> 0.60).
+# Level-set steps after the model's mask (held-out DSB, benchmarks/box_prompt_refine.py:
+# box-prompt mean IoU / AP 0.763 / 0.494 -> 0.879 / 0.715).
 REFINE_STEPS = 25
 HAND_EDIT_POLICIES = ("ask", "keep", "overwrite")
 # Propagation stops where the object's mean intensity (0..1 after windowing) drifts this much.

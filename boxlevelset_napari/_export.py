@@ -8,8 +8,8 @@ holds boxes or masks becomes one image entry.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,7 +72,6 @@ def _categories(image: Any, class_names: list[str]) -> list[dict]:
     return cats
 
 
-
 def _boxes_and_categories(image: Any, boxes: Any, class_names: Sequence[str]):
     """(stacked, boxes per plane, COCO categories, name -> id) shared by both exports:
     categories are the widget's classes followed by any other class the boxes use."""
@@ -81,6 +80,7 @@ def _boxes_and_categories(image: Any, boxes: Any, class_names: Sequence[str]):
     used = [cat for items in per_plane.values() for _bid, _box, cat in items]
     cats = _categories(image, list(dict.fromkeys([*class_names, *used])))
     return stacked, per_plane, cats, {c["name"]: int(c["id"]) for c in cats}
+
 
 def _boxes_by_plane(boxes: Any) -> dict[int | None, list[tuple[int, np.ndarray, str]]]:
     out: dict[int | None, list] = {}

@@ -266,9 +266,8 @@ def evaluate_model(
     its features are cached, as in interactive use). With `refine` > 0 the prompted masks
     are the model's masks refined by that many level-set steps (``segment_boxes(...,
     model=, refine=)``, the plugin's "Model + level set"). Class-agnostic when the model's
-    classes
-    do not cover the folder's (or when asked): every category is then merged into one. Images
-    without objects are predicted too, so their false positives count.
+    classes do not cover the folder's (or when asked): every category is then merged into
+    one. Images without objects are predicted too, so their false positives count.
     """
     from boxlevelset.evaluate import coco_mask_ap, matched_ious, voc_mask_ap
     from boxlevelset.export import coco_results
