@@ -279,7 +279,7 @@ def test_segment_boxes_on_real_nuclei_beats_filled_box():
     # The ground-truth masks of this DSB image (28 nuclei): filled boxes score 0.763 mean
     # IoU, the paper's energy 0.859, the default energy 0.842.
     filled_iou = np.mean([_iou(f, t) for f, t in zip(filled, truth)])
-    for options in ({}, {"histogram": 0, "edge": 0, "gamma": 0.15}):
+    for options in ({}, L.PAPER_ENERGY):
         masks = boxlevelset.segment_boxes(img, boxes, **options)
         assert np.mean([_iou(m, t) for m, t in zip(masks, truth)]) > filled_iou + 0.05
 
