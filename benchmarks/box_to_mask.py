@@ -124,6 +124,7 @@ def grabcut(img01: np.ndarray, boxes: np.ndarray) -> list[np.ndarray]:
         m = np.zeros((h, w), bool)
         try:
             bgd, fgd = np.zeros((1, 65)), np.zeros((1, 65))
+            cv2.setRNGSeed(0)  # its k-means start draws from OpenCV's global generator
             cv2.grabCut(crop, gc, rect, bgd, fgd, 5, cv2.GC_INIT_WITH_RECT)
             fg = (gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)
         except cv2.error:  # tiny boxes: GrabCut cannot fit its colour models
