@@ -49,7 +49,40 @@ def test_segment_passes_energy_options(tiny_box_folder, tmp_path, monkeypatch):
     args = ["segment", str(tiny_box_folder), "--out", str(tmp_path), "--histogram", "0",
             "--iterations", "5"]
     assert main(args) == 0
-    assert seen and all(o == {"histogram": 0.0, "iterations": 5} for o in seen)
+    assert seen and all(o == {"histogram": 0.0, "iterations": 5, "solver": "evolve"}
+                        for o in seen)
+
+
+def test_segment_ct_folder_uses_the_ct_solver(tmp_path, monkeypatch):
+    import SimpleITK as sitk
+
+    import boxlevelset.levelset as levelset
+
+    (tmp_path / "images").mkdir()
+    hu = np.random.default_rng(0).normal(-100, 15, (2, 40, 48)).astype(np.int16)
+    hu[:, 10:30, 12:36] += 160  # soft tissue in fat
+    sitk.WriteImage(sitk.GetImageFromArray(hu), str(tmp_path / "images" / "ct.nii.gz"))
+    coco = {"images": [{"id": i + 1, "file_name": "ct.nii.gz", "width": 48, "height": 40,
+                        "slice_index": i} for i in range(2)],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [12, 10, 24, 20]}],
+            "categories": [{"id": 1, "name": "liver"}]}
+    (tmp_path / "annotations.json").write_text(json.dumps(coco))
+    seen = []
+    real = levelset.segment_boxes
+
+    def spy(image, boxes, model=None, **options):
+        seen.append(options.get("solver"))
+        return real(image, boxes, model=model, **options)
+
+    monkeypatch.setattr(levelset, "segment_boxes", spy)
+    assert main(["segment", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    assert seen == ["cut", "cut"]
+    result = json.loads((tmp_path / "out" / "masks.json").read_text())
+    assert len(result["annotations"]) == 1 and result["annotations"][0]["area"] > 400
+    seen.clear()
+    assert main(["segment", str(tmp_path), "--out", str(tmp_path / "o2"), "--solver",
+                 "evolve"]) == 0
+    assert seen == ["evolve", "evolve"]
 
 
 def test_segment_images_with_boxes_json(tmp_path):

@@ -91,6 +91,9 @@ def run_segment(args: argparse.Namespace) -> int:
                                      ("histogram", args.histogram)) if v is not None}
         if model is not None:
             options["refine"] = args.refine
+        else:  # CT slices (already windowed here) take the CT default, as with a window
+            options["solver"] = args.solver or (
+                "evolve" if record.slice_index is None else "cut")
         masks = segment_boxes(image, boxes, model=model, **options)
         stack = np.stack(masks) if masks else np.zeros((0,) + image.shape[:2], bool)
         images.append(coco_image_entry(record))
@@ -133,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--histogram", type=float, metavar="W",
                      help="weight of the histogram region term (default 10; 0: the paper's "
                           "energy alone)")
+    seg.add_argument("--solver", choices=("evolve", "cut"), default=None,
+                     help="model-free solver: evolve (gradient descent; default for images) or "
+                          "cut (global graph cut, then a short evolution; default for CT)")
     seg.add_argument("--refine", type=int, default=0, metavar="N",
                      help="with --model: N level-set steps starting from the model's masks")
     seg.add_argument("--label-format", choices=("png", "tif"), default="png")
