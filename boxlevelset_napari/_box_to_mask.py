@@ -48,7 +48,11 @@ from ._layers import (
 )
 
 NEW_LAYER = "<new layer>"
-METHOD_LEVELSET = "Level set (no model)"
+METHOD_LEVELSET = "Level set (no model)"  # graph cut first on CT, plain evolution otherwise
+METHOD_LEVELSET_EVOLVE = "Level set, evolution only"
+METHOD_LEVELSET_CUT = "Level set, graph cut first"
+LEVELSET_SOLVERS = {METHOD_LEVELSET: None, METHOD_LEVELSET_EVOLVE: "evolve",
+                    METHOD_LEVELSET_CUT: "cut"}
 METHOD_MODEL = "Model"
 METHOD_MODEL_REFINED = "Model + level set"
 # Level-set steps after the model's mask (held-out DSB, benchmarks/box_prompt_refine.py:
@@ -171,7 +175,10 @@ class BoxToMaskWidget(QWidget):
         self.class_combo.currentTextChanged.connect(self.set_category)
 
         self.method_combo = QComboBox()
-        self.method_combo.addItems([METHOD_LEVELSET, METHOD_MODEL, METHOD_MODEL_REFINED])
+        self.method_combo.addItems([*LEVELSET_SOLVERS, METHOD_MODEL, METHOD_MODEL_REFINED])
+        self.method_combo.setToolTip(
+            "Level set (no model): a graph cut then a short evolution on CT layers, the "
+            "evolution alone on other images; the two 'Level set, ...' entries force one")
         self.model_edit = QLineEdit()
         self.model_edit.setPlaceholderText("checkpoint (.pt)")
         browse = QPushButton("Browse…")
@@ -526,7 +533,8 @@ class BoxToMaskWidget(QWidget):
             refine = REFINE_STEPS if method == METHOD_MODEL_REFINED else 0
             return segment_boxes(plane_image, boxes, model=self._predictor_for(image, plane),
                                  window=self._window(image), refine=refine)
-        return segment_boxes(plane_image, boxes, window=self._window(image))
+        return segment_boxes(plane_image, boxes, window=self._window(image),
+                             solver=LEVELSET_SOLVERS[method])
 
     def _segment(self, todo: list[tuple[int, int | None, np.ndarray, str]]) -> None:
         if not todo:

@@ -184,3 +184,25 @@ def test_box_drawn_with_the_mouse_gets_its_mask(viewer_widget):
     labels = widget.labels_layer(create=False)
     box_id = int(boxes.features["box_id"][0])
     assert np.array_equal(labels.data == box_id, _engine(image, (14, 16, 43, 45)))
+
+
+def test_level_set_solver_choice(viewer_widget, monkeypatch):
+    from boxlevelset import levelset
+
+    cuts = []
+    cut = levelset._cut
+    monkeypatch.setattr(levelset, "_cut", lambda *a, **k: cuts.append(1) or cut(*a, **k))
+    viewer, widget, image = viewer_widget
+    boxes = widget.new_boxes_layer()
+    _add_box(boxes, (14, 16, 43, 45))  # default method on a plain image: evolution only
+    assert cuts == []
+    for method, solver, box in (("Level set, graph cut first", "cut", (50, 46, 87, 83)),
+                                ("Level set, evolution only", "evolve", (0, 60, 30, 90))):
+        widget.method_combo.setCurrentText(method)
+        assert widget.method_combo.currentText() == method
+        before = len(cuts)
+        _add_box(boxes, box)
+        assert (len(cuts) > before) == (solver == "cut")
+        box_id = int(boxes.features["box_id"].iloc[-1])
+        want = segment_boxes(image, np.asarray([box], float), solver=solver)[0]
+        assert np.array_equal(widget.labels_layer(create=False).data == box_id, want)
