@@ -140,7 +140,10 @@ def grabcut(img01: np.ndarray, boxes: np.ndarray) -> list[np.ndarray]:
 
 
 METHODS: dict[str, Callable[[np.ndarray, np.ndarray], list[np.ndarray]]] = {
-    "ours (level set)": lambda img, boxes: segment_boxes(img, boxes),
+    # segment_boxes picks "evolve" for images and "cut" for CT (when given a window); both
+    # run on every folder here.
+    "ours (evolve)": lambda img, boxes: segment_boxes(img, boxes, solver="evolve"),
+    "ours (cut)": lambda img, boxes: segment_boxes(img, boxes, solver="cut"),
     "ours (paper energy)": lambda img, boxes: segment_boxes(img, boxes, **PAPER_ENERGY),
     "filled box": filled_box,
     "Otsu in box": otsu,
