@@ -1,6 +1,6 @@
-"""Open napari with the plugin on the shipped nuclei image, segment its boxes, save a screenshot.
+"""Open napari with the plugin on a shipped sample, segment its boxes, save a screenshot.
 
-    python scripts/screenshot.py [--out docs/screenshot.png] [--canvas-only]
+    python scripts/screenshot.py [--sample nuclei|ct] [--out docs/screenshot.png] [--canvas-only]
 
 Without a display it re-runs itself under `xvfb-run` (napari needs an OpenGL context, which
 Xvfb + Mesa provide; Qt's offscreen platform does not).
@@ -22,6 +22,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" /
                                              "screenshot.png"))
     parser.add_argument("--canvas-only", action="store_true")
+    parser.add_argument("--sample", choices=("nuclei", "ct"), default="nuclei",
+                        help="the nuclei image, or the CT slice (segmented with the CT default)")
     args = parser.parse_args()
     ensure_display()
 
@@ -30,21 +32,21 @@ def main() -> None:
     from qtpy.QtWidgets import QApplication
 
     from boxlevelset_napari._box_to_mask import BoxToMaskWidget
-    from boxlevelset_napari._sample_data import make_sample_nuclei
+    from boxlevelset_napari._sample_data import make_sample_ct, make_sample_nuclei
 
     viewer = napari.Viewer(title="boxlevelset: boxes to masks")
     viewer.window.resize(1700, 1000)
-    for data, kwargs, kind in make_sample_nuclei():
-        viewer.add_layer(Layer.create(data, dict(kwargs), kind))
+    sample = make_sample_ct() if args.sample == "ct" else make_sample_nuclei()
+    layers = [viewer.add_layer(Layer.create(data, dict(kwargs), kind))
+              for data, kwargs, kind in sample]
+    boxes = next(layer for layer in layers if layer._type_string == "shapes")
     widget = BoxToMaskWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Box to mask", area="right")
     t0 = time.perf_counter()
     widget.segment()
-    print(f"segmented {len(viewer.layers['nuclei boxes'].data)} boxes in "
-          f"{time.perf_counter() - t0:.2f} s")
+    print(f"segmented {len(boxes.data)} boxes in {time.perf_counter() - t0:.2f} s")
     labels = widget.labels_layer(create=False)
     labels.opacity = 0.55
-    boxes = viewer.layers["nuclei boxes"]
     boxes.edge_width = 1.0
     viewer.layers.selection.active = boxes
     boxes.mode = "add_rectangle"
