@@ -45,8 +45,8 @@ def region_derivative(
     c2 = feats[~inside].mean(0) if (~inside).any() else feats.mean(0)
     r = (((feats - c1) ** 2) - ((feats - c2) ** 2)).sum(1)
     if hist_weight > 0 and bins is not None and ring_counts is not None:
+        n_bins = ring_counts.shape[-1]
         for c in range(n_ch):
-            n_bins = ring_counts.shape[-1]
             h_in = HIST_PRIOR + np.bincount(bins[inside, c], minlength=n_bins)
             h_out = ring_counts[c] + np.bincount(bins[~inside, c], minlength=n_bins)
             log_ratio = np.log(h_out / h_out.sum()) - np.log(h_in / h_in.sum())
