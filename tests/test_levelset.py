@@ -315,6 +315,17 @@ def test_min_cut_is_exact_against_enumeration():
         assert energy(u.astype(float), r, box_links, lam) <= best + 1e-3 * (n + 24)
 
 
+def test_min_cut_scales_capacities_that_would_overflow_int32():
+    from boxlevelset import _cut as C
+
+    # Unaries of 1e7 (x 1000 would pass int32): a square of negative cost in positive ones.
+    unary = np.full((5, 5), 1e7)
+    unary[1:4, 1:4] = -1e7
+    links = C.link_weights(np.zeros((5, 5, 1)), 0.0)
+    u = C.min_cut([unary.ravel()], [links], [1.0])[0]
+    np.testing.assert_array_equal(u.reshape(5, 5), unary < 0)
+
+
 def test_cut_unary_is_the_gradient_of_region_and_histogram_terms():
     from boxlevelset import _cut as C
 

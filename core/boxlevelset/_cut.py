@@ -28,8 +28,10 @@ from boxlevelset._evolve_kernel import HIST_PRIOR
 _AXIS = np.pi / 8
 _DIAGONAL = np.pi / (8 * np.sqrt(2))
 # Capacities are integers for scipy's max-flow: energies per box are scaled to O(1) per
-# pixel and then by this factor before rounding.
+# pixel and then by this factor before rounding (less when the flow out of the source
+# could pass int32, e.g. crops far above the 64 px default).
 _RESOLUTION = 1000.0
+_MAX_FLOW = 2.0**30
 
 
 def region_derivative(
@@ -101,8 +103,10 @@ def min_cut(
             rows += [off + a, off + b]
             cols += [off + b, off + a]
             caps += [lam * w, lam * w]
-    cap = np.rint(np.concatenate(caps) * _RESOLUTION).astype(np.int32)
-    graph = csr_matrix((cap, (np.concatenate(rows), np.concatenate(cols))), shape=(n + 2, n + 2))
+    tail, head, cap = np.concatenate(rows), np.concatenate(cols), np.concatenate(caps)
+    scale = min(_RESOLUTION, _MAX_FLOW / max(1.0, cap[tail == source].sum()))
+    cap = np.rint(cap * scale).astype(np.int32)
+    graph = csr_matrix((cap, (tail, head)), shape=(n + 2, n + 2))
     graph.sum_duplicates()
     flow = maximum_flow(graph, source, sink, method="dinic").flow
     residual = (graph - flow).tocsr()
