@@ -374,6 +374,20 @@ def test_segment_boxes_solver_defaults_to_cut_for_ct(monkeypatch):
         boxlevelset.segment_boxes(hu, boxes, solver="snake")
 
 
+def test_clean_keeps_large_pieces_and_drops_specks():
+    mask = np.zeros((30, 40), bool)
+    mask[2:20, 2:20] = True  # 324 px: the largest piece
+    mask[22:28, 2:20] = True  # 108 px, a third of it: kept (a vertebra's arch beside its body)
+    mask[2:6, 30:34] = True  # 16 px: a speck, dropped
+    mask[8:14, 8:14] = False  # a hole, filled
+    out = L._clean(mask, fill_holes=True, largest_component=True)
+    want = mask.copy()
+    want[2:6, 30:34] = False
+    want[8:14, 8:14] = True
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(L._clean(mask, False, False), mask)
+
+
 def test_segment_boxes_bad_input():
     img = np.zeros((20, 20), np.uint8)
     assert boxlevelset.segment_boxes(img, np.zeros((0, 4))) == []

@@ -588,7 +588,9 @@ def segment_boxes(
             (global graph cut, then ``polish`` evolution steps); None picks "cut" when a
             ``window`` is given (CT) and "evolve" otherwise. Without a model only.
         polish: evolution steps after the cut (``solver="cut"``).
-        fill_holes, largest_component: clean-up of each mask inside its box.
+        fill_holes, largest_component: clean-up of each mask inside its box (holes filled;
+            the largest connected piece kept with any piece of at least ``MIN_PIECE`` of
+            its area, smaller ones dropped).
 
     Returns:
         N boolean HxW masks, each zero outside its box. An empty box list gives [].
@@ -654,6 +656,14 @@ def segment_boxes(
     return masks
 
 
+# The clean-up keeps the largest connected piece of a mask and every piece at least this
+# fraction of its area: one object per box, but one slice may show it in a few large pieces
+# (a vertebra's body and arch on CT); specks go. Against keeping the largest piece alone it
+# moves no benchmark mean IoU or AP by more than 0.001, and it keeps the vertebral arches
+# the cut separates from the body on IRCAD slices.
+MIN_PIECE = 0.25
+
+
 def _clean(mask: np.ndarray, fill_holes: bool, largest_component: bool) -> np.ndarray:
     from scipy import ndimage
 
@@ -661,7 +671,7 @@ def _clean(mask: np.ndarray, fill_holes: bool, largest_component: bool) -> np.nd
         labels, count = ndimage.label(mask)
         if count > 1:
             sizes = np.bincount(labels.ravel())[1:]
-            mask = labels == (1 + int(sizes.argmax()))
+            mask = np.isin(labels, 1 + np.flatnonzero(sizes >= MIN_PIECE * sizes.max()))
     if fill_holes:
         mask = ndimage.binary_fill_holes(mask)
     return mask
