@@ -59,23 +59,21 @@ def region_derivative(
 def link_weights(crop: np.ndarray, edge: float) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(pixel, neighbour, weight) per link family of an 8-connected grid on crop [H, W, C]:
     Cauchy-Crofton length x exp(-edge |dI|^2 / (2 mean |dI|^2)), the squared difference
-    per unit distance and the mean over the crop's axis links (as ``levelset._edge_weights``)."""
+    per unit distance and the mean over the crop's axis links (``levelset._axis_contrast``,
+    as the evolution's length term has it)."""
+    from boxlevelset.levelset import _axis_contrast
+
     h, w = crop.shape[:2]
     idx = np.arange(h * w).reshape(h, w)
-    diffs = {
-        "right": (((crop[:, 1:] - crop[:, :-1]) ** 2).sum(-1), idx[:, :-1], idx[:, 1:], 1.0),
-        "down": (((crop[1:] - crop[:-1]) ** 2).sum(-1), idx[:-1], idx[1:], 1.0),
-        "down_right": (((crop[1:, 1:] - crop[:-1, :-1]) ** 2).sum(-1), idx[:-1, :-1], idx[1:, 1:],
-                       2.0),
-        "down_left": (((crop[1:, :-1] - crop[:-1, 1:]) ** 2).sum(-1), idx[:-1, 1:], idx[1:, :-1],
-                      2.0),
-    }
-    axis = [diffs["right"][0], diffs["down"][0]]
-    links = sum(a.size for a in axis)
-    mean = sum(a.sum() for a in axis) / max(1, links)
-    scale = edge / (2.0 * mean + 1e-12)
+    dx, dy, scale = _axis_contrast(crop, edge)
+    families = [
+        (dx, idx[:, :-1], idx[:, 1:], 1.0),
+        (dy, idx[:-1], idx[1:], 1.0),
+        (((crop[1:, 1:] - crop[:-1, :-1]) ** 2).sum(-1), idx[:-1, :-1], idx[1:, 1:], 2.0),
+        (((crop[1:, :-1] - crop[:-1, 1:]) ** 2).sum(-1), idx[:-1, 1:], idx[1:, :-1], 2.0),
+    ]
     out = []
-    for d2, a, b, dist2 in diffs.values():
+    for d2, a, b, dist2 in families:
         length = _AXIS if dist2 == 1.0 else _DIAGONAL
         out.append((a.ravel(), b.ravel(), length * np.exp(-scale * d2.ravel() / dist2)))
     return out

@@ -395,21 +395,28 @@ def _ragged_layout(crops: list[np.ndarray]) -> tuple[BoxPixels, Tensor]:
     return pix, feats
 
 
+def _axis_contrast(crop: np.ndarray, edge: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """|dI|^2 across each right link [H, W-1] and lower link [H-1, W] of a crop, and the
+    scale edge / (2 mean |dI|^2) over those links (GrabCut's pairwise normalisation)."""
+    dx = ((crop[:, 1:] - crop[:, :-1]) ** 2).sum(-1).astype(np.float64)
+    dy = ((crop[1:] - crop[:-1]) ** 2).sum(-1).astype(np.float64)
+    mean = (dx.sum() + dy.sum()) / max(1, dx.size + dy.size)
+    return dx, dy, edge / (2.0 * mean + 1e-12)
+
+
 def _edge_weights(crops: list[np.ndarray], edge: float) -> tuple[np.ndarray, np.ndarray]:
     """Contrast-sensitive weights of the length term on each pixel's right and lower
     neighbour link, exp(-edge |dI|^2 / (2 mean |dI|^2)) with the mean over the crop (as
     GrabCut's pairwise term): a boundary costs less along the crop's strong edges."""
     right, down = [], []
     for c in crops:
-        dx = np.zeros(c.shape[:2])
-        dy = np.zeros(c.shape[:2])
-        dx[:, :-1] = ((c[:, 1:] - c[:, :-1]) ** 2).sum(-1)
-        dy[:-1] = ((c[1:] - c[:-1]) ** 2).sum(-1)
-        links = dx[:, :-1].size + dy[:-1].size
-        mean = (dx.sum() + dy.sum()) / max(1, links)
-        scale = edge / (2.0 * mean + 1e-12)
-        right.append(np.exp(-scale * dx).ravel())
-        down.append(np.exp(-scale * dy).ravel())
+        dx, dy, scale = _axis_contrast(c, edge)
+        wr = np.ones(c.shape[:2])  # the last column and row have no such link
+        wd = np.ones(c.shape[:2])
+        wr[:, :-1] = np.exp(-scale * dx)
+        wd[:-1] = np.exp(-scale * dy)
+        right.append(wr.ravel())
+        down.append(wd.ravel())
     return np.concatenate(right), np.concatenate(down)
 
 
@@ -504,13 +511,13 @@ def _cut(
 
     sizes = [c.shape[0] * c.shape[1] for c in crops]
     starts = np.concatenate([[0], np.cumsum(sizes)])
-    feats = [c.reshape(-1, c.shape[-1]).astype(np.float64) for c in crops]
+    pix, all_feats = _ragged_layout(crops)
+    feats = np.split(all_feats.numpy().astype(np.float64), starts[1:-1])
     bins = [None] * len(crops) if hist is None else np.split(hist[0], starts[1:-1])
     ring = [None] * len(crops) if hist is None else hist[1]
     weight = 0.0 if hist is None else hist[2]
     links = [C.link_weights(c, edge) for c in crops]
     pair = [gamma * np.sqrt(n) for n in sizes]  # energies are scaled by pixels per box
-    pix, _ = _ragged_layout(crops)
     x, y, inst = pix.local_x.numpy(), pix.local_y.numpy(), pix.instance.numpy()
     w, h = pix.widths.numpy()[inst], pix.heights.numpy()[inst]
     sides = (x == 0).astype(float) + (x == w - 1) + (y == 0) + (y == h - 1)
