@@ -28,7 +28,7 @@ def main() -> None:
     ensure_display()
 
     import napari
-    from napari.layers import Layer
+    from napari.layers import Layer, Shapes
     from qtpy.QtWidgets import QApplication
 
     from boxlevelset_napari._box_to_mask import BoxToMaskWidget
@@ -39,7 +39,7 @@ def main() -> None:
     sample = make_sample_ct() if args.sample == "ct" else make_sample_nuclei()
     layers = [viewer.add_layer(Layer.create(data, dict(kwargs), kind))
               for data, kwargs, kind in sample]
-    boxes = next(layer for layer in layers if layer._type_string == "shapes")
+    boxes = next(layer for layer in layers if isinstance(layer, Shapes))
     widget = BoxToMaskWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Box to mask", area="right")
     t0 = time.perf_counter()
