@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from pycocotools import mask as mask_utils
 from skimage import io
 
@@ -35,7 +36,9 @@ def test_segment_box_labeled_folder_keeps_categories(tiny_box_folder, tmp_path):
     assert out["categories"] == src["categories"]
 
 
-def test_segment_passes_energy_options(tiny_box_folder, tmp_path, monkeypatch):
+@pytest.fixture
+def segment_options(monkeypatch) -> list[dict]:
+    """The options of every segment_boxes call the CLI makes (the calls still run)."""
     import boxlevelset.levelset as levelset
 
     seen = []
@@ -46,17 +49,19 @@ def test_segment_passes_energy_options(tiny_box_folder, tmp_path, monkeypatch):
         return real(image, boxes, model=model, **options)
 
     monkeypatch.setattr(levelset, "segment_boxes", spy)
+    return seen
+
+
+def test_segment_passes_energy_options(tiny_box_folder, tmp_path, segment_options):
     args = ["segment", str(tiny_box_folder), "--out", str(tmp_path), "--histogram", "0",
             "--iterations", "5"]
     assert main(args) == 0
-    assert seen and all(o == {"histogram": 0.0, "iterations": 5, "solver": "evolve"}
-                        for o in seen)
+    assert segment_options and all(
+        o == {"histogram": 0.0, "iterations": 5, "solver": "evolve"} for o in segment_options)
 
 
-def test_segment_ct_folder_uses_the_ct_solver(tmp_path, monkeypatch):
+def test_segment_ct_folder_uses_the_ct_solver(tmp_path, segment_options):
     import SimpleITK as sitk
-
-    import boxlevelset.levelset as levelset
 
     (tmp_path / "images").mkdir()
     hu = np.random.default_rng(0).normal(-100, 15, (2, 40, 48)).astype(np.int16)
@@ -67,22 +72,14 @@ def test_segment_ct_folder_uses_the_ct_solver(tmp_path, monkeypatch):
             "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [12, 10, 24, 20]}],
             "categories": [{"id": 1, "name": "liver"}]}
     (tmp_path / "annotations.json").write_text(json.dumps(coco))
-    seen = []
-    real = levelset.segment_boxes
-
-    def spy(image, boxes, model=None, **options):
-        seen.append(options.get("solver"))
-        return real(image, boxes, model=model, **options)
-
-    monkeypatch.setattr(levelset, "segment_boxes", spy)
     assert main(["segment", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
-    assert seen == ["cut", "cut"]
+    assert [o["solver"] for o in segment_options] == ["cut", "cut"]
     result = json.loads((tmp_path / "out" / "masks.json").read_text())
     assert len(result["annotations"]) == 1 and result["annotations"][0]["area"] > 400
-    seen.clear()
+    segment_options.clear()
     assert main(["segment", str(tmp_path), "--out", str(tmp_path / "o2"), "--solver",
                  "evolve"]) == 0
-    assert seen == ["evolve", "evolve"]
+    assert [o["solver"] for o in segment_options] == ["evolve", "evolve"]
 
 
 def test_segment_images_with_boxes_json(tmp_path):
