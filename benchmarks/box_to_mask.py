@@ -5,6 +5,8 @@ Ground-truth boxes go in, masks come out; every prediction is scored 1.0 for COC
     python benchmarks/box_to_mask.py                   # every folder of ../shared/data with masks
     python benchmarks/box_to_mask.py FOLDER [FOLDER..] [--max-images N] [--methods ours,box]
     python benchmarks/box_to_mask.py ../shared/data/ct3slice-dev --per-instance  # small sets
+    python benchmarks/box_to_mask.py ../shared/data/ct3slice-dev --methods "ours (cut)" \
+        --set polish=20                               # ours with other segment_boxes options
 
 Prints one markdown table: per folder and method, mean IoU, share of instances with
 IoU > 0.5 and > 0.75, COCO mask AP (pycocotools, maxDets 1000) and milliseconds per box
@@ -14,10 +16,12 @@ IoU > 0.5 and > 0.75, COCO mask AP (pycocotools, maxDets 1000) and milliseconds 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -139,12 +143,19 @@ def grabcut(img01: np.ndarray, boxes: np.ndarray) -> list[np.ndarray]:
     return out
 
 
+def _ours(**options: Any) -> Callable[[np.ndarray, np.ndarray], list[np.ndarray]]:
+    return lambda img, boxes: segment_boxes(img, boxes, **options)
+
+
+# segment_boxes picks "evolve" for images and "cut" for CT (when given a window); both run
+# on every folder here. --set adds segment_boxes options to these rows.
+OURS: dict[str, dict[str, Any]] = {
+    "ours (evolve)": {"solver": "evolve"},
+    "ours (cut)": {"solver": "cut"},
+    "ours (paper energy)": dict(PAPER_ENERGY),
+}
 METHODS: dict[str, Callable[[np.ndarray, np.ndarray], list[np.ndarray]]] = {
-    # segment_boxes picks "evolve" for images and "cut" for CT (when given a window); both
-    # run on every folder here.
-    "ours (evolve)": lambda img, boxes: segment_boxes(img, boxes, solver="evolve"),
-    "ours (cut)": lambda img, boxes: segment_boxes(img, boxes, solver="cut"),
-    "ours (paper energy)": lambda img, boxes: segment_boxes(img, boxes, **PAPER_ENERGY),
+    **{name: _ours(**options) for name, options in OURS.items()},
     "filled box": filled_box,
     "Otsu in box": otsu,
     "morph. Chan-Vese": morph_chan_vese,
@@ -233,7 +244,21 @@ def main() -> int:
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--per-instance", action="store_true",
                         help="also print every box's IoU (image id:category) per method")
+    parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                        help="a segment_boxes option for the ours rows, e.g. polish=20 or "
+                             "fill_holes=false (values read as JSON; repeatable)")
     args = parser.parse_args()
+    extra = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected OPTION=VALUE")
+        try:
+            extra[key] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[key] = value
+    for name, options in OURS.items():
+        METHODS[name] = _ours(**{**options, **extra})
     folders = args.folders or [DATA / n for n in ("coco128-dev", "dsb2018-dev", "ct3slice-dev")]
     methods = [m.strip() for m in args.methods.split(",")]
     unknown = [m for m in methods if m not in METHODS]
