@@ -57,7 +57,7 @@ def test_segment_passes_energy_options(tiny_box_folder, tmp_path, segment_option
             "--iterations", "5"]
     assert main(args) == 0
     assert segment_options and all(
-        o == {"histogram": 0.0, "iterations": 5, "solver": "evolve"} for o in segment_options)
+        o == {"histogram": 0.0, "iterations": 5, "window": None} for o in segment_options)
 
 
 def test_segment_ct_folder_uses_the_ct_solver(tmp_path, segment_options):
@@ -73,9 +73,16 @@ def test_segment_ct_folder_uses_the_ct_solver(tmp_path, segment_options):
             "categories": [{"id": 1, "name": "liver"}]}
     (tmp_path / "annotations.json").write_text(json.dumps(coco))
     assert main(["segment", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
-    assert [o["solver"] for o in segment_options] == ["cut", "cut"]
+    # Slices reach segment_boxes in Hounsfield units with the folder's window (abdomen),
+    # so its CT default (the cut) applies.
+    assert [o["window"] for o in segment_options] == [(40.0, 400.0)] * 2
+    assert all("solver" not in o for o in segment_options)
     result = json.loads((tmp_path / "out" / "masks.json").read_text())
     assert len(result["annotations"]) == 1 and result["annotations"][0]["area"] > 400
+    from boxlevelset import segment_boxes  # the same mask as the engine gives the HU slice
+
+    direct = segment_boxes(hu[0].astype(np.float32), [[12, 10, 36, 30]], window="abdomen")
+    assert result["annotations"][0]["area"] == int(direct[0].sum())
     segment_options.clear()
     assert main(["segment", str(tmp_path), "--out", str(tmp_path / "o2"), "--solver",
                  "evolve"]) == 0

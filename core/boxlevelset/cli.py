@@ -91,10 +91,14 @@ def run_segment(args: argparse.Namespace) -> int:
                                      ("histogram", args.histogram)) if v is not None}
         if model is not None:
             options["refine"] = args.refine
-        else:  # CT slices (already windowed here) take the CT default, as with a window
-            options["solver"] = args.solver or (
-                "evolve" if record.slice_index is None else "cut")
-        masks = segment_boxes(image, boxes, model=model, **options)
+        elif args.solver:
+            options["solver"] = args.solver
+        pixels, window = image, None
+        if record.slice_index is not None:
+            # CT: the slice in Hounsfield units with the folder's window, not the uint8
+            # picture of it; segment_boxes then applies its CT defaults (the cut).
+            pixels, window = folder.volume(record).array[record.slice_index], folder.window
+        masks = segment_boxes(pixels, boxes, model=model, window=window, **options)
         stack = np.stack(masks) if masks else np.zeros((0,) + image.shape[:2], bool)
         images.append(coco_image_entry(record))
         annotations.append({"image_id": int(record.image_id), "masks": stack,
