@@ -76,15 +76,17 @@ class ModelConfig:
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     loss_category: float = 1.0
-    lambda_image: float = 0.05
-    lambda_feature: float = 5.0
-    alpha_box: float = 3.0
-    gamma: float = 1e-5
+    # The level-set loss's weights and tree-filter settings: LevelSetWeights' defaults,
+    # kept flat here so that checkpoints store them as plain config fields.
+    lambda_image: float = LevelSetWeights.lambda_image
+    lambda_feature: float = LevelSetWeights.lambda_feature
+    alpha_box: float = LevelSetWeights.alpha_box
+    gamma: float = LevelSetWeights.gamma
     dice_weight: float = 3.0
     feature_guide_channels: int = 9
-    tree_sigma_image: float = 0.02
-    tree_sigma_feature: float = 1.0
-    tree_filter_max_side: int = 96
+    tree_sigma_image: float = LevelSetWeights.tree_sigma_image
+    tree_sigma_feature: float = LevelSetWeights.tree_sigma_feature
+    tree_filter_max_side: int = LevelSetWeights.tree_filter_max_side
     # Guide of the first tree filter: the normalised network input (as the official code) or
     # the RGB image scaled to [0, 1] ("unit"); sigma 0.02 acts on squared distances in it.
     tree_image_guide: str = "normalized"
@@ -386,16 +388,8 @@ class SOLOv2(nn.Module):
 
     @property
     def levelset_weights(self) -> LevelSetWeights:
-        c = self.config
-        return LevelSetWeights(
-            lambda_image=c.lambda_image,
-            lambda_feature=c.lambda_feature,
-            alpha_box=c.alpha_box,
-            gamma=c.gamma,
-            tree_sigma_image=c.tree_sigma_image,
-            tree_sigma_feature=c.tree_sigma_feature,
-            tree_filter_max_side=c.tree_filter_max_side,
-        )
+        return LevelSetWeights(**{f.name: getattr(self.config, f.name)
+                                  for f in fields(LevelSetWeights)})
 
     @staticmethod
     def _target_mask(
