@@ -48,6 +48,13 @@ class Instances:
         return len(self.scores)
 
 
+# Widths of the lite model's FPN and heads (ModelConfig.lite, the "lite" training preset).
+LITE_HEADS: dict[str, int] = dict(
+    fpn_channels=64, head_channels=64, stacked_convs=2, mask_feature_channels=64,
+    mask_feature_mid_channels=64,
+)
+
+
 @dataclass
 class ModelConfig:
     """Everything needed to rebuild a SOLOv2 level-set model (stored inside checkpoints)."""
@@ -148,14 +155,7 @@ class ModelConfig:
     def lite(cls, **overrides: Any) -> ModelConfig:
         """A small CPU-friendly configuration: EfficientNet-Lite0, narrow FPN and heads."""
         base: dict[str, Any] = dict(
-            backbone="efficientnet_lite0",
-            fpn_channels=64,
-            head_channels=64,
-            stacked_convs=2,
-            mask_feature_channels=64,
-            mask_feature_mid_channels=64,
-            input_size=512,
-            max_size=853,
+            backbone="efficientnet_lite0", **LITE_HEADS, input_size=512, max_size=853
         )
         base.update(overrides)
         return cls(**base)

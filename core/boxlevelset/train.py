@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from boxlevelset.model import LITE_HEADS
+
 logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
@@ -75,8 +77,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "lite": dict(
         backbone="efficientnet_lite0", lr=1e-3, batch_size=4, epochs=24, lr_steps=(0.75, 0.92),
         warmup_iters=50, min_size=(256, 384), max_size=512,
-        model=dict(fpn_channels=64, head_channels=64, stacked_convs=2, mask_feature_channels=64,
-                   mask_feature_mid_channels=64),
+        model=dict(LITE_HEADS),
     ),
 }
 
