@@ -171,11 +171,24 @@ def _image_for(folder: BoxFolder, record) -> np.ndarray:
     return as_float_image(folder.load_image(record))
 
 
+def loosen(boxes: np.ndarray, fraction: float, rng: np.random.Generator, height: int,
+           width: int) -> np.ndarray:
+    """Boxes as a hurried user draws them: each side pushed outward by a uniform random
+    share in [0, fraction) of the box's width (left, right) or height (top, bottom)."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    size = np.tile(boxes[:, 2:] - boxes[:, :2], 2)
+    push = rng.uniform(0.0, fraction, boxes.shape) * size * np.array([-1, -1, 1, 1])
+    return np.clip(boxes + push, 0, [width, height, width, height]).astype(np.float32)
+
+
 def run_folder(path: Path, methods: list[str], max_images: int | None,
-               per_instance: bool = False) -> list[dict]:
+               per_instance: bool = False, loose: float = 0.0) -> list[dict]:
     folder = load_box_folder(path, window=CT_WINDOW)
     gt = folder.to_coco_gt()
     records = [r for r in folder.records if len(r.boxes)][:max_images]
+    rng = np.random.default_rng(0)  # the same loose boxes for every method
+    boxes = {r.image_id: loosen(r.boxes, loose, rng, r.height, r.width) if loose else r.boxes
+             for r in records}
     rows = []
     for name in methods:
         fn = METHODS[name]
@@ -184,7 +197,7 @@ def run_folder(path: Path, methods: list[str], max_images: int | None,
             img = _image_for(folder, rec)
             gt_masks = folder.gt_masks(rec)
             t0 = time.perf_counter()
-            pred = fn(img, rec.boxes)
+            pred = fn(img, boxes[rec.image_id])
             dt = (time.perf_counter() - t0) * 1000
             per_box_ms.append(dt / len(rec.boxes))
             ious.extend(mask_iou(p, g) for p, g in zip(pred, gt_masks))
@@ -247,6 +260,9 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
                         help="a segment_boxes option for the ours rows, e.g. polish=20 or "
                              "fill_holes=false (values read as JSON; repeatable)")
+    parser.add_argument("--loose", type=float, default=0.0, metavar="F",
+                        help="hand-drawn boxes: push each side of every ground-truth box "
+                             "outward by a random share in [0, F) of the box side (seed 0)")
     args = parser.parse_args()
     extra = {}
     for item in args.set:
@@ -266,9 +282,10 @@ def main() -> int:
         parser.error(f"unknown methods {unknown}")
     rows = []
     for f in folders:
-        rows.extend(run_folder(f, methods, args.max_images, args.per_instance))
+        rows.extend(run_folder(f, methods, args.max_images, args.per_instance, args.loose))
     print(f"torch threads {torch.get_num_threads()}, images per folder: "
-          f"{args.max_images or 'all'}\n")
+          f"{args.max_images or 'all'}" + (f", boxes loosened by up to {args.loose:.0%} per side"
+                                           if args.loose else "") + "\n")
     print("| folder | method | boxes | mean IoU | IoU>0.5 | IoU>0.75 | mask AP | AP50 | ms/box |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -203,7 +203,8 @@ def build_parser(description: str, data: Path, n_train: int, n_test: int
     p.add_argument("--max-images", type=int, help="use only this many images (smoke tests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--minutes", type=float, default=25.0, help="training budget per run")
-    p.add_argument("--supervision", choices=("both", "box", "mask"), default="both")
+    p.add_argument("--supervision", choices=("both", "box", "mask", "none"), default="both",
+                   help="which models to train (none: only the model-free and filled-box rows)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float)
     p.add_argument("--min-size", type=int, nargs=2, default=(256, 384))
@@ -240,7 +241,7 @@ def run(args: argparse.Namespace, title: str, model_defaults: dict[str, Any]) ->
     speeds: dict[str, float] = {}
     auto_ap: dict[str, float] = {}
     boxed_ap: dict[str, float] = {}
-    kinds = ("box", "mask") if args.supervision == "both" else (args.supervision,)
+    kinds = {"both": ("box", "mask"), "none": ()}.get(args.supervision, (args.supervision,))
     for kind in kinds:
         path, its, _ = train_within(dict(base, supervision=kind), args.minutes, work / kind)
         speeds[kind] = its

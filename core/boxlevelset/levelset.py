@@ -264,6 +264,16 @@ def levelset_energy(
 PAPER_ENERGY: dict[str, float] = {"histogram": 0.0, "edge": 0.0, "gamma": 0.15}
 
 
+def _grey_as_one_channel(img: np.ndarray) -> np.ndarray:
+    """A grey image stored as RGB (R = G = B, as most microscopy PNGs) as one channel: it is
+    not a colour image, so it gets no Lab transform, and two constant channels would not
+    dilute the region terms, which average over channels."""
+    if img.shape[2] == 3 and np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(
+            img[..., 0], img[..., 2]):
+        return img[..., :1]
+    return img
+
+
 def _crop_raw(img: np.ndarray, bounds, scale: float, smooth: float, lab: bool) -> np.ndarray:
     """A crop resized by ``scale``, in CIE Lab for colour images when ``lab``, smoothed."""
     x0, y0, x1, y1 = bounds
@@ -610,7 +620,7 @@ def segment_boxes(
         solver = "evolve" if window is None else "cut"
     if solver not in ("evolve", "cut"):
         raise ValueError(f"solver must be 'evolve' or 'cut', got {solver!r}")
-    img = as_float_image(image, window)
+    img = _grey_as_one_channel(as_float_image(image, window))
     height, width = img.shape[:2]
     box_arr = as_boxes(boxes)
     if box_arr.shape[0] == 0:
