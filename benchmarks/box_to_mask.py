@@ -7,6 +7,7 @@ Ground-truth boxes go in, masks come out; every prediction is scored 1.0 for COC
     python benchmarks/box_to_mask.py ../shared/data/ct3slice-dev --per-instance  # small sets
     python benchmarks/box_to_mask.py ../shared/data/ct3slice-dev --methods "ours (cut)" \
         --set polish=20                               # ours with other segment_boxes options
+    python benchmarks/box_to_mask.py --loose 0.1      # boxes up to 10% loose per side
 
 Prints one markdown table: per folder and method, mean IoU, share of instances with
 IoU > 0.5 and > 0.75, COCO mask AP (pycocotools, maxDets 1000) and milliseconds per box
@@ -30,7 +31,7 @@ from skimage.filters import threshold_otsu
 from skimage.segmentation import morphological_chan_vese
 
 from boxlevelset import segment_boxes
-from boxlevelset.levelset import PAPER_ENERGY
+from boxlevelset.levelset import LOOSE_BOXES, PAPER_ENERGY
 from boxlevelset.data import BoxFolder, load_box_folder
 from boxlevelset.evaluate import coco_mask_ap, mask_iou
 from boxlevelset.export import masks_to_rle
@@ -153,6 +154,7 @@ OURS: dict[str, dict[str, Any]] = {
     "ours (evolve)": {"solver": "evolve"},
     "ours (cut)": {"solver": "cut"},
     "ours (paper energy)": dict(PAPER_ENERGY),
+    "ours (loose boxes)": dict(LOOSE_BOXES),  # the option set for hand-drawn boxes
 }
 METHODS: dict[str, Callable[[np.ndarray, np.ndarray], list[np.ndarray]]] = {
     **{name: _ours(**options) for name, options in OURS.items()},

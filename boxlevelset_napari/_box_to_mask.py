@@ -168,6 +168,9 @@ class BoxToMaskWidget(QWidget):
         self.labels_combo = LayerCombo(self.viewer, layers.Labels, allow_new=True)
         self.new_boxes_btn = QPushButton("New boxes layer")
         self.new_boxes_btn.clicked.connect(self.new_boxes_layer)
+        self.new_boxes_btn.setToolTip(
+            "Draw each box tight around one object (or tick 'Loose boxes'): the level set "
+            "takes the box's sides as the object's extent")
         self.class_combo = QComboBox()
         self.class_combo.setEditable(True)
         self.class_combo.addItem(DEFAULT_CATEGORY)
@@ -192,6 +195,10 @@ class BoxToMaskWidget(QWidget):
         self.live_check = QCheckBox("Live: segment each box when it is drawn or edited")
         self.live_check.setChecked(True)
         self.overwrite_check = QCheckBox("New masks overwrite existing labels")
+        self.loose_check = QCheckBox("Loose boxes (not touching the object on every side)")
+        self.loose_check.setToolTip(
+            "The level set takes each box to touch its object on all four sides; tick this "
+            "for boxes drawn loosely (no box projection, no background ring, evolution only)")
         self.hand_combo = QComboBox()
         self.hand_combo.addItems(HAND_EDIT_POLICIES)
         self.segment_btn = QPushButton("Segment boxes (Shift-S)")
@@ -242,6 +249,7 @@ class BoxToMaskWidget(QWidget):
         layout.addLayout(form)
         layout.addWidget(self.live_check)
         layout.addWidget(self.overwrite_check)
+        layout.addWidget(self.loose_check)
         layout.addWidget(self.segment_btn)
         layout.addWidget(self.accept_btn)
         group = QGroupBox("Model: segment everything")
@@ -524,17 +532,20 @@ class BoxToMaskWidget(QWidget):
         """Masks for (x0, y0, x1, y1) boxes on one plane of the current image."""
         image = self._image()
         from boxlevelset import segment_boxes
+        from boxlevelset.levelset import LOOSE_BOXES
 
         method = self.method_combo.currentText()
         plane_image = self._plane_image(image, plane)
+        options = dict(LOOSE_BOXES) if self.loose_check.isChecked() else {}
         if method in (METHOD_MODEL, METHOD_MODEL_REFINED):
             if self.model is None:
                 raise ValueError(f"method is '{method}' but no model is loaded")
             refine = REFINE_STEPS if method == METHOD_MODEL_REFINED else 0
             return segment_boxes(plane_image, boxes, model=self._predictor_for(image, plane),
-                                 window=self._window(image), refine=refine)
-        return segment_boxes(plane_image, boxes, window=self._window(image),
-                             solver=LEVELSET_SOLVERS[method])
+                                 window=self._window(image), refine=refine, **options)
+        if LEVELSET_SOLVERS[method] is not None:  # a solver chosen by name wins
+            options["solver"] = LEVELSET_SOLVERS[method]
+        return segment_boxes(plane_image, boxes, window=self._window(image), **options)
 
     def _segment(self, todo: list[tuple[int, int | None, np.ndarray, str]]) -> None:
         if not todo:

@@ -60,6 +60,15 @@ def test_segment_passes_energy_options(tiny_box_folder, tmp_path, segment_option
         o == {"histogram": 0.0, "iterations": 5, "window": None} for o in segment_options)
 
 
+def test_segment_loose_boxes_option(tiny_box_folder, tmp_path, segment_options):
+    from boxlevelset.levelset import LOOSE_BOXES
+
+    assert main(["segment", str(tiny_box_folder), "--out", str(tmp_path), "--loose-boxes",
+                 "--iterations", "5"]) == 0
+    assert segment_options and all(
+        o == {"iterations": 5, "window": None, **LOOSE_BOXES} for o in segment_options)
+
+
 def test_segment_ct_folder_uses_the_ct_solver(tmp_path, segment_options):
     import SimpleITK as sitk
 

@@ -206,3 +206,18 @@ def test_level_set_solver_choice(viewer_widget, monkeypatch):
         box_id = int(boxes.features["box_id"].iloc[-1])
         want = segment_boxes(image, np.asarray([box], float), solver=solver)[0]
         assert np.array_equal(widget.labels_layer(create=False).data == box_id, want)
+
+
+def test_loose_boxes_checkbox(viewer_widget):
+    from boxlevelset.levelset import LOOSE_BOXES
+
+    viewer, widget, image = viewer_widget
+    boxes = widget.new_boxes_layer()
+    widget.loose_check.setChecked(True)
+    box = (10, 12, 47, 49)  # a few pixels loose around the disk
+    _add_box(boxes, box)
+    box_id = int(boxes.features["box_id"].iloc[-1])
+    got = widget.labels_layer(create=False).data == box_id
+    want = segment_boxes(image, np.asarray([box], float), **LOOSE_BOXES)[0]
+    assert np.array_equal(got, want)
+    assert not np.array_equal(got, segment_boxes(image, np.asarray([box], float))[0])

@@ -73,7 +73,7 @@ def run_segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from boxlevelset.export import masks_to_labels, write_coco, write_label_image
-    from boxlevelset.levelset import segment_boxes
+    from boxlevelset.levelset import LOOSE_BOXES, segment_boxes
     from boxlevelset.predict import coco_image_entry, output_stem, overlay_image, write_png
 
     folder = _folder_for(args)
@@ -89,6 +89,8 @@ def run_segment(args: argparse.Namespace) -> int:
         boxes = np.asarray(record.boxes, float).reshape(-1, 4)
         options = {k: v for k, v in (("iterations", args.iterations),
                                      ("histogram", args.histogram)) if v is not None}
+        if args.loose_boxes:
+            options.update(LOOSE_BOXES)
         if model is not None:
             options["refine"] = args.refine
         elif args.solver:
@@ -143,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--solver", choices=("evolve", "cut"), default=None,
                      help="model-free solver: evolve (gradient descent; default for images) or "
                           "cut (global graph cut, then a short evolution; default for CT)")
+    seg.add_argument("--loose-boxes", action="store_true",
+                     help="boxes drawn loosely, not touching their objects on every side: "
+                          "drop the energy's tight-box terms (levelset.LOOSE_BOXES)")
     seg.add_argument("--refine", type=int, default=0, metavar="N",
                      help="with --model: N level-set steps starting from the model's masks")
     seg.add_argument("--label-format", choices=("png", "tif"), default="png")
