@@ -168,7 +168,7 @@ METHODS: dict[str, Callable[[np.ndarray, np.ndarray], list[np.ndarray]]] = {
 def _image_for(folder: BoxFolder, record) -> np.ndarray:
     """[0,1] float image; CT slices windowed from Hounsfield units."""
     if record.slice_index is not None:
-        hu = folder.volume(record).array[record.slice_index]
+        hu = folder.slice_hu(record)
         return as_float_image(hu, window=CT_WINDOW)
     return as_float_image(folder.load_image(record))
 

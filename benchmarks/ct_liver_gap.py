@@ -90,7 +90,7 @@ def main() -> None:
           "E(truth) - E(ours) | ours + star clean-up IoU |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for rec in folder.records:
-        hu = folder.volume(rec).array[rec.slice_index].astype(np.float64)
+        hu = folder.slice_hu(rec).astype(np.float64)
         img = _image_for(folder, rec)
         ours_all = segment_boxes(img, rec.boxes, solver="evolve")
         cut_all = segment_boxes(img, rec.boxes, solver="cut")

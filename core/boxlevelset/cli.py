@@ -99,7 +99,7 @@ def run_segment(args: argparse.Namespace) -> int:
         if record.slice_index is not None:
             # CT: the slice in Hounsfield units with the folder's window, not the uint8
             # picture of it; segment_boxes then applies its CT defaults (the cut).
-            pixels, window = folder.volume(record).array[record.slice_index], folder.window
+            pixels, window = folder.slice_hu(record), folder.window
         masks = segment_boxes(pixels, boxes, model=model, window=window, **options)
         stack = np.stack(masks) if masks else np.zeros((0,) + image.shape[:2], bool)
         images.append(coco_image_entry(record))

@@ -322,11 +322,15 @@ class BoxFolder:
             self._volumes[path] = read_volume(path)
         return self._volumes[path]
 
+    def slice_hu(self, record: Record) -> np.ndarray:
+        """A CT record's slice in Hounsfield units, HxW (ValueError for a 2D image)."""
+        return self.volume(record).array[record.slice_index]
+
     def load_image(self, record: Record) -> np.ndarray:
         """The record's pixels: the 2D image as read, or the CT slice windowed to uint8 HxW."""
         if record.slice_index is None:
             return read_image(record.path)
-        hu = self.volume(record).array[record.slice_index]
+        hu = self.slice_hu(record)
         window = self.window or resolve_window("abdomen")
         return np.round(apply_window(hu, window) * 255.0).astype(np.uint8)
 
