@@ -110,6 +110,20 @@ def test_segment_images_with_boxes_json(tmp_path):
     labels = io.imread(out / "labels" / "a.png")
     truth = img > 0
     assert ((labels > 0) & truth).sum() / ((labels > 0) | truth).sum() > 0.9
+    # The same boxes typed on the command line give the same masks.
+    inline = tmp_path / "inline"
+    assert main(["segment", str(tmp_path / "a.png"), "--boxes", "[[10, 10, 25, 30]]",
+                 "-o", str(inline)]) == 0
+    assert np.array_equal(io.imread(inline / "labels" / "a.png"), labels)
+
+
+def test_inline_boxes_errors_quote_the_text(tmp_path, capsys):
+    io.imsave(tmp_path / "a.png", np.zeros((8, 8), np.uint8))
+    for text, problem in (("[[0, 0, 5", "boxes given as JSON text"), ("[[0, 0, 5]]", "Nx4")):
+        assert main(["segment", str(tmp_path / "a.png"), "--boxes", text,
+                     "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert problem in err and text in err
 
 
 def test_bad_input_is_one_clear_error(tmp_path, capsys):

@@ -3,6 +3,7 @@
     boxlevelset segment --sample --out out/          # shipped nuclei image + boxes
     boxlevelset segment FOLDER --out out/            # a box-labeled folder (COCO / VOC)
     boxlevelset segment a.png --boxes boxes.json     # images with boxes from a JSON file
+    boxlevelset segment a.png --boxes '[[10, 20, 80, 90]]'   # or boxes given inline
     boxlevelset train FOLDER --preset lite --out runs/lite
     boxlevelset evaluate model.pth FOLDER
     boxlevelset predict model.pth FOLDER --out out/
@@ -24,13 +25,17 @@ from boxlevelset.image import as_boxes
 SAMPLES = Path(__file__).parent / "samples"
 
 
-def _boxes_from_json(path: Path) -> dict[str, np.ndarray] | np.ndarray:
-    """A JSON file of boxes: a list of [x0, y0, x1, y1] (same boxes for every image), or
-    {"boxes_xyxy": [...]}, or {image file name: [[x0, y0, x1, y1], ...], ...}."""
+def _boxes_from_json(path: Path | str) -> dict[str, np.ndarray] | np.ndarray:
+    """Boxes from a JSON file, or from JSON text given in its place (text that starts with
+    '[' or '{' and is not a file): a list of [x0, y0, x1, y1] (same boxes for every
+    image), or {"boxes_xyxy": [...]}, or {image file name: [[x0, y0, x1, y1], ...], ...}."""
+    text = str(path)
+    inline = text.lstrip()[:1] in ("[", "{") and not Path(text).is_file()
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(text if inline else Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read boxes JSON ({exc})") from None
+        what = "boxes given as JSON text" if inline else "cannot read boxes JSON"
+        raise ValueError(f"{text}: {what} ({exc})") from None
     if isinstance(data, dict) and "boxes_xyxy" in data:
         data = data["boxes_xyxy"]
     try:
@@ -53,7 +58,7 @@ def _folder_for(args: argparse.Namespace):
     if len(args.inputs) == 1 and Path(args.inputs[0]).is_dir() and args.boxes is None:
         return load_box_folder(args.inputs[0], window=args.window or "abdomen")
     if args.boxes is None:
-        raise ValueError("image files need --boxes (a JSON file of [x0, y0, x1, y1] boxes)")
+        raise ValueError("image files need --boxes (a JSON file, or JSON text, of [x0, y0, x1, y1] boxes)")
     boxes = _boxes_from_json(args.boxes)
     records = []
     for i, name in enumerate(args.inputs, start=1):
@@ -127,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     seg = sub.add_parser("segment", help="masks from boxes (model-free level set, or --model)")
     seg.add_argument("inputs", nargs="*", type=Path, help="images, or one box-labeled folder")
-    seg.add_argument("--boxes", type=Path,
-                     help='JSON boxes for image inputs: [[x0, y0, x1, y1], ...] for every image, '
+    seg.add_argument("--boxes",
+                     help='boxes for image inputs, a JSON file or JSON text: '
+                          '[[x0, y0, x1, y1], ...] for every image, '
                           '{"a.png": [[x0, y0, x1, y1], ...], ...} per file name, or '
                           '{"boxes_xyxy": [...]}')
     seg.add_argument("--sample", action="store_true", help="run on the shipped nuclei sample")
