@@ -58,7 +58,7 @@ def _folder_for(args: argparse.Namespace):
     if len(args.inputs) == 1 and Path(args.inputs[0]).is_dir() and args.boxes is None:
         return load_box_folder(args.inputs[0], window=args.window or "abdomen")
     if args.boxes is None:
-        raise ValueError("image files need --boxes (a JSON file, or JSON text, of [x0, y0, x1, y1] boxes)")
+        raise ValueError("image files need --boxes: [[x0, y0, x1, y1], ...] as JSON text or a file")
     boxes = _boxes_from_json(args.boxes)
     records = []
     for i, name in enumerate(args.inputs, start=1):
