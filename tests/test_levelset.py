@@ -429,8 +429,12 @@ def test_segment_boxes_bad_input():
     assert boxlevelset.segment_boxes(img, np.zeros((0, 4))) == []
     with pytest.raises(ValueError, match="Nx4"):
         boxlevelset.segment_boxes(img, np.zeros((2, 3)))
-    with pytest.raises(ValueError, match="zero area"):
+    with pytest.raises(ValueError, match="zero area") as err:
         boxlevelset.segment_boxes(img, [[5, 5, 5, 9]])
+    assert "width, height" not in str(err.value)
+    # A box given as (x, y, width, height) by mistake is named as the likely cause.
+    with pytest.raises(ValueError, match=r"not \(x, y, width, height\)"):
+        boxlevelset.segment_boxes(img, [[8, 6, 4, 4]])
     bad = np.zeros((20, 20), np.float32)
     bad[3, 3] = np.nan
     with pytest.raises(ValueError, match="NaN"):

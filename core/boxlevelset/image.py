@@ -106,9 +106,13 @@ def clip_boxes(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
     arr[:, [1, 3]] = arr[:, [1, 3]].clip(0, height)
     bad = np.flatnonzero((arr[:, 2] <= arr[:, 0]) | (arr[:, 3] <= arr[:, 1]))
     if bad.size:
+        given = as_boxes(boxes)[bad[0]]
+        # A far corner before the near one is most often a box given as (x, y, width, height).
+        hint = (" (its x1 or y1 is below x0 or y0: boxes are corners (x0, y0, x1, y1), not "
+                "(x, y, width, height))" if given[2] < given[0] or given[3] < given[1] else "")
         raise ValueError(
-            f"box {int(bad[0])} {as_boxes(boxes)[bad[0]].tolist()} has zero area inside the "
-            f"{width}x{height} image ({bad.size} such boxes)"
+            f"box {int(bad[0])} {given.tolist()} has zero area inside the "
+            f"{width}x{height} image ({bad.size} such boxes){hint}"
         )
     return arr
 
