@@ -105,6 +105,36 @@ def test_corrupt_image_skipped_with_warning(tiny_box_folder):
     assert [r.file_name for r in folder] == ["tiny_0.png", "tiny_2.png"]
 
 
+def test_truncated_png_skipped_at_load(tiny_box_folder):
+    # An interrupted copy: the header is intact, the pixel data cut short. It must be
+    # dropped when the folder loads, not fail later inside training or export.
+    path = tiny_box_folder / "images" / "tiny_2.png"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.warns(UserWarning, match="tiny_2.png"):
+        folder = load_box_folder(tiny_box_folder)
+    assert [r.file_name for r in folder] == ["tiny_0.png", "tiny_1.png"]
+
+
+def test_image_above_pillows_bomb_limit_loads(tiny_box_folder, monkeypatch):
+    from PIL import Image
+
+    # Pillow refuses images over 2x MAX_IMAGE_PIXELS (~179 Mpx by default) in its header
+    # reader; a large scan must load like any other image. Lower the limit for the test.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 4)
+    folder = load_box_folder(tiny_box_folder)
+    assert [(r.height, r.width) for r in folder] == [(64, 64)] * 3
+
+
+def test_every_entry_of_a_shared_file_is_size_checked(tiny_box_folder):
+    coco = json.loads((tiny_box_folder / "annotations.json").read_text())
+    coco["images"].append(dict(coco["images"][0], id=99, width=65))  # same file, wrong size
+    (tiny_box_folder / "annotations.json").write_text(json.dumps(coco))
+    with pytest.warns(UserWarning, match="annotation says 65x64"):
+        folder = load_box_folder(tiny_box_folder)
+    assert [r.image_id for r in folder] == [1, 2, 3]
+
+
 def test_empty_folder_raises(tmp_path):
     empty = tmp_path / "nothing_here"
     empty.mkdir()
@@ -264,6 +294,10 @@ def test_volume_round_trip_keeps_geometry(tmp_path, suffix):
                                                                  f"labels{suffix}"])
     with pytest.raises(ValueError, match="shape"):
         write_label_volume(tmp_path / f"x{suffix}", labels[:2], like=vol)
+    # The same file under an upper-case name (SimpleITK knows only lower-case suffixes).
+    upper = write_label_volume(tmp_path / f"LABELS{suffix.upper()}", labels, like=vol)
+    np.testing.assert_array_equal(read_volume(upper).array, labels)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_dicom_series_folder(tmp_path):

@@ -119,6 +119,23 @@ def test_write_coco_then_read_coco_masks_identical(tmp_path):
     assert not (tmp_path / "bad.json").exists()
 
 
+def test_write_coco_takes_numpy_numbers_in_image_fields(tmp_path):
+    mask = np.zeros((3, 4), bool)
+    mask[1, 1:3] = True
+    images = [{"id": np.int64(1), "file_name": "a.png", "height": np.int64(3),
+               "width": np.int32(4), "slice_index": np.int64(7)}]
+    path = write_coco(tmp_path / "p.json", images,
+                      [{"image_id": 1, "mask": mask, "category_id": 1}], [{"id": 1, "name": "x"}])
+    coco = json.loads(path.read_text())
+    assert coco["images"][0]["slice_index"] == 7 and coco["images"][0]["width"] == 4
+
+
+def test_label_image_with_a_name_near_the_length_limit(tmp_path):
+    name = "x" * 240 + ".png"  # fits the 255-byte limit; a temporary name must too
+    write_label_image(tmp_path / name, np.ones((4, 5), np.int32))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
 def test_read_coco_masks_rejects_non_coco(tmp_path):
     bad = tmp_path / "x.json"
     bad.write_text("[1, 2]")

@@ -137,13 +137,28 @@ def _image_size(path: Path) -> tuple[int, int]:
         except Exception as err:
             raise ImageReadError(f"{path}: cannot read TIFF header ({err})") from err
     try:
-        with Image.open(path) as im:
-            width, height = im.size
-            if suffix in (".jpg", ".jpeg"):
-                # read_image applies EXIF orientation, so report the rotated size.
-                orientation = im.getexif().get(0x0112, 1)
-                if orientation in (5, 6, 7, 8):
-                    width, height = height, width
+        with warnings.catch_warnings():
+            # Pillow's guard against decompression bombs is for untrusted web images; a
+            # user's own large scan or slide is read (by OpenCV) like any other image.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+                if suffix in (".jpg", ".jpeg"):
+                    # read_image applies EXIF orientation, so report the rotated size.
+                    orientation = im.getexif().get(0x0112, 1)
+                    if orientation in (5, 6, 7, 8):
+                        width, height = height, width
+                if suffix == ".png":
+                    # Chunk checksums up to the end marker, without decompressing: a PNG cut
+                    # short (an interrupted copy) fails here, not later inside training.
+                    im.verify()
+    except Image.DecompressionBombError as err:
+        # Raised before Pillow returns the size; the message holds it, but parsing it is
+        # brittle, so decode the header another way: OpenCV reads the whole image.
+        try:
+            height, width = read_image(path).shape[:2]
+        except ImageReadError:
+            raise ImageReadError(f"{path}: cannot read image ({err})") from err
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ImageReadError(f"{path}: cannot read image header ({err})") from err
     return int(height), int(width)
@@ -195,7 +210,10 @@ def read_volume(path: str | os.PathLike) -> Volume:
                     f"{path}: unsupported volume type; expected {', '.join(VOLUME_SUFFIXES)} "
                     "or a DICOM series folder"
                 )
-            image = sitk.ReadImage(str(path))
+            # SimpleITK picks the MetaImage reader by a lower-case suffix only ("scan.MHA"
+            # found no reader); NIfTI and NRRD are recognised by their contents.
+            meta = _lower_suffix(path) in (".mha", ".mhd")
+            image = sitk.ReadImage(str(path), imageIO="MetaImageIO" if meta else "")
     except RuntimeError as err:  # SimpleITK reports every read failure as RuntimeError
         raise ImageReadError(f"{path}: cannot read volume ({str(err).strip().splitlines()[-1]})") \
             from err
@@ -443,13 +461,26 @@ def _clip_and_filter(boxes: np.ndarray, width: int, height: int) -> tuple[np.nda
     return boxes.astype(np.float32), keep
 
 
-def _check_image(path: Path, height: int | None, width: int | None) -> tuple[int, int] | None:
-    """Header-check a 2D image; warn naming it and return None if it cannot be used."""
-    try:
-        h, w = _image_size(path)
-    except ImageReadError as err:
-        warnings.warn(f"skipping unreadable image: {err}", stacklevel=4)
+def _check_image(path: Path, height: int | None, width: int | None,
+                 sizes: dict[Path, tuple[int, int] | None] | None = None) -> tuple[int, int] | None:
+    """Header-check a 2D image; warn naming it and return None if it cannot be used.
+
+    ``sizes`` caches each file's size (None: unreadable) for entries that share a file;
+    every entry is still checked against its own stated size.
+    """
+    if sizes is None or path not in sizes:
+        try:
+            size = _image_size(path)
+        except ImageReadError as err:
+            warnings.warn(f"skipping unreadable image: {err}", stacklevel=4)
+            size = None
+        if sizes is not None:
+            sizes[path] = size
+    else:
+        size = sizes[path]
+    if size is None:
         return None
+    h, w = size
     if height is not None and width is not None and (h, w) != (int(height), int(width)):
         warnings.warn(
             f"skipping {path}: annotation says {width}x{height} but the image is {w}x{h}",
@@ -509,11 +540,10 @@ def _load_coco(json_path: Path, root: Path, window: Window) -> BoxFolder:
                               f"but the slice is {w}x{h}", stacklevel=3)
                 continue
         else:
-            if path not in checked:
-                checked[path] = _check_image(path, height, width)
-            if checked[path] is None:
+            size = _check_image(path, height, width, checked)
+            if size is None:
                 continue
-            h, w = checked[path]
+            h, w = size
 
         boxes, cats, segs, crowds = [], [], [], []
         for ann in per_image.get(int(im["id"]), []):

@@ -22,11 +22,13 @@ _COMPOUND_SUFFIXES = (".nii.gz", ".tar.gz")
 
 
 def _suffix(path: Path) -> str:
+    # Lower case: SimpleITK picks its writer from the suffix and knows only ".mha", not
+    # ".MHA" (it wrote an empty file under ".MHA"); cv2 and tifffile accept either.
     name = path.name.lower()
     for suffix in _COMPOUND_SUFFIXES:
         if name.endswith(suffix):
-            return path.name[-len(suffix):]
-    return path.suffix
+            return suffix
+    return path.suffix.lower()
 
 
 @contextmanager
@@ -38,7 +40,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_suffix(path))
+    # The name is shortened in the prefix: with the random part and the suffix added, a name
+    # near the file system's 255-byte limit would not fit.
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:64]}.",
+                                    suffix=_suffix(path))
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -253,8 +258,16 @@ def write_coco(
     coco = {"images": images, "annotations": anns, "categories": cats}
     path = Path(path)
     with atomic_write(path) as handle:
-        json.dump(coco, handle)
+        json.dump(coco, handle, default=_json_scalar)
     return path
+
+
+def _json_scalar(value: Any) -> Any:
+    """numpy numbers and arrays in caller-supplied fields (an image's height from an array
+    shape, an id from a numpy index) as the Python values json can write."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def read_coco_masks(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
