@@ -18,6 +18,7 @@ from typing import Any
 
 import napari
 import numpy as np
+import pandas as pd
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
@@ -79,25 +80,42 @@ class LayerCombo(QComboBox):
         self._viewer = viewer
         self._type = layer_type
         self._allow_new = allow_new
-        viewer.layers.events.inserted.connect(self.refresh)
+        self._chosen: Any = None  # the layer object: a rename must not lose the choice
+        viewer.layers.events.inserted.connect(self._on_inserted)
         viewer.layers.events.removed.connect(self.refresh)
         viewer.layers.events.reordered.connect(self.refresh)
+        for layer in viewer.layers:
+            layer.events.name.connect(self.refresh)
+        self.currentTextChanged.connect(self._remember)
         self.refresh()
+
+    def _on_inserted(self, event: Any) -> None:
+        event.value.events.name.connect(self.refresh)
+        self.refresh()
+
+    def _remember(self, name: str) -> None:
+        self._chosen = _unwrap(self._viewer.layers[name]) if name in self._viewer.layers \
+            else None
 
     def refresh(self, *_: Any) -> None:
         current = self.currentText()
-        names = [layer.name for layer in self._viewer.layers if isinstance(layer, self._type)]
+        layers = [layer for layer in self._viewer.layers if isinstance(layer, self._type)]
+        names = [layer.name for layer in layers]
+        chosen = next((layer.name for layer in layers if _unwrap(layer) is self._chosen), None)
         if self._allow_new:
             names = [NEW_LAYER, *names]
         self.blockSignals(True)
         self.clear()
         self.addItems(names)
-        if current in names:
+        if chosen is not None:
+            self.setCurrentText(chosen)
+        elif current in names:
             self.setCurrentText(current)
         elif names and not self._allow_new:
             self.setCurrentIndex(len(names) - 1)  # newest layer of that type
         self.blockSignals(False)
-        if self.currentText() != current:
+        self._remember(self.currentText())
+        if self.currentText() != current and self.currentText() != chosen:
             self.currentTextChanged.emit(self.currentText())
 
     def layer(self) -> Any:
@@ -221,7 +239,8 @@ class BoxToMaskWidget(QWidget):
         self.overlap_spin.setSingleStep(0.05)
         self.overlap_spin.setValue(0.5)
         self.propagate_btn = QPushButton("Propagate selected box through slices")
-        self.propagate_btn.clicked.connect(self.propagate_selected)
+        # Through a lambda: Qt would pass the button's checked=False as max_slices.
+        self.propagate_btn.clicked.connect(lambda: self.propagate_selected())
 
         self.export_coco_btn = QPushButton("Export COCO JSON…")
         self.export_coco_btn.clicked.connect(lambda: self._export_dialog("coco"))
@@ -369,10 +388,45 @@ class BoxToMaskWidget(QWidget):
             for name in layer.features["category"].astype(str).unique():
                 if self.class_combo.findText(name) < 0:
                     self.class_combo.addItem(name)
+        features = layer.features
+        if "category" not in features or "box_id" not in features:
+            # A plain Shapes layer (napari's own 'new shapes layer'): add the box columns.
+            features = features.copy()
+            if "category" not in features:
+                features["category"] = pd.Series([self.category] * len(features), dtype=object)
+            if "box_id" not in features:
+                features["box_id"] = np.full(len(features), -1, dtype=np.int64)
+            layer.features = features
+        # New boxes get the class the dropdown shows, not the layer's own earlier default.
+        layer.feature_defaults = {"category": self.category, "box_id": -1}
+        self._to_image_pixels(layer)
         layer.events.data.connect(self._on_data)
         # napari's paste adds shapes without a data event; it does emit a features event.
         layer.events.features.connect(self._on_features)
         self._adopt_existing()
+
+    def _to_image_pixels(self, layer: Any) -> None:
+        """Give a boxes layer the image's scale and translate, moving its vertices so the
+        boxes stay where they are on screen: box vertices are then image pixels. (napari's
+        own 'new shapes layer' button makes a layer of scale 1, in world units.)"""
+        image = self.image_combo.layer()
+        if image is None or layer.ndim != self._spatial_ndim(image):
+            return
+        scale, translate = np.asarray(layer.scale), np.asarray(layer.translate)
+        to_scale, to_translate = np.asarray(image.scale), np.asarray(image.translate)
+        if np.allclose(scale, to_scale) and np.allclose(translate, to_translate):
+            return
+        data = [(np.asarray(v) * scale + translate - to_translate) / to_scale
+                for v in layer.data]
+        self._busy = True
+        try:
+            layer.scale, layer.translate = to_scale, to_translate
+            if data:
+                features = layer.features.copy()
+                layer.data = data
+                layer.features = features
+        finally:
+            self._busy = False
 
     def _adopt_existing(self) -> None:
         """Boxes whose label already has pixels (e.g. a reopened folder) keep those masks."""
@@ -551,10 +605,14 @@ class BoxToMaskWidget(QWidget):
         if not todo:
             return
         image = self._image()
-        height, width = self._plane_image(image, todo[0][1]).shape[:2]
+        depth = image.data.shape[0] if self._spatial_ndim(image) == 3 else None
+        height, width = self._plane_image(image, 0 if depth else None).shape[:2]
         by_plane: dict[int | None, list] = {}
         skipped = 0
         for item in todo:
+            if depth is not None and (item[1] is None or not 0 <= item[1] < depth):
+                skipped += 1  # a box on a slice the volume does not have
+                continue
             box = item[2].copy()
             box[[0, 2]] = box[[0, 2]].clip(0, width)
             box[[1, 3]] = box[[1, 3]].clip(0, height)
@@ -635,6 +693,10 @@ class BoxToMaskWidget(QWidget):
         if not self._may_replace(box_id, [plane]):
             return False
         labels = self.labels_layer(create=True)
+        if np.issubdtype(labels.data.dtype, np.integer) and \
+                box_id > np.iinfo(labels.data.dtype).max:
+            # Widen the layer (e.g. a uint8 Labels layer at id 256): the id would wrap.
+            labels.data = np.asarray(labels.data).astype(np.int32)
         view = self._plane_view(labels, plane)
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != view.shape:

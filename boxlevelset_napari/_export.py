@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,8 @@ def export_coco(path: str | os.PathLike, image: Any, boxes: Any, labels: Any,
         raise ValueError("there are no masks to export yet (segment some boxes first)")
     stacked, per_plane, cats, cat_id = _boxes_and_categories(image, boxes, class_names)
     default_cat = cat_id[class_names[0]] if class_names else int(cats[0]["id"])
+    # A mask propagated through slices keeps its box's label id on planes without a box.
+    box_cat = {bid: cat for items in per_plane.values() for bid, _box, cat in items}
     images, annotations = [], []
     for plane in _planes(image):
         height, width = _plane_size(image, plane)
@@ -129,7 +132,6 @@ def export_coco(path: str | os.PathLike, image: Any, boxes: Any, labels: Any,
             continue
         image_id = len(images) + 1
         images.append(_entry(image, plane, image_id))
-        box_cat = {bid: cat for bid, _box, cat in per_plane.get(plane, [])}
         for label_id in ids:
             annotations.append({
                 "image_id": image_id,
@@ -148,12 +150,22 @@ def export_label_image(path: str | os.PathLike, labels: Any) -> Path | list[Path
 
     if labels is None:
         raise ValueError("there are no masks to export yet (segment some boxes first)")
+    from boxlevelset.export import atomic_path
+
     path = Path(path)
     data = np.asarray(labels.data)
     if data.ndim == 2:
         return write_label_image(path, data)
-    return [write_label_image(path.with_name(f"{path.stem}_{k:04d}{path.suffix}"), plane)
-            for k, plane in enumerate(data)]
+    targets = [path.with_name(f"{path.stem}_{k:04d}{path.suffix}") for k in range(len(data))]
+    blocked = next((t for t in targets if t.is_dir()), None)
+    if blocked is not None:
+        raise IsADirectoryError(f"{blocked} is a folder; choose another name for the planes")
+    # All planes or none: every file is written under a temporary name first, and the
+    # files take their names only once all are written.
+    with ExitStack() as stack:
+        for target, plane in zip(targets, data):
+            write_label_image(stack.enter_context(atomic_path(target)), plane)
+    return targets
 
 
 def export_label_volume(path: str | os.PathLike, labels: Any, image: Any) -> Path:
@@ -187,16 +199,36 @@ def _plane_uint8(image: Any, plane: int | None) -> np.ndarray:
     return arr
 
 
+def _add_mask_boxes(per_plane: dict, image: Any, labels: Any, default_class: str) -> None:
+    """Masks without a box on their plane (propagated through slices, or painted by hand)
+    get the tight box of their pixels, and the class of the box whose label id they carry
+    (else the default class), so a saved folder keeps every mask the layer shows."""
+    box_cat = {bid: cat for items in per_plane.values() for bid, _box, cat in items}
+    for plane in _planes(image):
+        height, width = _plane_size(image, plane)
+        lab = _plane(labels.data, plane)[:height, :width]
+        drawn = {bid for bid, _box, _cat in per_plane.get(plane, [])}
+        for label_id in (int(v) for v in np.unique(lab) if v != 0 and int(v) not in drawn):
+            ys, xs = np.nonzero(lab == label_id)
+            box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64)
+            per_plane.setdefault(plane, []).append(
+                (label_id, box, box_cat.get(label_id, default_class)))
+
+
 def save_annotations(folder: str | os.PathLike, image: Any, boxes: Any, labels: Any,
                      class_names: list[str]) -> Path:
     """Write the box-labeled folder format (images/ + annotations.json) for the planes with
-    boxes, with masks (RLE) where the labels layer has them, so the folder can be reopened
-    with the plugin's reader and fine-tuned on."""
+    boxes or masks, with masks (RLE) where the labels layer has them, so the folder can be
+    reopened with the plugin's reader and fine-tuned on. A mask without a box on its plane
+    gets the tight box around it."""
     from boxlevelset.data import save_box_folder
 
     if boxes is None or len(boxes.data) == 0:
         raise ValueError("there are no boxes to save")
     stacked, per_plane, cats, cat_id = _boxes_and_categories(image, boxes, class_names)
+    if labels is not None:
+        _add_mask_boxes(per_plane, image, labels, class_names[0] if class_names else
+                        cats[0]["name"])
     items = []
     for plane in sorted(per_plane, key=lambda p: -1 if p is None else p):
         entries = per_plane[plane]
@@ -204,6 +236,9 @@ def save_annotations(folder: str | os.PathLike, image: Any, boxes: Any, labels: 
         name = _entry(image, plane, 0)["file_name"]
         if not name.lower().endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")):
             name = f"{Path(name).name.split('.')[0]}_{plane if plane is not None else 0:04d}.png"
+        pixels = _plane_uint8(image, plane)
+        if pixels.dtype not in (np.uint8, np.uint16):  # float or wide integers: PNG cannot
+            name = f"{Path(name).stem}.tif"
         box_arr = np.stack([b for _bid, b, _cat in entries]).astype(np.float32)
         box_arr[:, [0, 2]] = box_arr[:, [0, 2]].clip(0, width)
         box_arr[:, [1, 3]] = box_arr[:, [1, 3]].clip(0, height)
@@ -214,5 +249,5 @@ def save_annotations(folder: str | os.PathLike, image: Any, boxes: Any, labels: 
             stack = np.stack([lab == bid for bid, _box, _cat in entries])
             if stack.any():
                 masks = stack
-        items.append((name, _plane_uint8(image, plane), box_arr, cat_ids, masks))
+        items.append((name, pixels, box_arr, cat_ids, masks))
     return Path(save_box_folder(folder, items, cats))

@@ -1,0 +1,179 @@
+"""Box-to-mask widget on volumes and with layers a user changes under it: the propagate
+button, renamed layers, napari's own shapes layer over a scaled volume, boxes on slices the
+volume lacks, a uint8 Labels layer running out of ids, and the exports of propagated
+masks."""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  -- before Qt (napari) is imported
+
+import json
+
+import numpy as np
+import pytest
+from qtpy.QtCore import Qt
+
+from boxlevelset.data import load_box_folder
+from boxlevelset_napari._box_to_mask import BoxToMaskWidget
+from boxlevelset_napari._export import export_label_image
+from boxlevelset_napari._layers import boxes_layer_kwargs, boxes_to_rectangles
+
+pytestmark = pytest.mark.plugin
+BOX = (12, 10, 30, 26)  # the bright block of _volume, x0 y0 x1 y1
+
+
+def _volume() -> np.ndarray:
+    """Six noisy slices with a bright block on slices 1-4."""
+    rng = np.random.default_rng(0)
+    volume = rng.integers(0, 30, size=(6, 40, 48)).astype(np.uint8)
+    volume[1:5, 10:26, 12:30] = 200
+    return volume
+
+
+def _add_box(layer, box, plane=None) -> None:
+    layer.add_rectangles(boxes_to_rectangles(np.asarray([box], dtype=float), plane=plane))
+
+
+def _slices_with(labels, label_id: int) -> list[int]:
+    return [z for z in range(labels.data.shape[0]) if (labels.data[z] == label_id).any()]
+
+
+@pytest.fixture
+def volume_widget(make_napari_viewer_proxy):
+    viewer = make_napari_viewer_proxy()
+    viewer.add_image(_volume(), name="vol")
+    return viewer, BoxToMaskWidget(viewer)
+
+
+def test_propagate_button_walks_the_slices(volume_widget, qtbot):
+    _viewer, widget = volume_widget
+    boxes = widget.new_boxes_layer()
+    _add_box(boxes, BOX, plane=2)
+    labels = widget.labels_layer(create=False)
+    box_id = int(boxes.features["box_id"][0])
+    assert _slices_with(labels, box_id) == [2]
+    boxes.selected_data = {0}
+    # Clicked, not called: Qt once passed the button's checked=False on as max_slices.
+    qtbot.mouseClick(widget.propagate_btn, Qt.LeftButton)
+    assert _slices_with(labels, box_id) == [1, 2, 3, 4]
+
+
+def test_propagated_masks_keep_their_class_in_both_exports(volume_widget, tmp_path):
+    _viewer, widget = volume_widget
+    widget.class_combo.addItem("liver")
+    widget.class_combo.setCurrentText("liver")
+    boxes = widget.new_boxes_layer()
+    _add_box(boxes, BOX, plane=2)
+    boxes.selected_data = {0}
+    widget.propagate_selected()
+    coco = json.loads(widget.export("coco", tmp_path / "masks.json").read_text())
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    assert sorted(im["file_name"] for im in coco["images"]) == [
+        f"vol_{z:04d}.png" for z in (1, 2, 3, 4)]
+    assert {names[a["category_id"]] for a in coco["annotations"]} == {"liver"}
+    # The saved box folder holds the propagated slices too, each with the mask's tight box.
+    widget.export("folder", tmp_path / "saved")
+    folder = load_box_folder(tmp_path / "saved")
+    assert [r.file_name for r in folder] == [f"vol_{z:04d}.png" for z in (1, 2, 3, 4)]
+    for record in folder:
+        ys, xs = np.nonzero(folder.gt_masks(record)[0])
+        tight = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        np.testing.assert_array_equal(record.boxes, [BOX if record.file_name == "vol_0002.png"
+                                                     else tight])
+        assert folder.class_names[int(record.category_ids[0]) - 1] == "liver"
+
+
+def test_renamed_layers_stay_chosen(make_napari_viewer_proxy):
+    viewer = make_napari_viewer_proxy()
+    image = viewer.add_image(_volume()[2], name="slice")
+    widget = BoxToMaskWidget(viewer)
+    boxes = widget.new_boxes_layer()
+    _add_box(boxes, BOX)
+    labels = widget.labels_layer(create=False)
+    labels.name, image.name, boxes.name = "my masks", "my image", "my boxes"
+    _add_box(boxes, (2, 2, 8, 8))
+    widget.segment()
+    assert [layer.name for layer in viewer.layers] == ["my image", "my masks", "my boxes"]
+    assert (labels.data == int(boxes.features["box_id"][1])).any()
+
+
+def test_napari_shapes_layer_over_a_scaled_volume(make_napari_viewer_proxy):
+    viewer = make_napari_viewer_proxy()
+    viewer.add_image(_volume(), name="vol", scale=(2.5, 0.8, 0.7), translate=(10, 0, 5))
+    widget = BoxToMaskWidget(viewer)
+    # napari's own 'new shapes layer' is in world units (scale 1), not image pixels.
+    shapes = viewer.add_shapes(ndim=3, name="drawn")
+    assert widget.boxes_combo.currentText() == "drawn"
+    x0, y0, x1, y1 = BOX
+    world = [[2 * 2.5 + 10, y * 0.8, x * 0.7 + 5] for y, x in ((y0, x0), (y0, x1), (y1, x1),
+                                                               (y1, x0))]
+    # A box drawn with the mouse: napari maps the world position to the layer's data.
+    shapes.add_rectangles([np.stack([shapes.world_to_data(v) for v in world])])
+    labels = widget.labels_layer(create=False)
+    box_id = int(shapes.features["box_id"][0])
+    assert _slices_with(labels, box_id) == [2]
+    assert (labels.data[2] == box_id).sum() == (_volume()[2] == 200).sum()
+    np.testing.assert_allclose(shapes.scale, (2.5, 0.8, 0.7))
+
+
+def test_box_on_a_slice_the_volume_lacks_is_skipped(volume_widget):
+    _viewer, widget = volume_widget
+    boxes = widget.new_boxes_layer()
+    for plane in (-1, 8):
+        _add_box(boxes, BOX, plane=plane)
+        assert "box(es) outside the image" in widget.status.text()
+    labels = widget.labels_layer(create=False)
+    assert labels is None or not labels.data.any()
+
+
+def test_uint8_labels_layer_widens_instead_of_wrapping(make_napari_viewer_proxy):
+    viewer = make_napari_viewer_proxy()
+    viewer.add_image(_volume()[2], name="slice")
+    start = np.zeros((40, 48), np.uint8)
+    start[0, 0] = 255  # the next id is 256
+    labels = viewer.add_labels(start, name="masks")
+    widget = BoxToMaskWidget(viewer)
+    widget.labels_combo.select(labels)
+    boxes = widget.new_boxes_layer()
+    _add_box(boxes, BOX)
+    box_id = int(boxes.features["box_id"][0])
+    assert box_id == 256
+    assert (labels.data == 256).sum() == (_volume()[2] == 200).sum()
+
+
+def test_class_dropdown_applies_to_a_bound_layer(make_napari_viewer_proxy):
+    viewer = make_napari_viewer_proxy()
+    viewer.add_image(_volume()[2], name="slice")
+    widget = BoxToMaskWidget(viewer)
+    widget.class_combo.addItem("cell")
+    widget.class_combo.setCurrentText("cell")
+    # A boxes layer whose own default class is another (as a reopened folder's may be).
+    other = viewer.add_shapes(None, **boxes_layer_kwargs(default_category="nucleus",
+                                                         name="other"))
+    assert widget.boxes_combo.currentText() == "other"
+    _add_box(other, BOX)
+    assert list(other.features["category"]) == ["cell"]
+
+
+def test_3d_label_export_writes_all_planes_or_none(volume_widget, tmp_path):
+    viewer, widget = volume_widget
+    labels = viewer.add_labels(np.ones((6, 40, 48), np.int32), name="masks")
+    (tmp_path / "l_0003.png").mkdir()  # one plane's file cannot be written
+    with pytest.raises(IsADirectoryError, match="l_0003.png"):
+        export_label_image(tmp_path / "l.png", labels)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l_0003.png"]
+    (tmp_path / "l_0003.png").rmdir()
+    written = export_label_image(tmp_path / "l.png", labels)
+    assert [p.name for p in written] == [f"l_{z:04d}.png" for z in range(6)]
+
+
+def test_float_image_is_saved_as_tiff(make_napari_viewer_proxy, tmp_path):
+    viewer = make_napari_viewer_proxy()
+    image = _volume()[2].astype(np.float32) * 10.5  # e.g. a deconvolved microscopy image
+    viewer.add_image(image, name="float")
+    widget = BoxToMaskWidget(viewer)
+    _add_box(widget.new_boxes_layer(), BOX)
+    widget.export("folder", tmp_path / "saved")
+    folder = load_box_folder(tmp_path / "saved")
+    assert [r.file_name for r in folder] == ["float.tif"]
+    np.testing.assert_array_equal(folder.load_image(folder[0]), image)
