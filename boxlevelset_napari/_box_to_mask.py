@@ -20,7 +20,7 @@ import napari
 import numpy as np
 import pandas as pd
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import Qt
+from qtpy.QtCore import QEvent, Qt
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -175,8 +175,9 @@ class BoxToMaskWidget(QWidget):
         self.confirm_overwrite = self._ask_overwrite
         self._build_ui()
         self._bind_boxes()
-        self.viewer.bind_key("Shift-S", lambda _v: self.segment(), overwrite=True)
-        self.viewer.bind_key("Shift-A", lambda _v: self.accept(), overwrite=True)
+        self._keys = {"Shift-S": lambda _v: self.segment(), "Shift-A": lambda _v: self.accept()}
+        for key, action in self._keys.items():
+            self.viewer.bind_key(key, action, overwrite=True)
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
@@ -298,6 +299,25 @@ class BoxToMaskWidget(QWidget):
         self.image_combo.currentTextChanged.connect(lambda _t: self._update_enabled())
         self._update_enabled()
 
+    def event(self, event: QEvent) -> bool:
+        # napari's dock close button takes the widget out of its dock (parent None) but does
+        # not delete it: stop answering box edits then, or closed widgets keep painting.
+        if event.type() == QEvent.ParentChange:
+            if self.parent() is not None:
+                self._docked = True
+            elif getattr(self, "_docked", False):
+                self.detach()
+        return super().event(event)
+
+    def detach(self) -> None:
+        """Stop listening to the boxes layer and release the keys (the widget was closed)."""
+        self.boxes_combo.blockSignals(True)  # no re-binding from layer-list events
+        self._unbind_boxes()
+        for key, action in self._keys.items():
+            unbound = self.viewer.bind_key(key, None)
+            if unbound is not None and unbound is not action:  # a newer widget's: keep it
+                self.viewer.bind_key(key, unbound, overwrite=True)
+
     def _update_enabled(self) -> None:
         image = self.image_combo.layer()
         self.everything_btn.setEnabled(self.model is not None and image is not None)
@@ -364,12 +384,7 @@ class BoxToMaskWidget(QWidget):
         layer = self.boxes_combo.layer()
         if _unwrap(layer) is _unwrap(self._bound):
             return
-        if self._bound is not None:
-            try:
-                self._bound.events.data.disconnect(self._on_data)
-                self._bound.events.features.disconnect(self._on_features)
-            except (TypeError, RuntimeError, ValueError):
-                pass
+        self._unbind_boxes()
         self._bound = layer
         self._geom.clear()
         self._written.clear()
@@ -404,6 +419,15 @@ class BoxToMaskWidget(QWidget):
         # napari's paste adds shapes without a data event; it does emit a features event.
         layer.events.features.connect(self._on_features)
         self._adopt_existing()
+
+    def _unbind_boxes(self) -> None:
+        if self._bound is not None:
+            try:
+                self._bound.events.data.disconnect(self._on_data)
+                self._bound.events.features.disconnect(self._on_features)
+            except (TypeError, RuntimeError, ValueError):
+                pass
+        self._bound = None
 
     def _to_image_pixels(self, layer: Any) -> None:
         """Give a boxes layer the image's scale and translate, moving its vertices so the

@@ -177,3 +177,25 @@ def test_float_image_is_saved_as_tiff(make_napari_viewer_proxy, tmp_path):
     folder = load_box_folder(tmp_path / "saved")
     assert [r.file_name for r in folder] == ["float.tif"]
     np.testing.assert_array_equal(folder.load_image(folder[0]), image)
+
+
+def test_closed_widget_stops_painting(make_napari_viewer):
+    viewer = make_napari_viewer()
+    image = _volume()[2]
+    image[30:38, 34:46] = 200  # a second object
+    viewer.add_image(image, name="slice")
+    widget = BoxToMaskWidget(viewer)
+    dock = viewer.window.add_dock_widget(widget, name="Box to mask")
+    boxes = widget.new_boxes_layer()
+    _add_box(boxes, BOX)
+    labels = widget.labels_layer(create=False)
+    assert len(np.unique(labels.data)) == 2
+    viewer.window.remove_dock_widget(dock)  # what the dock's close button does
+    _add_box(boxes, (34, 30, 46, 38))
+    assert len(np.unique(labels.data)) == 2  # no mask for the box drawn after closing
+    # A widget opened again takes over the boxes layer and the keys.
+    again = BoxToMaskWidget(viewer)
+    viewer.window.add_dock_widget(again, name="Box to mask")
+    again.labels_combo.select(labels)
+    again.segment()
+    assert len(np.unique(labels.data)) == 3
