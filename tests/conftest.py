@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+# torch's optimizers import torch._dynamo, and with it triton where a CUDA build of torch
+# brought it; triton's LLVM crashes the process when it loads after Mesa's OpenGL (which
+# the plugin tests' viewers load under Xvfb). Loading it first lets the in-thread
+# fine-tuning test run in any test order (FineTuneWidget itself trains in a spawned process
+# in that case).
+import torch._dynamo  # noqa: F401, E402
+
 import json
 from pathlib import Path
 

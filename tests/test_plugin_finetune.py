@@ -140,3 +140,34 @@ def test_stop_keeps_checkpoint_and_errors_are_shown(tmp_path, tiny_box_folder, q
     folder = load_box_folder(config.data)
     assert [c["name"] for c in folder.categories] == ["thing"]
     assert np.allclose(folder.records[0].boxes, [[12, 10, 28, 30]])
+
+
+def test_in_thread_training_moves_to_a_process_before_triton_first_loads(
+        tmp_path, tiny_box_folder, qtbot, make_napari_viewer_proxy, monkeypatch):
+    import importlib.util
+    import sys
+
+    from boxlevelset_napari import _finetune
+
+    # As in a napari session that has not trained yet, with a CUDA build of torch: triton
+    # is installed but not loaded.
+    monkeypatch.delitem(sys.modules, "torch._dynamo")
+    monkeypatch.delitem(sys.modules, "triton", raising=False)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object()
+                        if name == "triton" else real_find_spec(name, *a))
+    assert _finetune._compiler_stack_unsafe_here()
+    spawned = []
+    monkeypatch.setattr(_finetune, "train_in_subprocess",
+                        lambda values, on_event, stop: spawned.append(values) or tmp_path)
+    import boxlevelset.train
+
+    monkeypatch.setattr(boxlevelset.train, "train",
+                        lambda *a, **k: pytest.fail("trained in-thread"))
+    tune = FineTuneWidget(make_napari_viewer_proxy())
+    tune.folder_edit.setText(str(tiny_box_folder))
+    tune.output_edit.setText(str(tmp_path / "run"))
+    tune.process_check.setChecked(False)
+    with qtbot.waitSignal(tune.finished, timeout=60_000):
+        tune.start()
+    assert len(spawned) == 1
