@@ -150,3 +150,21 @@ def test_python_dash_m_entry_point():
     assert result.returncode == 0
     for command in ("segment", "train", "evaluate", "predict"):
         assert command in result.stdout
+
+
+def test_segment_skips_an_image_that_fails_to_decode(tiny_box_folder, tmp_path, monkeypatch):
+    from boxlevelset.data import BoxFolder, ImageReadError
+
+    real = BoxFolder.load_image
+
+    def load_image(self, record):  # damaged after the folder was checked
+        if record.file_name == "tiny_1.png":
+            raise ImageReadError(f"{record.path}: cannot decode image")
+        return real(self, record)
+
+    monkeypatch.setattr(BoxFolder, "load_image", load_image)
+    with pytest.warns(UserWarning, match="tiny_1.png"):
+        assert main(["segment", str(tiny_box_folder), "--out", str(tmp_path / "o"),
+                     "--iterations", "3"]) == 0
+    result = json.loads((tmp_path / "o" / "masks.json").read_text())
+    assert [im["file_name"] for im in result["images"]] == ["tiny_0.png", "tiny_2.png"]

@@ -116,6 +116,18 @@ def test_truncated_png_skipped_at_load(tiny_box_folder):
     assert [r.file_name for r in folder] == ["tiny_0.png", "tiny_1.png"]
 
 
+def test_truncated_tiff_skipped_at_load(tmp_path):
+    (tmp_path / "images").mkdir()
+    pixels = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)
+    for name in ("whole.tif", "cut.tif"):
+        tifffile.imwrite(tmp_path / "images" / name, pixels)
+    cut = tmp_path / "images" / "cut.tif"
+    cut.write_bytes(cut.read_bytes()[:3000])  # the header survives, the pixels do not
+    with pytest.warns(UserWarning, match="cut.tif: TIFF is truncated"):
+        folder = load_box_folder(tmp_path)
+    assert [r.file_name for r in folder] == ["whole.tif"]
+
+
 def test_image_above_pillows_bomb_limit_loads(tiny_box_folder, monkeypatch):
     from PIL import Image
 

@@ -127,6 +127,19 @@ def test_resize_flip_moves_boxes_with_masks():
     assert capped.shape[:2] == (60, 90)
 
 
+def test_dataset_skips_an_image_that_fails_to_decode(tiny_box_folder, caplog):
+    from boxlevelset.data import load_box_folder
+
+    folder = load_box_folder(tiny_box_folder)
+    # Damaged after the folder was checked (the check reads headers only).
+    (tiny_box_folder / "images" / "tiny_1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    ds = BoxDataset(folder, folder.class_names, None)
+    with caplog.at_level("WARNING", logger="boxlevelset.train"):
+        samples = [ds[i] for i in (1, 1, 0, 2)]
+    assert [s["image_id"] for s in samples] == [3, 3, 1, 3]  # the next readable image
+    assert caplog.text.count("tiny_1.png") == 1  # warned once
+
+
 def test_dataset_and_collate_pad_to_32(tiny_box_folder):
     from boxlevelset.data import load_box_folder
 
@@ -318,6 +331,21 @@ def test_predict_folder_and_evaluate(trained, tmp_path):
     assert set(masks) == {"tiny_0.png", "tiny_1.png", "tiny_2.png"}
     single = predict_folder(model, data / "images" / "tiny_1.png", tmp_path / "one")
     assert len(json.loads(single.read_text())["images"]) == 1
+    # A file damaged after the folder check is skipped with a warning; the others are kept.
+    from boxlevelset.data import BoxFolder, ImageReadError, load_box_folder
+
+    folder = load_box_folder(data)
+
+    def load_image(record):
+        if record.file_name == "tiny_0.png":
+            raise ImageReadError(f"{record.path}: cannot decode image")
+        return BoxFolder.load_image(folder, record)
+
+    folder.load_image = load_image
+    with pytest.warns(UserWarning, match="tiny_0.png"):
+        rest = predict_folder(model, folder, tmp_path / "rest", score_threshold=0.0)
+    assert [im["file_name"] for im in json.loads(rest.read_text())["images"]] == [
+        "tiny_1.png", "tiny_2.png"]
 
     metrics = evaluate_model(model, data)
     for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "voc_AP25", "voc_AP50", "voc_AP70",

@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -77,6 +78,7 @@ def run_segment(args: argparse.Namespace) -> int:
     """Masks from boxes for every image: COCO JSON (RLE), label images, overlay PNGs."""
     from tqdm import tqdm
 
+    from boxlevelset.data import ImageReadError
     from boxlevelset.export import masks_to_labels, write_coco, write_label_image
     from boxlevelset.levelset import LOOSE_BOXES, segment_boxes
     from boxlevelset.predict import coco_image_entry, output_stem, overlay_image, write_png
@@ -90,7 +92,11 @@ def run_segment(args: argparse.Namespace) -> int:
     out = Path(args.out)
     images, annotations = [], []
     for record in tqdm(folder.records, desc="segment", unit="image"):
-        image = folder.load_image(record)
+        try:
+            image = folder.load_image(record)
+        except ImageReadError as err:  # one damaged file must not cost the others' masks
+            warnings.warn(f"skipping unreadable image: {err}", stacklevel=1)
+            continue
         boxes = np.asarray(record.boxes, float).reshape(-1, 4)
         options = {k: v for k, v in (("iterations", args.iterations),
                                      ("histogram", args.histogram)) if v is not None}

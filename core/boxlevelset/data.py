@@ -133,9 +133,15 @@ def _image_size(path: Path) -> tuple[int, int]:
         try:  # header only: no decompression
             with tifffile.TiffFile(path) as tif:
                 page = tif.pages[0]
-                return int(page.imagelength), int(page.imagewidth)
+                end = max((o + n for o, n in zip(page.dataoffsets, page.databytecounts)),
+                          default=0)
+                size = int(page.imagelength), int(page.imagewidth)
         except Exception as err:
             raise ImageReadError(f"{path}: cannot read TIFF header ({err})") from err
+        if end > path.stat().st_size:  # an interrupted copy: the pixel data is cut short
+            raise ImageReadError(f"{path}: TIFF is truncated ({path.stat().st_size} bytes, its "
+                                 f"pixel data ends at byte {end})")
+        return size
     try:
         with warnings.catch_warnings():
             # Pillow's guard against decompression bombs is for untrusted web images; a

@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,7 @@ def predict_folder(
     wins overlaps; `.tif` when over 65535 instances) and `overlays/<name>.png` (the image with
     the masks tinted). Returns the JSON path.
     """
+    from boxlevelset.data import ImageReadError
     from boxlevelset.export import masks_to_labels, write_coco, write_label_image
 
     if isinstance(source, (str, Path)) and _is_volume_file(Path(source)):
@@ -158,7 +160,11 @@ def predict_folder(
         from tqdm import tqdm
         records = tqdm(records, desc="predict", unit="image")
     for record in records:
-        image = folder.load_image(record)
+        try:
+            image = folder.load_image(record)
+        except ImageReadError as err:  # one damaged file must not cost the others' results
+            warnings.warn(f"skipping unreadable image: {err}", stacklevel=1)
+            continue
         inst = model.predict(image, score_threshold=score_threshold)
         masks, labs, scores = _sorted_instances(inst)
         images.append(coco_image_entry(record))

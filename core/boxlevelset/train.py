@@ -286,6 +286,7 @@ class BoxDataset(torch.utils.data.Dataset):
         self.min_box_size = float(min_box_size)
         self.records = [r for r in folder.records if len(r.boxes)]
         self.skipped_empty = len(folder.records) - len(self.records)
+        self._unreadable: set[Path] = set()
         self.dropped_boxes = 0
         if with_masks:
             for r in self.records:
@@ -300,8 +301,7 @@ class BoxDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, seed = key if isinstance(key, tuple) else (key, None)
-        record = self.records[index]
-        image = to_rgb255(self.folder.load_image(record))
+        record, image = self._readable(index)
         boxes = np.asarray(record.boxes, np.float32).reshape(-1, 4)
         labels = np.array([self.category_to_label[int(c)] for c in record.category_ids], np.int64)
         masks = None
@@ -324,6 +324,24 @@ class BoxDataset(torch.utils.data.Dataset):
         if masks is not None:
             sample["masks"] = torch.from_numpy(masks[keep])
         return sample
+
+
+    def _readable(self, index: int) -> tuple[Any, np.ndarray]:
+        """The record at `index` and its RGB pixels; a file that fails to decode (the folder
+        check reads headers only: a truncated TIFF passes it) is skipped with a warning
+        naming it, and the next readable record takes its place, so one bad file does not
+        end a run."""
+        from boxlevelset.data import ImageReadError
+
+        for step in range(len(self.records)):
+            record = self.records[(index + step) % len(self.records)]
+            try:
+                return record, to_rgb255(self.folder.load_image(record))
+            except ImageReadError as err:
+                if record.path not in self._unreadable:
+                    self._unreadable.add(record.path)
+                    logger.warning("skipping unreadable image in training: %s", err)
+        raise ImageReadError(f"{self.folder.root}: no image of the folder can be read")
 
 
 def collate(samples: list[dict[str, Any]], divisor: int = 32) -> tuple[torch.Tensor, list[dict]]:
