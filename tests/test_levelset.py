@@ -424,6 +424,29 @@ def test_clean_keeps_large_pieces_and_drops_specks():
     np.testing.assert_array_equal(L._clean(mask, False, False), mask)
 
 
+def test_nan_padding_outside_the_boxes_is_allowed():
+    # A stitched or registered microscopy image: NaN where there is no data.
+    rng = np.random.default_rng(0)
+    img = rng.normal(0.2, 0.05, (60, 80)).astype(np.float32)
+    img[15:35, 20:45] += 0.6
+    padded = img.copy()
+    padded[:, 60:] = np.nan
+    padded[0, :5] = np.inf
+    box = [[18, 13, 47, 37]]
+    for solver in ("evolve", "cut"):
+        np.testing.assert_array_equal(boxlevelset.segment_boxes(padded, box, solver=solver)[0],
+                                      boxlevelset.segment_boxes(img, box, solver=solver)[0])
+    # No data right beside the box: its ring takes the nearest values, the mask stays.
+    padded[:, 48:] = np.nan
+    for solver in ("evolve", "cut"):
+        mask = boxlevelset.segment_boxes(padded, box, solver=solver)[0]
+        truth = np.zeros_like(mask)
+        truth[15:35, 20:45] = True
+        assert (mask & truth).sum() / (mask | truth).sum() > 0.95
+    with pytest.raises(ValueError, match=r"box 1 \(55, 10, 70, 30\) covers NaN"):
+        boxlevelset.segment_boxes(padded, box + [[55, 10, 70, 30]])
+
+
 def test_segment_boxes_bad_input():
     img = np.zeros((20, 20), np.uint8)
     assert boxlevelset.segment_boxes(img, np.zeros((0, 4))) == []

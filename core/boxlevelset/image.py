@@ -45,13 +45,15 @@ def apply_window(image: np.ndarray, window: Window) -> np.ndarray:
     return np.clip((np.asarray(image, dtype=np.float32) - lo) / width, 0.0, 1.0)
 
 
-def as_float_image(image: np.ndarray, window: Window = None) -> np.ndarray:
+def as_float_image(image: np.ndarray, window: Window = None,
+                   allow_nonfinite: bool = False) -> np.ndarray:
     """Return an HxWxC float32 image in [0, 1].
 
     uint8 is divided by 255, uint16 by 65535 then stretched to its own range (microscopy
     rarely fills 16 bits), floats are min-max scaled unless already in [0, 1]. With a
     window, values are treated as Hounsfield units and windowed first. Raises ValueError
-    for wrong dimensions or non-finite values.
+    for wrong dimensions, and for non-finite values unless ``allow_nonfinite`` (they are
+    then NaN in the result and left out of the scaling).
     """
     arr = np.asarray(image)
     if arr.ndim == 3 and arr.shape[2] not in (1, 2, 3, 4) and arr.shape[0] in (1, 3, 4):
@@ -63,7 +65,9 @@ def as_float_image(image: np.ndarray, window: Window = None) -> np.ndarray:
     if not np.issubdtype(arr.dtype, np.number):
         raise ValueError(f"image must be numeric, got dtype {arr.dtype}")
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-        raise ValueError("image contains NaN or inf values")
+        if not allow_nonfinite:
+            raise ValueError("image contains NaN or inf values")
+        arr = np.where(np.isfinite(arr), arr, np.nan)  # inf too: it has no place on a scale
     if arr.ndim == 3 and arr.shape[2] == 4:  # drop alpha
         arr = arr[..., :3]
     resolved = resolve_window(window)
@@ -73,7 +77,8 @@ def as_float_image(image: np.ndarray, window: Window = None) -> np.ndarray:
         out = arr.astype(np.float32) / 255.0
     else:
         out = arr.astype(np.float32)
-        lo, hi = float(out.min()), float(out.max())
+        finite = out[np.isfinite(out)] if allow_nonfinite else out
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
         if arr.dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
             pass
         elif hi > lo:

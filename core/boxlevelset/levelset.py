@@ -593,6 +593,7 @@ def segment_boxes(
 
     Args:
         image: HxW or HxWxC array (uint8, uint16, float; CT in Hounsfield units with window).
+            Without a model, NaN/inf (no data) may appear outside the boxes.
         boxes: Nx4 array of (x0, y0, x1, y1) in pixels; clipped to the image.
         model: optional trained model, or a ``Predictor`` already holding this image
             (interactive use: the backbone then runs once per image, not per call).
@@ -624,19 +625,21 @@ def segment_boxes(
         N boolean HxW masks, each zero outside its box. An empty box list gives [].
 
     Raises:
-        ValueError: wrong image or box shape, NaN/inf values, a box with zero area, an
-            unknown solver.
+        ValueError: wrong image or box shape, NaN/inf values (inside a box, or anywhere
+            with a model), a box with zero area, an unknown solver.
     """
     if solver is None:
         solver = "evolve" if window is None else "cut"
     if solver not in ("evolve", "cut"):
         raise ValueError(f"solver must be 'evolve' or 'cut', got {solver!r}")
-    img = _grey_as_one_channel(as_float_image(image, window))
+    img = _grey_as_one_channel(as_float_image(image, window, allow_nonfinite=model is None))
     height, width = img.shape[:2]
     box_arr = as_boxes(boxes)
     if box_arr.shape[0] == 0:
         return []
     clipped = clip_boxes(box_arr, height, width)
+    if model is None and np.asarray(image).dtype.kind == "f":  # only floats hold NaN
+        img = _fill_outside_boxes(img, pixel_bounds(clipped, height, width))
     predictor = None
     if model is not None:
         from boxlevelset.model import Predictor
@@ -682,6 +685,24 @@ def segment_boxes(
         mask[y0:y1, x0:x1] = inside
         masks.append(mask)
     return masks
+
+
+def _fill_outside_boxes(img: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """NaN pixels (no data: the padding of a stitched or registered image) outside every
+    box take the value of the nearest pixel with data, so the rings around the boxes stay
+    usable; a box over such pixels raises ValueError naming it."""
+    missing = np.isnan(img).any(-1)
+    if not missing.any():
+        return img
+    for i, (x0, y0, x1, y1) in enumerate(bounds):
+        if missing[y0:y1, x0:x1].any():
+            raise ValueError(f"box {i} ({x0}, {y0}, {x1}, {y1}) covers NaN or inf pixels; "
+                             "boxes must lie on pixels with data")
+    from scipy import ndimage
+
+    rows, cols = ndimage.distance_transform_edt(missing, return_distances=False,
+                                                return_indices=True)
+    return img[rows, cols]
 
 
 # The clean-up keeps the largest connected piece of a mask and every piece at least this
