@@ -174,6 +174,8 @@ class BoxToMaskWidget(QWidget):
         # Ask the user through a dialog; tests and scripts may replace this callable.
         self.confirm_overwrite = self._ask_overwrite
         self._build_ui()
+        self._match_masks_layer()
+        self.viewer.layers.events.inserted.connect(self._match_masks_layer)
         self._bind_boxes()
         self._keys = {"Shift-S": lambda _v: self.segment(), "Shift-A": lambda _v: self.accept()}
         for key, action in self._keys.items():
@@ -297,6 +299,7 @@ class BoxToMaskWidget(QWidget):
         self.boxes_combo.currentTextChanged.connect(lambda _t: self._bind_boxes())
         self.labels_combo.currentTextChanged.connect(lambda _t: self._adopt_existing())
         self.image_combo.currentTextChanged.connect(lambda _t: self._update_enabled())
+        self.image_combo.currentTextChanged.connect(self._match_masks_layer)
         self._update_enabled()
 
     def event(self, event: QEvent) -> bool:
@@ -309,9 +312,23 @@ class BoxToMaskWidget(QWidget):
                 self.detach()
         return super().event(event)
 
+    def _match_masks_layer(self, *_: Any) -> None:
+        """While 'Masks into' says new layer, take the image's own masks layer when there
+        is one ('<image> masks', as this widget and the folder reader name it), so a
+        reopened folder's masks are kept and a reopened widget does not start a second
+        masks layer."""
+        image = self.image_combo.layer()
+        if image is None or self.labels_combo.currentText() != NEW_LAYER:
+            return
+        name = f"{image.name} masks"
+        if name in self.viewer.layers and isinstance(self.viewer.layers[name],
+                                                     napari.layers.Labels):
+            self.labels_combo.select(self.viewer.layers[name])
+
     def detach(self) -> None:
         """Stop listening to the boxes layer and release the keys (the widget was closed)."""
         self.boxes_combo.blockSignals(True)  # no re-binding from layer-list events
+        self.viewer.layers.events.inserted.disconnect(self._match_masks_layer)
         self._unbind_boxes()
         for key, action in self._keys.items():
             unbound = self.viewer.bind_key(key, None)

@@ -171,6 +171,21 @@ def test_box_folder_open_export_save_reopen(tmp_path, tiny_box_folder, make_napa
         assert np.array_equal(again.load_image(a), folder.load_image(b))
 
 
+def test_folder_opened_after_the_widget_keeps_its_masks(tiny_box_folder,
+                                                      make_napari_viewer_proxy):
+    viewer = make_napari_viewer_proxy()
+    widget = BoxToMaskWidget(viewer)  # opened first, as from the Plugins menu
+    widget.hand_combo.setCurrentText("keep")
+    for layer in _layers(napari_get_reader(str(tiny_box_folder))(str(tiny_box_folder))):
+        viewer.add_layer(layer)
+    labels = viewer.layers[f"{tiny_box_folder.name} masks"]
+    assert widget.labels_combo.currentText() == labels.name
+    before = labels.data.copy()
+    widget.segment()  # the folder's masks are adopted, not segmented again elsewhere
+    assert np.array_equal(labels.data, before)
+    assert len([layer for layer in viewer.layers if layer.name.endswith("masks")]) == 1
+
+
 def test_ct_sample_has_hu_window_and_boxes():
     image, boxes = _layers(make_sample_ct())
     vol = read_volume(SAMPLES / "ct_slice.nii.gz")
