@@ -297,7 +297,7 @@ class BoxToMaskWidget(QWidget):
         layout.addStretch(1)
 
         self.boxes_combo.currentTextChanged.connect(lambda _t: self._bind_boxes())
-        self.labels_combo.currentTextChanged.connect(lambda _t: self._adopt_existing())
+        self.labels_combo.currentTextChanged.connect(lambda _t: self._switch_masks_layer())
         self.image_combo.currentTextChanged.connect(lambda _t: self._update_enabled())
         self.image_combo.currentTextChanged.connect(self._match_masks_layer)
         self._update_enabled()
@@ -468,6 +468,14 @@ class BoxToMaskWidget(QWidget):
                 layer.features = features
         finally:
             self._busy = False
+
+    def _switch_masks_layer(self) -> None:
+        """Masks go to another layer: what the widget wrote belongs to the old one (the
+        user's now, left as it is); boxes with pixels in the new one keep them."""
+        self._geom.clear()
+        self._written.clear()
+        self._locked.clear()
+        self._adopt_existing()
 
     def _adopt_existing(self) -> None:
         """Boxes whose label already has pixels (e.g. a reopened folder) keep those masks."""

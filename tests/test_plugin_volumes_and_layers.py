@@ -199,3 +199,25 @@ def test_closed_widget_stops_painting(make_napari_viewer):
     assert again.labels_combo.currentText() == "slice masks"  # not a second masks layer
     again.segment()
     assert len(np.unique(labels.data)) == 3
+
+
+def test_switching_the_masks_layer_leaves_the_old_one_alone(make_napari_viewer_proxy):
+    viewer = make_napari_viewer_proxy()
+    image = _volume()[2]
+    image[30:38, 34:46] = 200  # a second object
+    viewer.add_image(image, name="slice")
+    widget = BoxToMaskWidget(viewer)
+    asked = []
+    widget.confirm_overwrite = lambda box_id: asked.append(box_id) or False
+    boxes = widget.new_boxes_layer()
+    _add_box(boxes, BOX)
+    first = widget.labels_layer(create=False)
+    before = first.data.copy()
+    second = viewer.add_labels(np.zeros_like(first.data), name="second")
+    widget.labels_combo.select(second)
+    _add_box(boxes, (34, 30, 46, 38))  # live: both boxes now get masks in the new layer
+    assert len(np.unique(second.data)) == 3
+    boxes.selected_data = {0}
+    boxes.remove_selected()  # its mask goes from the new layer, the old layer is the user's
+    assert asked == [] and np.array_equal(first.data, before)
+    assert not (second.data == int(before.max())).any() and len(np.unique(second.data)) == 2
