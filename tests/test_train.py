@@ -264,6 +264,10 @@ def test_init_checkpoint_fine_tunes_with_new_classes(trained, tmp_path):
     assert ckpt["config"]["mask_threshold"] == 0.6  # test-time settings may change
     differ = sorted(k for k, v in ckpt["model"].items() if not torch.equal(v, init[k]))
     assert differ and all(k.startswith("grid_head.cate_pred") for k in differ)
+    # Each known class keeps its own row of the category branch, found by name: the run
+    # was trained as [blob, block]; the new order is [block, blob, extra].
+    for key in ("grid_head.cate_pred.weight", "grid_head.cate_pred.bias"):
+        torch.testing.assert_close(ckpt["model"][key][:2], init[key][[1, 0]], rtol=0, atol=0)
 
 
 def test_stop_event_and_returning_false(tiny_box_folder, tmp_path):

@@ -428,6 +428,10 @@ def lr_factor(iteration: int, max_iterations: int, warmup_iters: int, warmup_fac
 # ---------------------------------------------------------------------------------------------
 
 
+# Parameters with one row per class (the category branch's last convolution).
+_CLASS_ROWS = ("cate_pred.weight", "cate_pred.bias")
+
+
 def build_model(config: TrainConfig, class_names: Sequence[str]) -> nn.Module:
     """SOLOv2 for `class_names`: fresh from the config, or initialised from a checkpoint.
 
@@ -459,7 +463,22 @@ def build_model(config: TrainConfig, class_names: Sequence[str]) -> nn.Module:
     model = SOLOv2(model_config, pretrained=False if ckpt is not None else config.pretrained)
     if ckpt is not None:
         own = model.state_dict()
-        state = {k: v for k, v in ckpt["model"].items() if k in own and own[k].shape == v.shape}
+        old_names = list(dict(ckpt["config"]).get("class_names") or [])
+        state = {k: v for k, v in ckpt["model"].items() if k in own and own[k].shape == v.shape
+                 and not k.endswith(_CLASS_ROWS)}
+        # The category branch's rows are classes: a class keeps its row by name (a new class
+        # list may reorder, rename or add classes); classes new to the model keep their
+        # fresh initialisation.
+        for key in (k for k in own if k.endswith(_CLASS_ROWS) and k in ckpt["model"]):
+            rows = own[key].clone()
+            for i, name in enumerate(class_names):
+                if name in old_names and old_names.index(name) < len(ckpt["model"][key]):
+                    rows[i] = ckpt["model"][key][old_names.index(name)]
+            state[key] = rows
+        fresh = [name for name in class_names if name not in old_names]
+        if fresh:
+            logger.info("init from %s: classes new to the model: %s", config.init_checkpoint,
+                        ", ".join(fresh))
         skipped = sorted(set(own) - set(state))
         model.load_state_dict(state, strict=False)
         if skipped:
