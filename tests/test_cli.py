@@ -168,3 +168,23 @@ def test_segment_skips_an_image_that_fails_to_decode(tiny_box_folder, tmp_path, 
                      "--iterations", "3"]) == 0
     result = json.loads((tmp_path / "o" / "masks.json").read_text())
     assert [im["file_name"] for im in result["images"]] == ["tiny_0.png", "tiny_2.png"]
+
+
+def test_unknown_device_is_a_clear_error(tiny_box_folder, tmp_path, capsys):
+    assert main(["train", str(tiny_box_folder), "--out", str(tmp_path / "run"),
+                 "--device", "gpu0"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown device 'gpu0'" in err and "Traceback" not in err
+
+
+def test_divergence_is_reported_without_a_traceback(tiny_box_folder, tmp_path, capsys,
+                                                    monkeypatch):
+    import boxlevelset.train as T
+
+    def diverge(config, **_):
+        raise T.TrainingDiverged("training diverged: non-finite loss at iteration 4; "
+                                 "last good checkpoint: run/last.pth")
+
+    monkeypatch.setattr(T, "train", diverge)
+    assert main(["train", str(tiny_box_folder), "--out", str(tmp_path / "run")]) == 2
+    assert "error: training diverged" in capsys.readouterr().err

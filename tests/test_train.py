@@ -305,6 +305,27 @@ def test_nan_loss_raises_and_keeps_last_good_checkpoint(tiny_box_folder, tmp_pat
     assert not (tmp_path / "run" / "model.pth").exists()
 
 
+def test_diverging_features_stop_as_divergence(tiny_box_folder, tmp_path, monkeypatch):
+    from boxlevelset.model import SOLOv2
+    from boxlevelset.train import TrainingDiverged
+
+    original = SOLOv2.forward
+
+    def forward(self, images, targets=None):  # weights that overflow from iteration 2 on
+        if self.training and (tmp_path / "run" / "last.pth").exists():
+            with torch.no_grad():
+                self.guide_conv.weight.mul_(1e38)
+        return original(self, images, targets)
+
+    monkeypatch.setattr(SOLOv2, "forward", forward)
+    cfg = tiny_config(tiny_box_folder, tmp_path / "run", checkpoint_every=1, max_iterations=4)
+    # Non-finite features reach the tree filter's spanning tree, which used to raise its own
+    # ValueError there (on one rank alone under DDP) instead of the divergence stop.
+    with pytest.raises(TrainingDiverged, match="non-finite loss"):
+        train(cfg)
+    assert _checkpoint(tmp_path / "run" / "last.pth")["iteration"] in (1, 2, 3)
+
+
 def test_mask_supervision_trains(tiny_box_folder, tmp_path):
     events = []
     train(tiny_config(tiny_box_folder, tmp_path / "run", supervision="mask", max_iterations=3,

@@ -182,8 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from boxlevelset.train import TrainingDiverged
+
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, TrainingDiverged) as exc:
         print(f"boxlevelset {args.command}: error: {exc}", file=sys.stderr)
         return 2

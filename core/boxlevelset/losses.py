@@ -74,6 +74,10 @@ def tree_filtered_masks(
     from boxlevelset.tree_filter import tree_filter
 
     n, h, w = probs.shape
+    if not (torch.isfinite(image_guide).all() and torch.isfinite(feature_guide).all()):
+        # Diverged features: a NaN energy lets the training loop stop every rank alike (the
+        # spanning tree would raise on this rank alone and leave the others waiting).
+        return probs.new_full((n, 2, h, w), float("nan"))
     out = probs.new_zeros((n, 2, h, w))
     cap = int(weights.tree_filter_max_side or 0)
     scale = min(1.0, cap / max(h, w)) if cap > 0 else 1.0

@@ -707,10 +707,27 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     return state
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """A torch.device from 'cpu', 'cuda', 'cuda:1', ...; ValueError for an unknown name or a
+    CUDA device this machine does not have (torch's own RuntimeError reads like a crash)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N ({err})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} was requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def load_model(path_or_name: str | os.PathLike, device: str | torch.device | None = None) -> SOLOv2:
     """SOLOv2 from a checkpoint path, on ``device`` (default: CUDA if available), in eval mode."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = parse_device(device)
     state = load_checkpoint(path_or_name, "cpu")
     config = ModelConfig.from_dict(dict(state["config"]))
     model = SOLOv2(config, pretrained=False)

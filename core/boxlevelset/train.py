@@ -196,6 +196,10 @@ class TrainEvent:
     done: bool = False
 
 
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient: training stops; the last checkpoint is kept."""
+
+
 class StopTraining(Exception):
     """Raise from a callback to stop training cleanly (a checkpoint is saved first)."""
 
@@ -502,12 +506,12 @@ def _dist_env() -> tuple[int, int, int]:
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     """'auto' -> CUDA when available else CPU; 'cuda' under torchrun -> cuda:LOCAL_RANK."""
+    from boxlevelset.model import parse_device
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = parse_device(device)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was requested but CUDA is not available")
         if dev.index is None:
             dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
@@ -633,7 +637,8 @@ def train(
     Writes `output_dir/last.pth` (full state, resumable) every `checkpoint_every` iterations,
     on stop and at the end, and `output_dir/model.pth` (weights + config) at the end. A stop
     request (callback returning False, StopTraining, `config.stop_event`, `time_limit`) saves
-    `last.pth` and returns it. A NaN/inf loss or gradient raises RuntimeError without saving.
+    `last.pth` and returns it. A NaN/inf loss or gradient raises TrainingDiverged (a
+    RuntimeError) without saving.
     """
     from boxlevelset.data import load_box_folder
 
@@ -754,7 +759,7 @@ def train(
                 losses = {k: float(v.detach()) for k, v in loss_dict.items()}
                 losses["loss"] = float(loss.detach())
                 if _any_rank(not math.isfinite(losses["loss"]), distributed, device):
-                    raise RuntimeError(
+                    raise TrainingDiverged(
                         f"training diverged: non-finite loss at iteration {it + 1} ({losses}); "
                         f"this state was not saved, last good checkpoint: "
                         f"{last_saved or 'none'}")
@@ -764,7 +769,7 @@ def train(
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                                  config.grad_clip))
                 if not scaler.is_enabled() and not math.isfinite(grad_norm):
-                    raise RuntimeError(
+                    raise TrainingDiverged(
                         f"training diverged: non-finite gradient norm at iteration {it + 1}; "
                         f"this state was not saved, last good checkpoint: "
                         f"{last_saved or 'none'}")
