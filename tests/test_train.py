@@ -230,8 +230,10 @@ def test_stop_by_callback_then_resume_matches_uninterrupted(tiny_box_folder, tmp
     log.write_text(log.read_text() + "2" + log.read_text().splitlines()[1][1:] + "\n")
     # Resume mid-epoch (3 images, batch 2): same samples, augmentations, lr and AdamW state
     # as the uninterrupted run, so the same losses and final weights.
+    # The resuming command need not repeat the run's model settings (model=None here).
     resumed = []
-    cfg = tiny_config(tiny_box_folder, tmp_path / "run", max_iterations=4, resume="auto")
+    cfg = tiny_config(tiny_box_folder, tmp_path / "run", max_iterations=4, resume="auto",
+                      model=None)
     final = train(cfg, callbacks=[
         lambda e: resumed.append((e.iteration, e.lr, e.losses.get("loss")))])
     assert final.name == "model.pth"

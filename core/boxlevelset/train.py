@@ -657,7 +657,22 @@ def train(
     try:
         _seed_everything(config.seed)
         folder = load_box_folder(config.data, window=config.window)
-        class_names = list(config.class_names or [c["name"] for c in folder.categories])
+        resume = config.resume
+        if resume == "auto":
+            resume = last_path if last_path.exists() else None
+        ckpt = None
+        if resume:
+            from boxlevelset.model import load_checkpoint
+
+            ckpt = load_checkpoint(resume, "cpu")
+            for key in ("model", "optimizer", "scheduler", "iteration"):
+                if key not in ckpt:
+                    raise ValueError(f"{resume}: cannot resume, the checkpoint has no {key!r} "
+                                     "(use init_checkpoint to fine-tune from a model file)")
+        # A resumed run keeps its checkpoint's classes and architecture: the command that
+        # resumes it need not repeat the original model settings.
+        class_names = list(ckpt["config"]["class_names"] if ckpt is not None else
+                           config.class_names or [c["name"] for c in folder.categories])
         if not class_names:
             raise ValueError(f"{config.data}: the folder defines no categories to train on")
         dataset = BoxDataset(
@@ -676,7 +691,13 @@ def train(
         iters_per_epoch = math.ceil(samples_per_rank / per_rank_batch)
         max_iter = int(config.max_iterations or int(config.epochs) * iters_per_epoch)
 
-        model = build_model(config, class_names).to(device)
+        if ckpt is not None:
+            from boxlevelset.model import ModelConfig, SOLOv2
+
+            model = SOLOv2(ModelConfig.from_dict(dict(ckpt["config"])), pretrained=False)
+        else:
+            model = build_model(config, class_names)
+        model = model.to(device)
         model.train()
         optimizer = build_optimizer(model, config)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -687,17 +708,7 @@ def train(
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
         start_iter = 0
-        resume = config.resume
-        if resume == "auto":
-            resume = last_path if last_path.exists() else None
-        if resume:
-            from boxlevelset.model import load_checkpoint
-
-            ckpt = load_checkpoint(resume, device)
-            for key in ("model", "optimizer", "scheduler", "iteration"):
-                if key not in ckpt:
-                    raise ValueError(f"{resume}: cannot resume, the checkpoint has no {key!r} "
-                                     "(use init_checkpoint to fine-tune from a model file)")
+        if ckpt is not None:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
