@@ -188,3 +188,20 @@ def test_divergence_is_reported_without_a_traceback(tiny_box_folder, tmp_path, c
     monkeypatch.setattr(T, "train", diverge)
     assert main(["train", str(tiny_box_folder), "--out", str(tmp_path / "run")]) == 2
     assert "error: training diverged" in capsys.readouterr().err
+
+
+def test_outputs_of_images_with_the_same_stem_do_not_overwrite(tmp_path):
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    image = np.zeros((30, 40), np.uint8)
+    image[8:20, 10:30] = 200
+    io.imsave(folder / "x.png", image)
+    io.imsave(folder / "x.bmp", image[:, ::-1].copy())
+    (tmp_path / "boxes.json").write_text(json.dumps({"x.png": [[8, 6, 32, 22]],
+                                                     "x.bmp": [[8, 6, 32, 22]]}))
+    assert main(["segment", str(folder / "x.png"), str(folder / "x.bmp"), "--boxes",
+                 str(tmp_path / "boxes.json"), "-o", str(tmp_path / "o")]) == 0
+    assert sorted(p.name for p in (tmp_path / "o" / "labels").iterdir()) == [
+        "x.png", "x_bmp.png"]
+    assert sorted(p.name for p in (tmp_path / "o" / "overlays").iterdir()) == [
+        "x.png", "x_bmp.png"]

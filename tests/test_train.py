@@ -272,6 +272,16 @@ def test_init_checkpoint_fine_tunes_with_new_classes(trained, tmp_path):
         torch.testing.assert_close(ckpt["model"][key][:2], init[key][[1, 0]], rtol=0, atol=0)
 
 
+def test_checkpoints_get_the_usual_file_permissions(trained):
+    import os
+
+    _data, path, _ = trained
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.pth", "last.pth"):  # not mkstemp's 0600
+        assert (path.parent / name).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_stop_event_and_returning_false(tiny_box_folder, tmp_path):
     event = threading.Event()
     event.set()  # already set: stops after the first iteration, with a checkpoint
@@ -505,3 +515,7 @@ def test_predict_volume_writes_label_volume_with_geometry(tmp_path):
     expected[0][hu[0] > 100] = 1
     expected[2][hu[2] > 100] = 2  # numbered across the volume
     np.testing.assert_array_equal(labels.array.astype(np.int32), expected)
+    # --no-labels holds for volumes too.
+    predict_folder(_ThresholdModel(), tmp_path / "ct.nii.gz", tmp_path / "bare",
+                   window="liver", labels=False)
+    assert sorted(p.name for p in (tmp_path / "bare").iterdir()) == ["predictions.json"]

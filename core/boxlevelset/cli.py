@@ -81,7 +81,7 @@ def run_segment(args: argparse.Namespace) -> int:
     from boxlevelset.data import ImageReadError
     from boxlevelset.export import masks_to_labels, write_coco, write_label_image
     from boxlevelset.levelset import LOOSE_BOXES, segment_boxes
-    from boxlevelset.predict import coco_image_entry, output_stem, overlay_image, write_png
+    from boxlevelset.predict import OutputStems, coco_image_entry, overlay_image, write_png
 
     folder = _folder_for(args)
     model = None
@@ -91,6 +91,7 @@ def run_segment(args: argparse.Namespace) -> int:
         model = load_model(args.model, device=args.device)
     out = Path(args.out)
     images, annotations = [], []
+    stems = OutputStems()
     for record in tqdm(folder.records, desc="segment", unit="image"):
         try:
             image = folder.load_image(record)
@@ -116,7 +117,7 @@ def run_segment(args: argparse.Namespace) -> int:
         images.append(coco_image_entry(record))
         annotations.append({"image_id": int(record.image_id), "masks": stack,
                             "category_ids": np.asarray(record.category_ids, np.int64)})
-        stem = output_stem(record)
+        stem = stems(record)
         labels = masks_to_labels(stack) if len(stack) else np.zeros(image.shape[:2], np.int32)
         write_label_image(out / "labels" / f"{stem}.{args.label_format}", labels)
         write_png(out / "overlays" / f"{stem}.png", overlay_image(image, stack))

@@ -10,7 +10,6 @@ output average-pooled) unless ``per_level_mask_stride`` is off (then all at stri
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -675,18 +674,12 @@ class Predictor:
 # ---------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: str | os.PathLike, model: SOLOv2, **extra: Any) -> Path:
     """Write dict(model=state_dict, config=asdict(config), **extra) atomically (temp + replace)."""
+    from boxlevelset.export import atomic_write  # the usual file permissions, not mkstemp's
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {"model": model.state_dict(), "config": asdict(model.config), **extra}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "wb") as f:
+        torch.save(state, f)
     return path
 
 

@@ -67,6 +67,29 @@ def output_stem(record: Any) -> str:
     return stem
 
 
+class OutputStems:
+    """``output_stem`` made unique within one run: a second image with the same stem (x.png
+    beside x.bmp, or a/img.png beside b/img.png in a COCO file) gets its folder and suffix
+    in the name instead of overwriting the first one's outputs."""
+
+    def __init__(self) -> None:
+        self._used: set[str] = set()
+
+    def __call__(self, record: Any) -> str:
+        stem = output_stem(record)
+        if stem in self._used:
+            parts = Path(record.file_name).with_suffix("").parts
+            ext = Path(record.file_name).suffix.lstrip(".")
+            stem = "_".join([*parts, ext]) if ext else "_".join(parts)
+            if record.slice_index is not None:
+                stem = f"{stem}_z{int(record.slice_index):04d}"
+            base, k = stem, 2
+            while stem in self._used:
+                stem, k = f"{base}_{k}", k + 1
+        self._used.add(stem)
+        return stem
+
+
 def _palette(n: int, seed: int = 0) -> np.ndarray:
     """n distinct bright colours (golden-ratio hues), uint8 RGB."""
     import cv2
@@ -147,7 +170,7 @@ def predict_folder(
 
     if isinstance(source, (str, Path)) and _is_volume_file(Path(source)):
         return predict_volume(model, source, out_dir, score_threshold=score_threshold,
-                              window=window, progress=progress)
+                              window=window, progress=progress, labels=labels)
     folder = _load_source(source, window)
     if len(folder) == 0:
         raise ValueError(f"{source}: no images to predict")
@@ -156,6 +179,7 @@ def predict_folder(
     categories = [{"id": i + 1, "name": n} for i, n in enumerate(_class_names(model))]
     images, annotations = [], []
     records = folder.records
+    stems = OutputStems()
     if progress:
         from tqdm import tqdm
         records = tqdm(records, desc="predict", unit="image")
@@ -170,7 +194,7 @@ def predict_folder(
         images.append(coco_image_entry(record))
         annotations.append({"image_id": int(record.image_id), "masks": masks,
                             "category_ids": labs + 1, "scores": scores})
-        stem = output_stem(record)
+        stem = stems(record)
         if labels:
             label_image = (masks_to_labels(masks) if len(masks)
                            else np.zeros(image.shape[:2], np.int32))
@@ -194,12 +218,13 @@ def _is_volume_file(path: Path) -> bool:
 def predict_volume(
     model: Any, path: str | Path, out_dir: str | Path, *, score_threshold: float | None = None,
     window: Any = "abdomen", slices: Sequence[int] | None = None, progress: bool = False,
+    labels: bool = True,
 ) -> Path:
     """Predict every axial slice (or `slices`) of a CT volume file, windowed with `window`.
 
-    Writes `<name>_labels.nii.gz` (instance labels numbered across the whole volume, with the
-    volume's spacing, origin and direction) and `predictions.json` (COCO, one image entry per
-    slice with its slice_index). Returns the JSON path.
+    Writes `predictions.json` (COCO, one image entry per slice with its slice_index) and,
+    unless `labels` is False, `<name>_labels.nii.gz` (instance labels numbered across the
+    whole volume, with the volume's spacing, origin and direction). Returns the JSON path.
     """
     from boxlevelset.data import read_volume, write_label_volume
     from boxlevelset.export import write_coco
@@ -212,7 +237,7 @@ def predict_volume(
         raise ValueError(f"{path}: slice {bad[0]} is outside the volume's {depth} slices")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    labels = np.zeros(volume.shape, np.int32)
+    label_volume = np.zeros(volume.shape, np.int32)
     images, annotations, next_label = [], [], 1
     iterator = indices
     if progress:
@@ -223,14 +248,15 @@ def predict_volume(
         inst = model.predict(volume.array[z], window=window, score_threshold=score_threshold)
         masks, labs, scores = _sorted_instances(inst)
         for mask in masks:  # confident masks first; later ones do not overwrite them
-            labels[z][mask & (labels[z] == 0)] = next_label
+            label_volume[z][mask & (label_volume[z] == 0)] = next_label
             next_label += 1
         images.append({"id": image_id, "file_name": name, "height": volume.shape[1],
                        "width": volume.shape[2], "slice_index": z})
         annotations.append({"image_id": image_id, "masks": masks, "category_ids": labs + 1,
                             "scores": scores})
-    stem = output_stem(argparse.Namespace(file_name=name, slice_index=None))
-    write_label_volume(out_dir / f"{stem}_labels.nii.gz", labels, like=volume)
+    if labels:
+        stem = output_stem(argparse.Namespace(file_name=name, slice_index=None))
+        write_label_volume(out_dir / f"{stem}_labels.nii.gz", label_volume, like=volume)
     categories = [{"id": i + 1, "name": n} for i, n in enumerate(_class_names(model))]
     return write_coco(out_dir / "predictions.json", images, annotations, categories)
 
