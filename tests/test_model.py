@@ -265,9 +265,14 @@ def test_box_probabilities_and_level_set_refinement(trained):
     refined = segment_boxes(image, box, model=model, refine=25)[0]
     assert iou(refined, disk) > max(iou(mask, disk), 0.9)
     assert not refined[:y0].any() and not refined[:, :x0].any()
+    # A box wholly left of or above the image has no pixels (a negative end once sliced
+    # from the far side and gave most of the image).
+    for outside in ([[-20, -20, -5, -5]], [[-10, 10, -1, 20]]):
+        assert not predictor.predict_boxes(outside)[0].any()
+        assert predictor.box_probabilities(outside)[0].size == 0
 
 
-def test_predict_instances_consistent(trained):
+def test_predict_instances_consistent(trained, monkeypatch):
     model, _, _ = trained
     image = np.random.default_rng(0).integers(0, 255, (70, 90)).astype(np.uint8)
     inst = model.predict(image, score_threshold=0.0)
@@ -279,6 +284,14 @@ def test_predict_instances_consistent(trained):
     assert ((inst.labels >= 0) & (inst.labels < 2)).all()
     assert np.all(np.diff(inst.scores) <= 0)
     assert n <= model.config.max_per_image and n > 0
+    # A threshold the caller gives holds for the final scores too, which the mask weighting
+    # and Matrix NMS lower below the category scores it first selects on (here NMS takes
+    # 10% off: the best instance passes the category test at t but ends below it).
+    import boxlevelset.model as M
+
+    t = 0.95 * float(inst.scores[0])
+    monkeypatch.setattr(M, "matrix_nms", lambda masks, labels, scores, *args: scores * 0.9)
+    assert (model.predict(image, score_threshold=t).scores >= t).all()
     # Boxes are the masks' tight boxes.
     for m, b in zip(inst.masks, inst.boxes):
         ys, xs = np.nonzero(m)

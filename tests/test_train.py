@@ -449,6 +449,28 @@ def test_evaluate_numbers_against_oracle(tiny_box_folder, monkeypatch):
     assert 0.5 <= metrics["box_AP"] <= 0.625
 
 
+def test_a_model_that_finds_nothing_scores_as_pycocotools_says(tiny_box_folder):
+    from boxlevelset.data import load_box_folder
+    from boxlevelset.evaluate import coco_mask_ap
+    from boxlevelset.model import Instances
+    from boxlevelset.predict import evaluate_model
+
+    class Blind:
+        config = argparse.Namespace(class_names=("blob", "block"), num_classes=2)
+
+        def predict(self, image, score_threshold=None):
+            h, w = image.shape[:2]
+            return Instances(np.zeros((0, h, w), bool), np.zeros((0, 4), np.float32),
+                             np.zeros(0, np.int64), np.zeros(0, np.float32))
+
+    folder = load_box_folder(tiny_box_folder)
+    metrics = evaluate_model(Blind(), folder, box_prompted=False)
+    # 0 where there is ground truth, -1 for size ranges without any (as with detections).
+    reference = coco_mask_ap(folder.to_coco_gt(), [], max_dets=1000)
+    assert {k: metrics[k] for k in reference} == pytest.approx(reference)
+    assert -1.0 in reference.values()
+
+
 def test_predict_and_evaluate_command_line(trained, tmp_path, capsys):
     from boxlevelset.predict import (add_evaluate_arguments, add_predict_arguments,
                                      run_evaluate, run_predict)

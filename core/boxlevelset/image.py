@@ -127,5 +127,7 @@ def pixel_bounds(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
     ceil(x1) - 1 and rows floor(y0) .. ceil(y1) - 1 (inclusive rounding), clipped."""
     arr = as_boxes(boxes)
     low = np.floor(arr[:, :2]).clip(min=0)
-    high = np.minimum(np.ceil(arr[:, 2:]), [width, height])
+    # At least `low`: a box wholly left of or above the image must give an empty range (a
+    # negative end would slice from the far side as a Python index).
+    high = np.maximum(np.minimum(np.ceil(arr[:, 2:]), [width, height]), low)
     return np.concatenate([low, high], 1).astype(np.int64)

@@ -478,7 +478,12 @@ class SOLOv2(nn.Module):
         order = scores.argsort(descending=True)[: cfg.nms_pre]
         probs, masks, scores, labels = probs[order], masks[order], scores[order], labels[order]
         scores = matrix_nms(masks, labels, scores, cfg.nms_kernel, cfg.nms_sigma)
-        keep = scores >= cfg.update_threshold
+        # SOLOv2's two thresholds (category score before, update_threshold after the mask
+        # weighting and Matrix NMS); a threshold the caller gives also holds for the final
+        # scores, so "score >= t" in a viewer or on the command line means what it says.
+        final = cfg.update_threshold if score_threshold is None else max(cfg.update_threshold,
+                                                                          thr)
+        keep = scores >= final
         probs, scores, labels = probs[keep], scores[keep], labels[keep]
         order = scores.argsort(descending=True)[: cfg.max_per_image]
         return probs[order], labels[order], scores[order]
@@ -510,7 +515,9 @@ class SOLOv2(nn.Module):
     def predict(
         self, image: np.ndarray, window: Window = None, score_threshold: float | None = None
     ) -> Instances:
-        """Every instance in one numpy image, masks at the image's own size."""
+        """Every instance in one numpy image, masks at the image's own size; with
+        ``score_threshold``, only instances whose final score reaches it (default: the
+        config's SOLOv2 thresholds)."""
         return Predictor(self).set_image(image, window).predict(score_threshold)
 
 

@@ -381,10 +381,8 @@ def evaluate_model(
 
 
 def _ap(fn: Any, gt: dict, results: list[dict], max_dets: int) -> dict[str, float]:
-    """COCO AP dict; pycocotools cannot load an empty result list, which scores 0."""
-    keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-    if not results:
-        return {k: 0.0 for k in keys}
+    """COCO AP dict as floats (an empty result list scores 0, and -1 where a size range has
+    no ground truth, as with detections)."""
     return {k: float(v) for k, v in fn(gt, results, max_dets=max_dets).items()}
 
 
