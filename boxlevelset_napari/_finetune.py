@@ -16,7 +16,7 @@ import napari
 from napari.qt.threading import thread_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QObject, QPointF, Qt, Signal
+from qtpy.QtCore import QEvent, QObject, QPointF, Qt, Signal
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -115,9 +115,23 @@ class FineTuneWidget(QWidget):
         # Extra TrainConfig fields (e.g. a smaller model for a quick run); set by scripts/tests.
         self.config_overrides: dict[str, Any] = {}
         self._progress: Any = None
+        self._closed = False
         self._bridge = _Bridge()
         self._bridge.event.connect(self._on_event)
         self._build_ui()
+
+    def event(self, event: QEvent) -> bool:
+        # Closing the viewer (or this dock) takes the widget out of its window: stop the
+        # run then (it saves its checkpoint at the next iteration), or napari waits for the
+        # whole schedule before it can quit, and updates reach deleted widgets.
+        if event.type() == QEvent.ParentChange:
+            if self.parent() is not None:
+                self._docked = True
+            elif getattr(self, "_docked", False) and not self._closed:
+                self._closed = True
+                self.stop()
+                self._bridge.event.disconnect(self._on_event)
+        return super().event(event)
 
     def _build_ui(self) -> None:
         from boxlevelset.train import PRESETS
@@ -278,6 +292,8 @@ class FineTuneWidget(QWidget):
         from boxlevelset import load_model
 
         self.checkpoint = Path(path)
+        if self._closed:  # the viewer is gone: the checkpoint is on disk, nothing to show
+            return
         try:
             device = self.device_combo.currentText()
             self.model = load_model(self.checkpoint, device=None if device == "auto" else device)
@@ -298,6 +314,8 @@ class FineTuneWidget(QWidget):
 
     def _fail(self, err: BaseException) -> None:
         self.error = err
+        if self._closed:
+            return
         self.status.setText(f"error: {err}")
         show_error(f"boxlevelset fine-tune failed: {err}")
 
@@ -306,6 +324,8 @@ class FineTuneWidget(QWidget):
             self._progress.close()
             self._progress = None
         self.worker = None
+        if self._closed:
+            return
         self.start_btn.setEnabled(True)
         self.stop_btn.setEnabled(False)
         self.finished.emit(self.checkpoint)

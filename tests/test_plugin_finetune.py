@@ -171,3 +171,22 @@ def test_in_thread_training_moves_to_a_process_before_triton_first_loads(
     with qtbot.waitSignal(tune.finished, timeout=60_000):
         tune.start()
     assert len(spawned) == 1
+
+
+def test_closing_the_widget_stops_training(tmp_path, tiny_box_folder, qtbot, make_napari_viewer):
+    viewer = make_napari_viewer()
+    tune = FineTuneWidget(viewer)
+    dock = viewer.window.add_dock_widget(tune, name="Fine-tune")
+    tune.folder_edit.setText(str(tiny_box_folder))
+    tune.output_edit.setText(str(tmp_path / "run"))
+    tune.device_combo.setCurrentText("cpu")
+    tune.config_overrides = dict(TINY, max_iterations=100_000)  # far longer than the test
+    tune.process_check.setChecked(False)
+    worker = tune.start()
+    qtbot.waitUntil(lambda: len(tune.events) > 0, timeout=60_000)
+    # What closing the viewer or the dock does: the widget leaves its window. Training must
+    # stop at its next iteration (napari waits for it before quitting) and keep a checkpoint.
+    viewer.window.remove_dock_widget(dock)
+    with qtbot.waitSignal(worker.finished, timeout=60_000):
+        pass
+    assert (tmp_path / "run" / "last.pth").exists() and tune.events[-1].iteration < 1000
