@@ -61,9 +61,20 @@ def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]]
         return read_ct
     if suffix in IMAGE_SUFFIXES:
         return read_image_layer
-    if suffix == ".json" and (p.parent / "images").is_dir():
+    if suffix == ".json" and (p.parent / "images").is_dir() and _looks_like_coco(p):
         return read_box_folder
     return None
+
+
+def _looks_like_coco(path: Path) -> bool:
+    """A JSON file whose start names an "images" list (COCO); other JSON is declined. Only
+    the first 64 kB is read: napari asks every reader about every file it opens."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            head = f.read(65536)
+    except OSError:
+        return False
+    return head.lstrip().startswith("{") and '"images"' in head
 
 
 def read_image_layer(path: str | os.PathLike) -> list[LayerData]:
@@ -114,7 +125,7 @@ def read_box_folder(path: str | os.PathLike) -> list[LayerData]:
 
     path = Path(path[0] if isinstance(path, list) else path)
     root = path.parent if path.is_file() else path
-    folder = load_box_folder(root)
+    folder = load_box_folder(path)  # a COCO .json path: that file, not annotations.json
     records = list(folder.records)
     if not records:
         raise ValueError(f"{root}: the folder holds no readable images")
@@ -126,7 +137,9 @@ def read_box_folder(path: str | os.PathLike) -> list[LayerData]:
     width = max(im.shape[1] for im in images)
     rgb = any(im.ndim == 3 for im in images)
     channels = (3,) if rgb else ()
-    stack = np.zeros((len(images), height, width, *channels), dtype=images[0].dtype)
+    # The widest type of all images: uint8 beside uint16 must not wrap the 16-bit ones.
+    dtype = np.result_type(*[im.dtype for im in images])
+    stack = np.zeros((len(images), height, width, *channels), dtype=dtype)
     labels = np.zeros((len(images), height, width), dtype=np.int32)
     rects, cats, ids = [], [], []
     has_masks = False

@@ -61,6 +61,40 @@ def test_reader_claims_the_right_paths(tmp_path, tiny_box_folder):
     assert np.array_equal(tifffile.imread(out[0]), labels)
 
 
+def test_reader_opens_the_json_it_is_given_and_declines_other_json(tiny_box_folder):
+    coco = tiny_box_folder / "annotations.json"
+    train = tiny_box_folder / "train.json"
+    subset = json.loads(coco.read_text())
+    subset["annotations"] = subset["annotations"][:2]
+    train.write_text(json.dumps(subset))
+    image, boxes, *_ = _layers(napari_get_reader(str(train))(str(train)))
+    assert len(boxes.data) == 2  # train.json's boxes, not annotations.json's
+    coco.unlink()  # a folder whose only COCO file has another name
+    image, boxes, *_ = _layers(napari_get_reader(str(train))(str(train)))
+    assert len(boxes.data) == 2
+    config = tiny_box_folder / "config.json"
+    config.write_text(json.dumps({"learning_rate": 0.1}))
+    assert napari_get_reader(str(config)) is None
+
+
+def test_reader_stacks_mixed_bit_depths_without_wrapping(tiny_box_folder):
+    import cv2
+
+    deep = (np.full((64, 64, 3), 4000, np.uint16))
+    cv2.imwrite(str(tiny_box_folder / "images" / "tiny_2.png"), deep)
+    image, *_ = _layers(napari_get_reader(str(tiny_box_folder))(str(tiny_box_folder)))
+    assert image.data.dtype == np.uint16 and image.data[2].max() == 4000
+
+
+def test_manifest_claims_no_file_it_does_not_read():
+    import npe2
+
+    manifest = npe2.PluginManifest.from_file(
+        Path(__file__).resolve().parents[1] / "boxlevelset_napari" / "napari.yaml")
+    (reader,) = manifest.contributions.readers
+    assert "*" not in reader.filename_patterns and "*.mhd" in reader.filename_patterns
+
+
 def test_ct_reader_window_scale_and_nifti_export_keep_geometry(tmp_path, make_napari_viewer_proxy):
     src = _write_ct(tmp_path / "ct.nii.gz")
     path = str(tmp_path / "ct.nii.gz")
