@@ -14,8 +14,8 @@ VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 def write_labels(path: str, data: Any, meta: dict) -> list[str]:
     """Write one Labels layer. Volumes keep the source CT's spacing, origin and direction,
-    which the widget stores in the labels layer's metadata; a 3D layer without that geometry
-    is written with its layer scale as spacing."""
+    which the widget stores in the labels layer's metadata; a layer without that geometry
+    is written with its layer scale as spacing (a 2D layer as one slice)."""
     from boxlevelset.export import write_label_image
 
     data = np.asarray(data)
@@ -25,7 +25,11 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
 
         volume = ((meta.get("metadata") or {}).get(META_KEY) or {}).get("volume")
         if volume is None:
-            volume = _geometry_from_scale(data, meta.get("scale"), path)
+            scale = meta.get("scale")
+            if data.ndim == 2:  # one slice: a volume of depth 1, as SimpleITK writes a 2D image
+                data = data[None]
+                scale = None if scale is None else (1.0, *scale)
+            volume = _geometry_from_scale(data, scale, path)
         return [str(write_label_volume(path, data, like=volume) or path)]
     if data.ndim != 2:
         raise ValueError(f"{path}: a {data.ndim}D labels layer is written as a volume "

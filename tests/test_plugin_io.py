@@ -59,6 +59,11 @@ def test_reader_claims_the_right_paths(tmp_path, tiny_box_folder):
     out = write_labels(str(tmp_path / "l.tif"), labels, {})
     import tifffile
     assert np.array_equal(tifffile.imread(out[0]), labels)
+    # A 2D layer saved under a volume name: one slice, the layer scale as spacing.
+    (out,) = write_labels(str(tmp_path / "l.nii.gz"), labels, {"scale": (0.5, 0.7)})
+    volume = read_volume(out)
+    assert np.array_equal(volume.array, labels[None])
+    assert volume.spacing == pytest.approx((0.7, 0.5, 1.0))
 
 
 def test_reader_opens_the_json_it_is_given_and_declines_other_json(tiny_box_folder):
