@@ -282,6 +282,17 @@ def test_checkpoints_get_the_usual_file_permissions(trained):
         assert (path.parent / name).stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_package_level_train_stays_callable(tiny_box_folder, tmp_path):
+    import boxlevelset
+    import boxlevelset.train as module  # binds boxlevelset.train to the module
+
+    assert boxlevelset.train is module
+    config = tiny_config(tiny_box_folder, tmp_path / "run", max_iterations=1)
+    events = []
+    path = boxlevelset.train(config, callbacks=[events.append])  # README's call
+    assert path.name == "model.pth" and events[-1].done
+
+
 def test_stop_event_and_returning_false(tiny_box_folder, tmp_path):
     event = threading.Event()
     event.set()  # already set: stops after the first iteration, with a checkpoint

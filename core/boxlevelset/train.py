@@ -22,8 +22,10 @@ import logging
 import math
 import os
 import random
+import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -934,6 +936,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     return run_train(args)
+
+
+class _CallableModule(types.ModuleType):
+    """``boxlevelset.train`` names both this module and its ``train`` function; once the
+    module is imported, Python binds the package attribute to the module. Calling the
+    module calls the function, so ``boxlevelset.train(config)`` works either way (and
+    ``import boxlevelset.train`` still gives the module)."""
+
+    def __call__(self, config: TrainConfig,
+                 callbacks: Sequence[Callable[[TrainEvent], Any]] = (),
+                 progress: bool = False) -> Path:
+        return train(config, callbacks, progress)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 if __name__ == "__main__":
