@@ -319,6 +319,8 @@ def test_save_load_round_trip(trained, tmp_path):
 def test_load_model_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_model(tmp_path / "nope.pt")
+    with pytest.raises(FileNotFoundError, match="none ship with the package"):
+        load_model("lite")  # a name, as DESIGN.md's path_or_name suggests
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="bad.pt"):

@@ -694,7 +694,10 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     """Read a checkpoint written by ``save_checkpoint``; clear errors for wrong files."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        hint = ("; models are loaded from checkpoint files (none ship with the package: "
+                "train one with `boxlevelset train` or the plugin's fine-tune)"
+                if not path.suffix and len(path.parts) == 1 else "")
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist{hint}")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception:
