@@ -179,12 +179,17 @@ def test_float_image_is_saved_as_tiff(make_napari_viewer_proxy, tmp_path):
     np.testing.assert_array_equal(folder.load_image(folder[0]), image)
 
 
+def _two_object_slice(viewer) -> BoxToMaskWidget:
+    """Slice 2 of the volume with a second bright object at (34, 30, 46, 38), and a widget."""
+    image = _volume()[2]
+    image[30:38, 34:46] = 200
+    viewer.add_image(image, name="slice")
+    return BoxToMaskWidget(viewer)
+
+
 def test_closed_widget_stops_painting(make_napari_viewer):
     viewer = make_napari_viewer()
-    image = _volume()[2]
-    image[30:38, 34:46] = 200  # a second object
-    viewer.add_image(image, name="slice")
-    widget = BoxToMaskWidget(viewer)
+    widget = _two_object_slice(viewer)
     dock = viewer.window.add_dock_widget(widget, name="Box to mask")
     boxes = widget.new_boxes_layer()
     _add_box(boxes, BOX)
@@ -203,10 +208,7 @@ def test_closed_widget_stops_painting(make_napari_viewer):
 
 def test_switching_the_masks_layer_leaves_the_old_one_alone(make_napari_viewer_proxy):
     viewer = make_napari_viewer_proxy()
-    image = _volume()[2]
-    image[30:38, 34:46] = 200  # a second object
-    viewer.add_image(image, name="slice")
-    widget = BoxToMaskWidget(viewer)
+    widget = _two_object_slice(viewer)
     asked = []
     widget.confirm_overwrite = lambda box_id: asked.append(box_id) or False
     boxes = widget.new_boxes_layer()
