@@ -489,7 +489,7 @@ class BoxToMaskWidget(QWidget):
             view = data[plane] if plane is not None else data
             owned = view == box_id
             if owned.any():
-                self._geom[box_id] = (plane, *box.tolist())
+                self._geom[box_id] = self._key(plane, box)
                 self._written[box_id] = {plane: owned.copy()}
 
     # ----------------------------------------------------------- categories
@@ -502,13 +502,15 @@ class BoxToMaskWidget(QWidget):
         return [self.class_combo.itemText(i) for i in range(self.class_combo.count())]
 
     def set_category(self, name: str) -> None:
-        """Category for new boxes, also applied to the selected boxes."""
+        """Category for new boxes, also applied to the boxes selected in select mode."""
         name = name.strip()
         layer = self.boxes_combo.layer()
         if not name or layer is None:
             return
         layer.feature_defaults = {"category": name, "box_id": -1}
-        selected = sorted(layer.selected_data)
+        # napari keeps a just-drawn box selected: while drawing, a new class is for the next
+        # box; in select mode it relabels the boxes the user picked.
+        selected = sorted(layer.selected_data) if str(layer.mode) in ("select", "direct") else []
         if selected:
             features = layer.features.copy()
             features.loc[selected, "category"] = name
@@ -579,15 +581,18 @@ class BoxToMaskWidget(QWidget):
         try:
             boxes = self._boxes()
             present = {b[0] for b in boxes}
-            for box_id in [b for b in self._written if b not in present]:
+            removed = [b for b in self._written if b not in present]
+            for box_id in removed:
                 self._remove_box(box_id)
             for box_id in [b for b in self._geom if b not in present]:
                 self._geom.pop(box_id, None)
             self._locked &= present
             if segment:
                 todo = [b for b in boxes if b[0] not in self._locked
-                        and self._geom.get(b[0]) != (b[1], *b[2].tolist())]
+                        and self._geom.get(b[0]) != self._key(b[1], b[2])]
                 self._segment(todo)
+            elif removed:
+                self._say(f"{len(removed)} box(es) removed")
         except Exception as err:  # shown in the viewer, not only in the terminal
             show_error(f"boxlevelset: {err}")
             self._say(f"error: {err}")
@@ -595,8 +600,17 @@ class BoxToMaskWidget(QWidget):
         finally:
             self.last_latency_s = time.perf_counter() - t0
 
+    def _key(self, plane: int | None, box: np.ndarray) -> tuple:
+        """What a box's mask was made from: its place, and the settings that change the mask
+        (method, loose boxes, the CT window), so Segment redoes boxes whose settings changed."""
+        image = self.image_combo.layer()
+        window = self._window(image) if image is not None else None
+        return (plane, *np.asarray(box, dtype=np.float64).tolist(),
+                self.method_combo.currentText(), self.loose_check.isChecked(), window)
+
     def segment(self) -> None:
-        """Segment every box that has no mask yet or was moved since its mask was made."""
+        """Segment every box that has no mask yet, was moved, or was segmented with other
+        settings (method, loose boxes, CT window) since its mask was made."""
         self.boxes_layer(create=True)
         self.sync(segment=True)
 
@@ -669,14 +683,20 @@ class BoxToMaskWidget(QWidget):
                 skipped += 1
                 continue
             by_plane.setdefault(item[1], []).append((item[0], box, item))
-        painted = 0
+        outcome = {"painted": 0, "covered": 0, "nothing": 0, "kept": 0}
         for plane, items in by_plane.items():
             masks = self.masks_for(plane, np.stack([b for _, b, _ in items]))
             for (box_id, _box, item), mask in zip(items, masks):
-                if self._paint(box_id, plane, mask):
-                    painted += 1
-                self._geom[box_id] = (item[1], *item[2].tolist())
-        msg = f"{painted} mask(s) updated"
+                outcome[self._paint(box_id, plane, mask)] += 1
+                self._geom[box_id] = self._key(item[1], item[2])
+        msg = f"{outcome['painted']} mask(s) updated"
+        if outcome["covered"]:
+            msg += (f"; {outcome['covered']} box(es) got no pixels: existing labels cover "
+                    "their masks (tick 'New masks overwrite existing labels')")
+        if outcome["nothing"]:
+            msg += f"; {outcome['nothing']} box(es) where the method found no object"
+        if outcome["kept"]:
+            msg += f"; {outcome['kept']} hand-edited mask(s) kept"
         if skipped:
             msg += f"; {skipped} box(es) outside the image or under one pixel skipped"
             show_warning(f"boxlevelset: {skipped} box(es) outside the image or too small")
@@ -737,10 +757,12 @@ class BoxToMaskWidget(QWidget):
         values = as_float_image(self._plane_image(image, plane), self._window(image))
         return float(values[mask].mean())
 
-    def _paint(self, box_id: int, plane: int | None, mask: np.ndarray) -> bool:
-        """Replace box `box_id`'s pixels on `plane` by `mask`; False when the user keeps theirs."""
+    def _paint(self, box_id: int, plane: int | None, mask: np.ndarray) -> str:
+        """Replace box `box_id`'s pixels on `plane` by `mask`. Returns "painted", "kept" (the
+        user keeps a hand-edited mask), "nothing" (an empty mask) or "covered" (existing
+        labels win every pixel of it)."""
         if not self._may_replace(box_id, [plane]):
-            return False
+            return "kept"
         labels = self.labels_layer(create=True)
         if np.issubdtype(labels.data.dtype, np.integer) and \
                 box_id > np.iinfo(labels.data.dtype).max:
@@ -764,7 +786,9 @@ class BoxToMaskWidget(QWidget):
             for other, planes in self._written.items():
                 if other != box_id and plane in planes:
                     planes[plane] &= ~target
-        return True
+        if not mask.any():
+            return "nothing"
+        return "painted" if target.any() else "covered"
 
     def _remove_box(self, box_id: int) -> None:
         written = self._written.pop(box_id, {})
@@ -845,7 +869,7 @@ class BoxToMaskWidget(QWidget):
             self._busy = False
         for box_id, box, mask in zip(ids, boxes, masks):
             self._paint(box_id, plane, mask)
-            self._geom[box_id] = (plane, *np.asarray(box, dtype=np.float64).tolist())
+            self._geom[box_id] = self._key(plane, box)
         return len(masks)
 
     def _current_plane(self, image: Any) -> int | None:
@@ -913,7 +937,7 @@ class BoxToMaskWidget(QWidget):
                             self._mean_intensity(image, z, mask) - level) > \
                             PROPAGATE_INTENSITY_TOL:
                         break
-                    if self._paint(box_id, z, mask):
+                    if self._paint(box_id, z, mask) == "painted":
                         count += 1
                     prev, z = mask, z + step
             added[box_id] = count

@@ -223,3 +223,61 @@ def test_switching_the_masks_layer_leaves_the_old_one_alone(make_napari_viewer_p
     boxes.remove_selected()  # its mask goes from the new layer, the old layer is the user's
     assert asked == [] and np.array_equal(first.data, before)
     assert not (second.data == int(before.max())).any() and len(np.unique(second.data)) == 2
+
+
+def test_status_says_what_happened_to_each_box(make_napari_viewer_proxy):
+    viewer = make_napari_viewer_proxy()
+    widget = _two_object_slice(viewer)
+    boxes = widget.new_boxes_layer()
+    _add_box(boxes, BOX)
+    assert widget.status.text() == "1 mask(s) updated"
+    # A box inside the first one's mask: existing labels win, so it gets no pixels. It was
+    # reported as "1 mask(s) updated".
+    _add_box(boxes, (16, 14, 26, 22))
+    assert "0 mask(s) updated; 1 box(es) got no pixels" in widget.status.text()
+    boxes.selected_data = {1}
+    boxes.remove_selected()
+    assert widget.status.text() == "1 box(es) removed"
+
+
+def test_segment_redoes_boxes_made_with_other_settings(make_napari_viewer_proxy, monkeypatch):
+    from boxlevelset_napari import _box_to_mask as B
+
+    viewer = make_napari_viewer_proxy()
+    widget = _two_object_slice(viewer)
+    boxes = widget.new_boxes_layer()
+    _add_box(boxes, BOX)
+    calls = []
+    real = widget.masks_for
+    monkeypatch.setattr(widget, "masks_for", lambda *a: calls.append(a) or real(*a))
+    widget.segment()
+    assert calls == []  # nothing changed: nothing to redo
+    widget.method_combo.setCurrentText(B.METHOD_LEVELSET_CUT)
+    widget.segment()  # the box's mask was made by the other method: redone
+    assert len(calls) == 1
+    widget.loose_check.setChecked(True)
+    widget.segment()
+    assert len(calls) == 2
+
+
+def test_choosing_a_class_while_drawing_is_for_the_next_box(make_napari_viewer_proxy):
+    viewer = make_napari_viewer_proxy()
+    widget = _two_object_slice(viewer)
+    widget.class_combo.addItem("nucleus")
+    widget.class_combo.addItem("cell")
+    widget.class_combo.setCurrentText("nucleus")
+    boxes = widget.new_boxes_layer()
+    _add_box(boxes, BOX)
+    boxes.selected_data = {0}  # as napari leaves a box just drawn
+    widget.class_combo.setCurrentText("cell")  # for the next box
+    _add_box(boxes, (34, 30, 46, 38))
+    assert list(boxes.features["category"]) == ["nucleus", "cell"]
+    boxes.mode = "select"  # picked on purpose: relabelled
+    boxes.selected_data = {0}
+    widget.class_combo.setCurrentText("cell")
+    widget.class_combo.setCurrentText("nucleus")
+    assert list(boxes.features["category"]) == ["nucleus", "cell"]
+    boxes.selected_data = {1}
+    widget.class_combo.setCurrentText("cell")
+    widget.class_combo.setCurrentText("nucleus")
+    assert list(boxes.features["category"]) == ["nucleus", "nucleus"]
