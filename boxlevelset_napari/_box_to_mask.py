@@ -575,8 +575,9 @@ class BoxToMaskWidget(QWidget):
         if len(ids) and ((ids <= 0).any() or len(np.unique(ids)) != len(ids)):
             self.sync(segment=self.live_check.isChecked())
 
-    def sync(self, segment: bool = True) -> None:
-        """Bring masks in line with boxes: drop masks of deleted boxes, segment new/moved ones."""
+    def sync(self, segment: bool = True, settings_changed: bool = False) -> None:
+        """Bring masks in line with boxes: drop masks of deleted boxes, segment new/moved ones
+        (and, with ``settings_changed``, those made with other settings)."""
         t0 = time.perf_counter()
         try:
             boxes = self._boxes()
@@ -588,8 +589,11 @@ class BoxToMaskWidget(QWidget):
                 self._geom.pop(box_id, None)
             self._locked &= present
             if segment:
+                # Live edits redo the boxes that moved; a new method or window applies to
+                # the existing masks only when the user presses Segment.
+                n = None if settings_changed else 5  # plane + 4 coordinates
                 todo = [b for b in boxes if b[0] not in self._locked
-                        and self._geom.get(b[0]) != self._key(b[1], b[2])]
+                        and (self._geom.get(b[0]) or ())[:n] != self._key(b[1], b[2])[:n]]
                 self._segment(todo)
             elif removed:
                 self._say(f"{len(removed)} box(es) removed")
@@ -612,7 +616,7 @@ class BoxToMaskWidget(QWidget):
         """Segment every box that has no mask yet, was moved, or was segmented with other
         settings (method, loose boxes, CT window) since its mask was made."""
         self.boxes_layer(create=True)
-        self.sync(segment=True)
+        self.sync(segment=True, settings_changed=True)
 
     def accept(self) -> None:
         """Lock the current masks: editing or deleting their boxes no longer changes them."""

@@ -253,11 +253,13 @@ def test_segment_redoes_boxes_made_with_other_settings(make_napari_viewer_proxy,
     widget.segment()
     assert calls == []  # nothing changed: nothing to redo
     widget.method_combo.setCurrentText(B.METHOD_LEVELSET_CUT)
-    widget.segment()  # the box's mask was made by the other method: redone
-    assert len(calls) == 1
+    _add_box(boxes, (34, 30, 46, 38))  # live: the new box only, the first mask stays
+    assert len(calls) == 1 and len(calls[0][1]) == 1
+    widget.segment()  # the first box's mask was made by the other method: redone
+    assert len(calls) == 2 and len(calls[1][1]) == 1
     widget.loose_check.setChecked(True)
     widget.segment()
-    assert len(calls) == 2
+    assert len(calls) == 3 and len(calls[2][1]) == 2
 
 
 def test_choosing_a_class_while_drawing_is_for_the_next_box(make_napari_viewer_proxy):
