@@ -37,6 +37,17 @@ def _child(values: dict[str, Any], events: Any, stop: Any) -> None:
         events.put(("error", f"{type(err).__name__}: {err}"))
 
 
+def _main_is_unguarded_script() -> bool:
+    """True when __main__ is a script file (not napari's own entry point or an interpreter),
+    the case in which a spawned child re-runs it."""
+    import sys
+
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return bool(path) and getattr(main, "__spec__", None) is None \
+        and not str(path).endswith(("napari", "napari.exe", "pytest"))
+
+
 def train_in_subprocess(values: dict[str, Any], on_event: Callable[[Any], Any],
                         stop_requested: threading.Event, poll_s: float = 0.1) -> Path:
     """Run `boxlevelset.train(TrainConfig(**values))` in a spawned process.
@@ -58,9 +69,15 @@ def train_in_subprocess(values: dict[str, Any], on_event: Callable[[Any], Any],
                 item = events.get(timeout=poll_s)
             except queue.Empty:
                 if not proc.is_alive():
+                    # A spawned child imports the launching script as __main__; a script
+                    # without a main guard runs again there and fails in bootstrapping.
+                    hint = ("; when napari is started from a script, put the script's code "
+                            "under `if __name__ == '__main__':` (the training process imports "
+                            "it), or untick 'Train in a separate process'"
+                            if _main_is_unguarded_script() else "")
                     raise RuntimeError(
                         f"training process ended unexpectedly (exit code {proc.exitcode})"
-                    ) from None
+                        f"{hint}") from None
                 continue
             if isinstance(item, tuple):
                 kind, payload = item

@@ -190,3 +190,38 @@ def test_closing_the_widget_stops_training(tmp_path, tiny_box_folder, qtbot, mak
     with qtbot.waitSignal(worker.finished, timeout=60_000):
         pass
     assert (tmp_path / "run" / "last.pth").exists() and tune.events[-1].iteration < 1000
+
+
+def test_a_training_process_that_dies_at_start_points_at_the_main_guard(monkeypatch):
+    import queue
+    import threading
+
+    from boxlevelset_napari import _train_process as T
+
+    class DeadProcess:  # a child that re-ran an unguarded script and died bootstrapping
+        exitcode = 1
+
+        def __init__(self, **_):
+            pass
+
+        start = join = terminate = lambda self, *a, **k: None
+
+        def is_alive(self):
+            return False
+
+    class Context:
+        Process = DeadProcess
+
+        def Queue(self):
+            return queue.Queue()
+
+        def Event(self):
+            return threading.Event()
+
+    monkeypatch.setattr(T.mp, "get_context", lambda _method: Context())
+    monkeypatch.setattr(T, "_main_is_unguarded_script", lambda: True)
+    with pytest.raises(RuntimeError, match="ended unexpectedly.*__name__ == '__main__'"):
+        T.train_in_subprocess({}, lambda e: None, threading.Event(), poll_s=0.01)
+    monkeypatch.setattr(T, "_main_is_unguarded_script", lambda: False)
+    with pytest.raises(RuntimeError, match=r"ended unexpectedly \(exit code 1\)$"):
+        T.train_in_subprocess({}, lambda e: None, threading.Event(), poll_s=0.01)
