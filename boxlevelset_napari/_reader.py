@@ -111,7 +111,34 @@ def read_ct(path: str | os.PathLike) -> list[LayerData]:
     path = Path(path[0] if isinstance(path, list) else path)
     volume = read_volume(path)
     name = path.name[: -len(_suffix(path))] if path.is_file() else path.name
+    if path.is_file() and _holds_labels(path, volume.array):
+        # A label volume (this plugin's own NIfTI export, or a segmentation from another
+        # tool): a Labels layer on the volume's grid, not an image in a CT window.
+        sx, sy, sz = (float(v) for v in volume.spacing)
+        meta = {META_KEY: {"kind": "ct", "volume": volume,
+                           "file_names": [path.name]}}
+        return [(volume.array.astype(np.int32), {"name": name, "scale": (sz, sy, sx),
+                                                 "metadata": meta}, "labels")]
     return [ct_layer_data(volume, name)]
+
+
+def _holds_labels(path: Path, array: np.ndarray) -> bool:
+    """True for a volume stored as unsigned integers (how label volumes are written: CT is
+    stored signed or as floats, since air is -1000 HU) with few distinct values (an MR
+    image stored as uint16 has thousands; a sample of the voxels tells)."""
+    import SimpleITK as sitk
+
+    if np.unique(array.ravel()[::97]).size > 256:
+        return False
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    if _suffix(path) in (".mha", ".mhd"):
+        reader.SetImageIO("MetaImageIO")
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return False
+    return reader.GetPixelID() in (sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkUInt32)
 
 
 def read_box_folder(path: str | os.PathLike) -> list[LayerData]:

@@ -141,6 +141,10 @@ def test_ct_reader_window_scale_and_nifti_export_keep_geometry(tmp_path, make_na
     # The npe2 writer does the same from the labels layer's metadata.
     written = write_labels(str(tmp_path / "w.nrrd"), labels.data, {"metadata": labels.metadata})
     assert read_volume(written[0]).origin == pytest.approx(src.GetOrigin())
+    # The exported label volume opens again as labels on the CT's grid, not as a CT image.
+    (again, again_kwargs, again_kind), = napari_get_reader(str(out))(str(out))
+    assert again_kind == "labels" and np.array_equal(again, labels.data)
+    assert again_kwargs["scale"] == pytest.approx(kwargs["scale"])
 
 
 def test_sample_data_segments_and_coco_round_trip(tmp_path, make_napari_viewer_proxy):
