@@ -229,15 +229,22 @@ def save_annotations(folder: str | os.PathLike, image: Any, boxes: Any, labels: 
     if labels is not None:
         _add_mask_boxes(per_plane, image, labels, class_names[0] if class_names else
                         cats[0]["name"])
+    # A CT volume is saved as itself (Hounsfield units, spacing, origin, direction) with an
+    # entry per annotated slice, not as windowed 8-bit pictures of the slices.
+    meta = plugin_meta(image)
+    volume = meta.get("volume") if stacked and meta.get("kind") == "ct" else None
     items = []
     for plane in sorted(per_plane, key=lambda p: -1 if p is None else p):
         entries = per_plane[plane]
         height, width = _plane_size(image, plane)
         name = _entry(image, plane, 0)["file_name"]
-        if not name.lower().endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")):
+        if volume is not None:
+            if not name.lower().endswith((".nii.gz", ".nii", ".nrrd", ".mha")):
+                name = f"{Path(name).name.split('.')[0]}.nii.gz"  # e.g. a DICOM series
+        elif not name.lower().endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")):
             name = f"{Path(name).name.split('.')[0]}_{plane if plane is not None else 0:04d}.png"
-        pixels = _plane_uint8(image, plane)
-        if pixels.dtype not in (np.uint8, np.uint16):  # float or wide integers: PNG cannot
+        pixels = volume if volume is not None else _plane_uint8(image, plane)
+        if volume is None and pixels.dtype not in (np.uint8, np.uint16):  # PNG cannot hold it
             name = f"{Path(name).stem}.tif"
         box_arr = np.stack([b for _bid, b, _cat in entries]).astype(np.float32)
         box_arr[:, [0, 2]] = box_arr[:, [0, 2]].clip(0, width)
@@ -249,5 +256,6 @@ def save_annotations(folder: str | os.PathLike, image: Any, boxes: Any, labels: 
             stack = np.stack([lab == bid for bid, _box, _cat in entries])
             if stack.any():
                 masks = stack
-        items.append((name, pixels, box_arr, cat_ids, masks))
+        items.append((name, pixels, box_arr, cat_ids, masks) if volume is None else
+                     (name, volume, box_arr, cat_ids, masks, plane))
     return Path(save_box_folder(folder, items, cats))

@@ -141,6 +141,14 @@ def test_ct_reader_window_scale_and_nifti_export_keep_geometry(tmp_path, make_na
     # The npe2 writer does the same from the labels layer's metadata.
     written = write_labels(str(tmp_path / "w.nrrd"), labels.data, {"metadata": labels.metadata})
     assert read_volume(written[0]).origin == pytest.approx(src.GetOrigin())
+    # Saved as a box folder, the CT stays a volume in Hounsfield units with its geometry,
+    # one entry per annotated slice (it was saved as windowed 8-bit PNGs).
+    saved = load_box_folder(widget.export("folder", str(tmp_path / "saved")))
+    assert [r.slice_index for r in saved] == [1, 2, 3, 4]
+    record = saved[1]
+    np.testing.assert_array_equal(saved.slice_hu(record), data[2])
+    assert saved.volume(record).spacing == pytest.approx(src.GetSpacing())
+    assert np.array_equal(saved.gt_masks(record)[0], labels.data[2] == box_id)
     # The exported label volume opens again as labels on the CT's grid, not as a CT image.
     (again, again_kwargs, again_kind), = napari_get_reader(str(out))(str(out))
     assert again_kind == "labels" and np.array_equal(again, labels.data)
