@@ -187,11 +187,11 @@ class BoxToMaskWidget(QWidget):
         self.image_combo = LayerCombo(self.viewer, layers.Image)
         self.boxes_combo = LayerCombo(self.viewer, layers.Shapes)
         self.labels_combo = LayerCombo(self.viewer, layers.Labels, allow_new=True)
-        self.new_boxes_btn = QPushButton("New boxes layer")
+        self.new_boxes_btn = QPushButton("New")
         self.new_boxes_btn.clicked.connect(self.new_boxes_layer)
         self.new_boxes_btn.setToolTip(
-            "Draw each box tight around one object (or tick 'Loose boxes'): the level set "
-            "takes the box's sides as the object's extent")
+            "New boxes layer. Draw each box tight around one object (or tick 'Loose boxes'): "
+            "the level set takes the box's sides as the object's extent")
         self.class_combo = QComboBox()
         self.class_combo.setEditable(True)
         self.class_combo.addItem(DEFAULT_CATEGORY)
@@ -213,10 +213,14 @@ class BoxToMaskWidget(QWidget):
         self.load_btn.clicked.connect(lambda: self.load_model(self.model_edit.text()))
         self.model_label = QLabel("no model loaded")
 
-        self.live_check = QCheckBox("Live: segment each box when it is drawn or edited")
+        # Short labels, the explanation in tooltips: the dock must leave room for the image.
+        self.live_check = QCheckBox("Live")
+        self.live_check.setToolTip("Segment each box when it is drawn or edited")
         self.live_check.setChecked(True)
-        self.overwrite_check = QCheckBox("New masks overwrite existing labels")
-        self.loose_check = QCheckBox("Loose boxes (not touching the object on every side)")
+        self.overwrite_check = QCheckBox("Overwrite labels")
+        self.overwrite_check.setToolTip("New masks overwrite existing labels (otherwise "
+                                        "existing labels win overlaps)")
+        self.loose_check = QCheckBox("Loose boxes")
         self.loose_check.setToolTip(
             "The level set takes each box to touch its object on all four sides; tick this "
             "for boxes drawn loosely (no box projection, no background ring, evolution only)")
@@ -241,7 +245,9 @@ class BoxToMaskWidget(QWidget):
         self.overlap_spin.setRange(0.05, 0.99)
         self.overlap_spin.setSingleStep(0.05)
         self.overlap_spin.setValue(0.5)
-        self.propagate_btn = QPushButton("Propagate selected box through slices")
+        self.propagate_btn = QPushButton("Propagate selected box")
+        self.propagate_btn.setToolTip("Segment the selected box's object on the slices above "
+                                      "and below, each slice's mask giving the next box")
         # Through a lambda: Qt would pass the button's checked=False as max_slices.
         self.propagate_btn.clicked.connect(lambda: self.propagate_selected())
 
@@ -265,13 +271,13 @@ class BoxToMaskWidget(QWidget):
         form.addRow("Model", hbox(self.model_edit, browse, stretch_first=True))
         form.addRow("Device", hbox(self.device_combo, self.load_btn))
         form.addRow("", self.model_label)
-        form.addRow("Hand-edited masks", self.hand_combo)
+        self.hand_combo.setToolTip("Masks edited by hand, when their box is moved or "
+                                   "deleted: ask, keep them, or overwrite them")
+        form.addRow("Hand edits", self.hand_combo)
 
         layout = QVBoxLayout(self)
         layout.addLayout(form)
-        layout.addWidget(self.live_check)
-        layout.addWidget(self.overwrite_check)
-        layout.addWidget(self.loose_check)
+        layout.addLayout(hbox(self.live_check, self.overwrite_check, self.loose_check))
         layout.addWidget(self.segment_btn)
         layout.addWidget(self.accept_btn)
         group = QGroupBox("Model: segment everything")
@@ -282,10 +288,9 @@ class BoxToMaskWidget(QWidget):
         g.addWidget(self.everything_btn)
         layout.addWidget(group)
         group = QGroupBox("Volumes: propagate")
-        g = QHBoxLayout(group)
-        g.addWidget(QLabel("min overlap"))
-        g.addWidget(self.overlap_spin)
-        g.addWidget(self.propagate_btn, 1)
+        g = QVBoxLayout(group)
+        g.addLayout(hbox(QLabel("min overlap"), self.overlap_spin))
+        g.addWidget(self.propagate_btn)
         layout.addWidget(group)
         group = QGroupBox("Export")
         g = QVBoxLayout(group)
