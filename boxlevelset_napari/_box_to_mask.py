@@ -649,6 +649,9 @@ class BoxToMaskWidget(QWidget):
         window = self._window(image)
         key = (id(self.model), id(_unwrap(image)), plane, window, image.data.shape)
         if self._predictor is None or self._predictor_key != key:
+            # The backbone runs once per image (seconds on a CPU); say so before it starts.
+            self._say("computing the model's features for this image…")
+            self.status.repaint()  # drawn now; processEvents could re-enter this handler
             predictor = Predictor(self.model)
             predictor.set_image(self._plane_image(image, plane), window=window)
             self._predictor, self._predictor_key = predictor, key
