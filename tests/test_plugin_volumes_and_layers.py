@@ -283,3 +283,25 @@ def test_choosing_a_class_while_drawing_is_for_the_next_box(make_napari_viewer_p
     widget.class_combo.setCurrentText("cell")
     widget.class_combo.setCurrentText("nucleus")
     assert list(boxes.features["category"]) == ["nucleus", "nucleus"]
+
+
+def test_first_model_box_says_features_are_being_computed(make_napari_viewer_proxy,
+                                                           monkeypatch):
+    from test_model import tiny_model
+
+    from boxlevelset.model import Predictor
+    from boxlevelset_napari import _box_to_mask as B
+
+    viewer = make_napari_viewer_proxy()
+    widget = _two_object_slice(viewer)
+    widget.set_model(tiny_model())
+    widget.method_combo.setCurrentText(B.METHOD_MODEL)
+    shown = []
+    real = Predictor.set_image
+    monkeypatch.setattr(Predictor, "set_image",
+                        lambda self, *a, **k: shown.append(widget.status.text())
+                        or real(self, *a, **k))
+    boxes = widget.new_boxes_layer()
+    _add_box(boxes, BOX)
+    _add_box(boxes, (34, 30, 46, 38))  # same image: features are reused, no second pass
+    assert shown == ["computing the model's features for this image…"]
