@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from boxlevelset.export import lower_suffix
 from boxlevelset.image import WINDOW_PRESETS
 
 from ._layers import META_KEY, boxes_layer_kwargs, boxes_to_rectangles, window_contrast
@@ -19,11 +20,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DEFAULT_WINDOW = "abdomen"
 
 LayerData = tuple[Any, dict, str]
-
-
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
 
 def _is_dicom_dir(path: Path) -> bool:
@@ -56,7 +52,7 @@ def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]]
         if _is_dicom_dir(p):
             return read_ct
         return None
-    suffix = _suffix(p)
+    suffix = lower_suffix(p)
     if suffix in VOLUME_SUFFIXES:
         return read_ct
     if suffix in IMAGE_SUFFIXES:
@@ -110,7 +106,7 @@ def read_ct(path: str | os.PathLike) -> list[LayerData]:
 
     path = Path(path[0] if isinstance(path, list) else path)
     volume = read_volume(path)
-    name = path.name[: -len(_suffix(path))] if path.is_file() else path.name
+    name = path.name[: -len(lower_suffix(path))] if path.is_file() else path.name
     if path.is_file() and _holds_labels(path, volume.array):
         # A label volume (this plugin's own NIfTI export, or a segmentation from another
         # tool): a Labels layer on the volume's grid, not an image in a CT window.
@@ -128,17 +124,18 @@ def _holds_labels(path: Path, array: np.ndarray) -> bool:
     image stored as uint16 has thousands; a sample of the voxels tells)."""
     import SimpleITK as sitk
 
-    if np.unique(array.ravel()[::97]).size > 256:
-        return False
+    from boxlevelset.data import sitk_image_io
+
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
-    if _suffix(path) in (".mha", ".mhd"):
-        reader.SetImageIO("MetaImageIO")
+    reader.SetImageIO(sitk_image_io(path))
     try:
-        reader.ReadImageInformation()
+        reader.ReadImageInformation()  # the header only
     except RuntimeError:
         return False
-    return reader.GetPixelID() in (sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkUInt32)
+    if reader.GetPixelID() not in (sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkUInt32):
+        return False
+    return np.unique(array.ravel()[::97]).size <= 256
 
 
 def read_box_folder(path: str | os.PathLike) -> list[LayerData]:

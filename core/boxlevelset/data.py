@@ -25,6 +25,7 @@ from .export import (
     atomic_path,
     atomic_write,
     decode_segmentation,
+    lower_suffix,
     masks_to_rle,
     segmentation_to_rle,
 )
@@ -40,15 +41,10 @@ class ImageReadError(ValueError):
     """An image or volume file is missing, corrupt or of an unsupported kind (message names it)."""
 
 
-def _lower_suffix(path: Path) -> str:
-    name = path.name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
-
-
 def is_volume_path(path: str | os.PathLike) -> bool:
     """True for volume files SimpleITK reads (.nii, .nii.gz, .nrrd, .mha, .mhd) or folders."""
     path = Path(path)
-    return path.is_dir() or _lower_suffix(path) in VOLUME_SUFFIXES
+    return path.is_dir() or lower_suffix(path) in VOLUME_SUFFIXES
 
 
 # ----------------------------------------------------------------------------- 2D images
@@ -63,7 +59,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     import cv2
 
     path = Path(path)
-    suffix = _lower_suffix(path)
+    suffix = lower_suffix(path)
     if suffix not in IMAGE_SUFFIXES:
         raise ImageReadError(
             f"{path}: unsupported image type {suffix or '(no suffix)'!r}; "
@@ -124,7 +120,7 @@ def _image_size(path: Path) -> tuple[int, int]:
 
     if not path.is_file():
         raise ImageReadError(f"{path}: file does not exist")
-    suffix = _lower_suffix(path)
+    suffix = lower_suffix(path)
     if suffix not in IMAGE_SUFFIXES:
         raise ImageReadError(f"{path}: unsupported image type {suffix!r}")
     if suffix in (".tif", ".tiff"):
@@ -188,6 +184,13 @@ class Volume:
         return tuple(self.array.shape)  # type: ignore[return-value]
 
 
+def sitk_image_io(path: Path) -> str:
+    """The SimpleITK reader to name for a volume file ("" lets SimpleITK choose): it picks
+    the MetaImage reader by a lower-case suffix only ("scan.MHA" found no reader); NIfTI
+    and NRRD are recognised by their contents."""
+    return "MetaImageIO" if lower_suffix(path) in (".mha", ".mhd") else ""
+
+
 def read_volume(path: str | os.PathLike) -> Volume:
     """Read a volume with SimpleITK: .nii/.nii.gz/.nrrd/.mha/.mhd file or a DICOM series folder.
 
@@ -211,15 +214,12 @@ def read_volume(path: str | os.PathLike) -> Volume:
             reader.SetFileNames(files)
             image = reader.Execute()
         else:
-            if _lower_suffix(path) not in VOLUME_SUFFIXES:
+            if lower_suffix(path) not in VOLUME_SUFFIXES:
                 raise ImageReadError(
                     f"{path}: unsupported volume type; expected {', '.join(VOLUME_SUFFIXES)} "
                     "or a DICOM series folder"
                 )
-            # SimpleITK picks the MetaImage reader by a lower-case suffix only ("scan.MHA"
-            # found no reader); NIfTI and NRRD are recognised by their contents.
-            meta = _lower_suffix(path) in (".mha", ".mhd")
-            image = sitk.ReadImage(str(path), imageIO="MetaImageIO" if meta else "")
+            image = sitk.ReadImage(str(path), imageIO=sitk_image_io(path))
     except RuntimeError as err:  # SimpleITK reports every read failure as RuntimeError
         raise ImageReadError(f"{path}: cannot read volume ({str(err).strip().splitlines()[-1]})") \
             from err
@@ -247,7 +247,7 @@ def write_label_volume(path: str | os.PathLike, labels: np.ndarray, like: Volume
     uint16 or int32, the smallest that fits.
     """
     path = Path(path)
-    if _lower_suffix(path) not in (".nii", ".nii.gz", ".nrrd", ".mha"):
+    if lower_suffix(path) not in (".nii", ".nii.gz", ".nrrd", ".mha"):
         raise ValueError(f"{path}: label volumes are written as .nii, .nii.gz, .nrrd or .mha")
     labels = np.asarray(labels)
     if labels.shape != like.array.shape:
@@ -659,12 +659,12 @@ def _load_voc(root: Path, window: Window) -> BoxFolder:
 def _load_plain(root: Path, window: Window) -> BoxFolder:
     base = root / "images" if (root / "images").is_dir() else root
     files = sorted(p for p in base.iterdir()
-                   if p.is_file() and _lower_suffix(p) in IMAGE_SUFFIXES + VOLUME_SUFFIXES)
+                   if p.is_file() and lower_suffix(p) in IMAGE_SUFFIXES + VOLUME_SUFFIXES)
     if not files:
         raise ValueError(f"{root}: no images found (and no annotations.json or Annotations/)")
     folder = BoxFolder(root, [], [], window)
     for path in files:
-        if _lower_suffix(path) in VOLUME_SUFFIXES:
+        if lower_suffix(path) in VOLUME_SUFFIXES:
             # A volume in a plain folder: one record per slice.
             try:
                 vol = folder.volume(Record(0, path.name, path, 0, 0, slice_index=0))
@@ -695,7 +695,7 @@ def _write_image(path: Path, image: np.ndarray) -> None:
     image = np.asarray(image)
     if image.ndim not in (2, 3):
         raise ValueError(f"{path.name}: image must be HxW or HxWxC, got shape {image.shape}")
-    suffix = _lower_suffix(path)
+    suffix = lower_suffix(path)
     if suffix in (".tif", ".tiff"):
         with atomic_path(path) as tmp:
             tifffile.imwrite(tmp, image, photometric="rgb" if image.ndim == 3 and
@@ -720,7 +720,7 @@ def _write_image(path: Path, image: np.ndarray) -> None:
 def write_volume(path: str | os.PathLike, volume: Volume) -> Path:
     """Write a Volume (float32 array plus geometry) atomically as .nii/.nii.gz/.nrrd/.mha."""
     path = Path(path)
-    if _lower_suffix(path) not in (".nii", ".nii.gz", ".nrrd", ".mha"):
+    if lower_suffix(path) not in (".nii", ".nii.gz", ".nrrd", ".mha"):
         raise ValueError(f"{path}: volumes are written as .nii, .nii.gz, .nrrd or .mha")
     array = np.asarray(volume.array)
     if array.ndim != 3:

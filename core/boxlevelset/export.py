@@ -21,9 +21,10 @@ from pycocotools import mask as mask_utils
 _COMPOUND_SUFFIXES = (".nii.gz", ".tar.gz")
 
 
-def _suffix(path: Path) -> str:
-    # Lower case: SimpleITK picks its writer from the suffix and knows only ".mha", not
-    # ".MHA" (it wrote an empty file under ".MHA"); cv2 and tifffile accept either.
+def lower_suffix(path: Path) -> str:
+    """A file's suffix in lower case, whole for multi-part ones (".nii.gz"): the type check
+    of readers and writers. Temporary files carry it too: SimpleITK picks its writer from
+    the suffix and knows only ".mha", not ".MHA" (it wrote an empty file under ".MHA")."""
     name = path.name.lower()
     for suffix in _COMPOUND_SUFFIXES:
         if name.endswith(suffix):
@@ -43,7 +44,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     # The name is shortened in the prefix: with the random part and the suffix added, a name
     # near the file system's 255-byte limit would not fit.
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:64]}.",
-                                    suffix=_suffix(path))
+                                    suffix=lower_suffix(path))
     os.close(fd)
     tmp = Path(tmp_name)
     try:
