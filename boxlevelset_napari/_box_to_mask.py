@@ -129,6 +129,18 @@ class LayerCombo(QComboBox):
         self.setCurrentText(layer.name)
 
 
+def closed_by_napari(widget: QWidget, event: QEvent) -> bool:
+    """True for the event that takes a docked widget out of its window: napari's dock close
+    button and closing the viewer set its parent to None without deleting it (a widget not
+    yet docked, as in scripts, is not closed by getting its first parent)."""
+    if event.type() != QEvent.ParentChange:
+        return False
+    if widget.parent() is not None:
+        widget.setProperty("boxlevelset_docked", True)
+        return False
+    return bool(widget.property("boxlevelset_docked"))
+
+
 def _unwrap(obj: Any) -> Any:
     """The layer behind napari's PublicOnlyProxy (plugins receive proxied viewers)."""
     return getattr(obj, "__wrapped__", obj)
@@ -308,13 +320,9 @@ class BoxToMaskWidget(QWidget):
         self._update_enabled()
 
     def event(self, event: QEvent) -> bool:
-        # napari's dock close button takes the widget out of its dock (parent None) but does
-        # not delete it: stop answering box edits then, or closed widgets keep painting.
-        if event.type() == QEvent.ParentChange:
-            if self.parent() is not None:
-                self._docked = True
-            elif getattr(self, "_docked", False):
-                self.detach()
+        # A closed dock's widget is not deleted: stop answering box edits, or it keeps painting.
+        if closed_by_napari(self, event):
+            self.detach()
         return super().event(event)
 
     def _match_masks_layer(self, *_: Any) -> None:
@@ -704,7 +712,7 @@ class BoxToMaskWidget(QWidget):
         msg = f"{outcome['painted']} mask(s) updated"
         if outcome["covered"]:
             msg += (f"; {outcome['covered']} box(es) got no pixels: existing labels cover "
-                    "their masks (tick 'New masks overwrite existing labels')")
+                    "their masks (tick 'Overwrite labels')")
         if outcome["nothing"]:
             msg += f"; {outcome['nothing']} box(es) where the method found no object"
         if outcome["kept"]:

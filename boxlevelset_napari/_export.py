@@ -98,6 +98,12 @@ def _boxes_by_plane(boxes: Any) -> dict[int | None, list[tuple[int, np.ndarray, 
     return out
 
 
+def _box_classes(per_plane: dict) -> dict[int, str]:
+    """Label id -> class of its box, over all planes: a mask propagated through slices keeps
+    its box's label id on planes without a box."""
+    return {bid: cat for items in per_plane.values() for bid, _box, cat in items}
+
+
 def _ensure_stack_plane(boxes_planes: dict, stacked: bool) -> dict:
     # A 2D boxes layer over a 2D image has plane None; keep keys consistent with _planes().
     if stacked:
@@ -121,8 +127,7 @@ def export_coco(path: str | os.PathLike, image: Any, boxes: Any, labels: Any,
         raise ValueError("there are no masks to export yet (segment some boxes first)")
     stacked, per_plane, cats, cat_id = _boxes_and_categories(image, boxes, class_names)
     default_cat = cat_id[class_names[0]] if class_names else int(cats[0]["id"])
-    # A mask propagated through slices keeps its box's label id on planes without a box.
-    box_cat = {bid: cat for items in per_plane.values() for bid, _box, cat in items}
+    box_cat = _box_classes(per_plane)
     images, annotations = [], []
     for plane in _planes(image):
         height, width = _plane_size(image, plane)
@@ -203,7 +208,7 @@ def _add_mask_boxes(per_plane: dict, image: Any, labels: Any, default_class: str
     """Masks without a box on their plane (propagated through slices, or painted by hand)
     get the tight box of their pixels, and the class of the box whose label id they carry
     (else the default class), so a saved folder keeps every mask the layer shows."""
-    box_cat = {bid: cat for items in per_plane.values() for bid, _box, cat in items}
+    box_cat = _box_classes(per_plane)
     for plane in _planes(image):
         height, width = _plane_size(image, plane)
         lab = _plane(labels.data, plane)[:height, :width]

@@ -31,7 +31,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._box_to_mask import BoxToMaskWidget, LayerCombo, _unwrap, hbox
+from ._box_to_mask import BoxToMaskWidget, LayerCombo, _unwrap, closed_by_napari, hbox
 from ._train_process import train_in_subprocess
 
 SOURCE_FOLDER = "Box-labeled folder"
@@ -124,13 +124,10 @@ class FineTuneWidget(QWidget):
         # Closing the viewer (or this dock) takes the widget out of its window: stop the
         # run then (it saves its checkpoint at the next iteration), or napari waits for the
         # whole schedule before it can quit, and updates reach deleted widgets.
-        if event.type() == QEvent.ParentChange:
-            if self.parent() is not None:
-                self._docked = True
-            elif getattr(self, "_docked", False) and not self._closed:
-                self._closed = True
-                self.stop()
-                self._bridge.event.disconnect(self._on_event)
+        if closed_by_napari(self, event) and not self._closed:
+            self._closed = True
+            self.stop()
+            self._bridge.event.disconnect(self._on_event)
         return super().event(event)
 
     def _build_ui(self) -> None:

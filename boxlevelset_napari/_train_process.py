@@ -73,7 +73,7 @@ def train_in_subprocess(values: dict[str, Any], on_event: Callable[[Any], Any],
                     # without a main guard runs again there and fails in bootstrapping.
                     hint = ("; when napari is started from a script, put the script's code "
                             "under `if __name__ == '__main__':` (the training process imports "
-                            "it), or untick 'Train in a separate process'"
+                            "it), or untick 'Separate process'"
                             if _main_is_unguarded_script() else "")
                     raise RuntimeError(
                         f"training process ended unexpectedly (exit code {proc.exitcode})"

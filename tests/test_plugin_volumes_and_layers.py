@@ -235,6 +235,7 @@ def test_status_says_what_happened_to_each_box(make_napari_viewer_proxy):
     # reported as "1 mask(s) updated".
     _add_box(boxes, (16, 14, 26, 22))
     assert "0 mask(s) updated; 1 box(es) got no pixels" in widget.status.text()
+    assert f"tick '{widget.overwrite_check.text()}'" in widget.status.text()
     boxes.selected_data = {1}
     boxes.remove_selected()
     assert widget.status.text() == "1 box(es) removed"
