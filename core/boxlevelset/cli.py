@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -78,7 +77,6 @@ def run_segment(args: argparse.Namespace) -> int:
     """Masks from boxes for every image: COCO JSON (RLE), label images, overlay PNGs."""
     from tqdm import tqdm
 
-    from boxlevelset.data import ImageReadError
     from boxlevelset.export import masks_to_labels, write_coco, write_label_image
     from boxlevelset.levelset import LOOSE_BOXES, segment_boxes
     from boxlevelset.predict import OutputStems, coco_image_entry, overlay_image, write_png
@@ -92,12 +90,7 @@ def run_segment(args: argparse.Namespace) -> int:
     out = Path(args.out)
     images, annotations = [], []
     stems = OutputStems()
-    for record in tqdm(folder.records, desc="segment", unit="image"):
-        try:
-            image = folder.load_image(record)
-        except ImageReadError as err:  # one damaged file must not cost the others' masks
-            warnings.warn(f"skipping unreadable image: {err}", stacklevel=1)
-            continue
+    for record, image in folder.readable(tqdm(folder.records, desc="segment", unit="image")):
         boxes = np.asarray(record.boxes, float).reshape(-1, 4)
         options = {k: v for k, v in (("iterations", args.iterations),
                                      ("histogram", args.histogram)) if v is not None}

@@ -13,7 +13,7 @@ import logging
 import os
 import warnings
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -357,6 +357,19 @@ class BoxFolder:
         hu = self.slice_hu(record)
         window = self.window or resolve_window("abdomen")
         return np.round(apply_window(hu, window) * 255.0).astype(np.uint8)
+
+    def readable(self, records: Iterable[Record] | None = None
+                 ) -> Iterator[tuple[Record, np.ndarray]]:
+        """(record, ``load_image(record)``) for each record (default: all), skipping one
+        that fails to load with a warning naming it: the folder check reads headers only,
+        and one damaged file must not cost the others' results."""
+        for record in self.records if records is None else records:
+            try:
+                image = self.load_image(record)
+            except ImageReadError as err:
+                warnings.warn(f"skipping unreadable image: {err}", stacklevel=2)
+                continue
+            yield record, image
 
     def gt_masks(self, record: Record) -> np.ndarray | None:
         """Decode the record's segmentations to bool [N, H, W]; None if any box has none."""

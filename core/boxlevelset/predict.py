@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -165,7 +164,6 @@ def predict_folder(
     wins overlaps; `.tif` when over 65535 instances) and `overlays/<name>.png` (the image with
     the masks tinted). Returns the JSON path.
     """
-    from boxlevelset.data import ImageReadError
     from boxlevelset.export import masks_to_labels, write_coco, write_label_image
 
     if isinstance(source, (str, Path)) and _is_volume_file(Path(source)):
@@ -183,12 +181,7 @@ def predict_folder(
     if progress:
         from tqdm import tqdm
         records = tqdm(records, desc="predict", unit="image")
-    for record in records:
-        try:
-            image = folder.load_image(record)
-        except ImageReadError as err:  # one damaged file must not cost the others' results
-            warnings.warn(f"skipping unreadable image: {err}", stacklevel=1)
-            continue
+    for record, image in folder.readable(records):
         inst = model.predict(image, score_threshold=score_threshold)
         masks, labs, scores = _sorted_instances(inst)
         images.append(coco_image_entry(record))
