@@ -334,8 +334,8 @@ class BoxDataset(torch.utils.data.Dataset):
     def _readable(self, index: int) -> tuple[Any, np.ndarray]:
         """The record at `index` and its RGB pixels; a file that fails to decode (the folder
         check reads headers, PNG checksums and TIFF lengths: a file damaged after the folder
-        loaded passes it) is skipped with a warning naming it, and the next readable record takes its place, so one bad file does not
-        end a run."""
+        loaded passes it) is skipped with a warning naming it, and the next readable record
+        takes its place, so one bad file does not end a run."""
         from boxlevelset.data import ImageReadError
 
         for step in range(len(self.records)):
