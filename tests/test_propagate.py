@@ -1,0 +1,112 @@
+"""boxlevelset.propagate: a mask carried through the slices of a synthetic volume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from boxlevelset.evaluate import mask_iou
+from boxlevelset.propagate import BAND, bounding_box, propagate_mask, within_band
+
+
+def _cone_volume(depth: int = 9, size: int = 96, shrink: int = 3, seed: int = 0):
+    """A bright disc shrinking by ``shrink`` px per slice from slice 0, among blobs of
+    intermediate grey: [Z, H, W] volume and the true discs."""
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.mgrid[:depth, :size, :size]
+    radius = np.maximum(30 - shrink * zz, 0)
+    discs = (yy - size // 2) ** 2 + (xx - size // 2) ** 2 <= radius**2
+    blobs = np.zeros((size, size))
+    gy, gx = np.mgrid[:size, :size]
+    for cy, cx in rng.integers(0, size, (30, 2)):
+        blobs += np.exp(-((gy - cy) ** 2 + (gx - cx) ** 2) / 50.0)
+    volume = np.where(discs, 150.0, 40.0 + 60.0 * np.clip(blobs, 0, 1)[None])
+    return volume + rng.normal(0, 10, volume.shape), discs
+
+
+def test_a_shrinking_object_is_followed_and_each_outline_moves_at_most_band():
+    volume, discs = _cone_volume()
+    got = dict(propagate_mask(volume, 0, discs[0]))
+    assert sorted(got)[:6] == [1, 2, 3, 4, 5, 6]  # only upwards: nothing below slice 0
+    for z in range(1, 7):
+        assert mask_iou(got[z], discs[z]) > 0.95, z
+    # Where the disc is a few pixels wide the walk ends (slice 8: radius 6 in a box of blobs).
+    assert 8 not in got
+    previous = discs[0]
+    for z in sorted(got):
+        assert ndimage.distance_transform_edt(~previous)[got[z]].max() <= BAND
+        previous = got[z]
+
+
+def test_the_tight_box_energy_on_the_same_walk_fills_its_loose_boxes():
+    """Why propagation uses LOOSE_BOXES: the box a mask gives on the next slice is loose,
+    and the default energy (box projection, ring) stretches the mask to its edges."""
+    from boxlevelset import segment_boxes
+
+    volume, discs = _cone_volume()
+    previous, ious = discs[0], []
+    for z in range(1, 8):
+        previous = segment_boxes(volume[z], bounding_box(previous, 2)[None])[0]
+        ious.append(mask_iou(previous, discs[z]))
+    got = dict(propagate_mask(volume, 0, discs[0]))
+    assert ious[5] < 0.85 < mask_iou(got[6], discs[6])
+
+
+def test_both_directions_from_the_middle_and_max_slices():
+    volume, discs = _cone_volume(depth=9, shrink=2)
+    volume = np.concatenate([volume[::-1], volume[1:]])  # disc largest at slice 8
+    discs = np.concatenate([discs[::-1], discs[1:]])
+    got = list(propagate_mask(volume, 8, discs[8], max_slices=3))
+    assert [z for z, _ in got] == [9, 10, 11, 7, 6, 5]
+    assert all(mask_iou(m, discs[z]) > 0.95 for z, m in got)
+
+
+def test_stops_where_the_intensity_jumps():
+    volume, discs = _cone_volume(shrink=1)
+    volume[4:][discs[4:]] += 300.0  # another structure from slice 4 on
+    got = dict(propagate_mask(volume, 0, discs[0]))
+    assert sorted(got) == [1, 2, 3]
+
+
+def test_a_custom_segmenter_gets_the_grown_box_and_its_mask_is_held_to_the_band():
+    volume = np.zeros((3, 40, 40))
+    start = np.zeros((40, 40), bool)
+    start[15:25, 10:20] = True
+    seen = []
+
+    def everything(z, box):
+        seen.append((z, tuple(box)))
+        return np.ones((40, 40), bool)
+
+    got = dict(propagate_mask(volume, 1, start, segment=everything, min_overlap=0.0,
+                              intensity_tolerance=1.0, band=2))
+    assert seen[0] == (2, (8.0, 13.0, 22.0, 27.0))
+    np.testing.assert_array_equal(got[2], ndimage.binary_dilation(start, np.array(
+        [[0, 0, 1, 0, 0], [0, 1, 1, 1, 0], [1, 1, 1, 1, 1], [0, 1, 1, 1, 0], [0, 0, 1, 0, 0]],
+        bool)))
+    assert sorted(got) == [0, 2]
+
+
+def test_within_band_keeps_large_pieces_and_drops_specks():
+    previous = np.zeros((30, 30), bool)
+    previous[5:25, 5:12] = previous[5:25, 18:25] = True  # two pieces, as body and arch
+    mask = previous.copy()
+    mask[0, 0] = True  # outside the band
+    mask[14, 14] = True  # a speck inside it
+    held = within_band(mask, previous, band=2)
+    np.testing.assert_array_equal(held, previous)
+
+
+def test_bad_input_is_named():
+    volume = np.zeros((3, 20, 20))
+    mask = np.zeros((20, 20), bool)
+    with pytest.raises(ValueError, match="empty"):
+        next(propagate_mask(volume, 1, mask))
+    mask[5:10, 5:10] = True
+    with pytest.raises(ValueError, match="outside the volume"):
+        next(propagate_mask(volume, 3, mask))
+    with pytest.raises(ValueError, match="does not hold masks"):
+        next(propagate_mask(volume, 1, mask[:10]))
+    with pytest.raises(ValueError, match="empty mask"):
+        bounding_box(np.zeros((4, 4), bool))
