@@ -60,8 +60,6 @@ METHOD_MODEL_REFINED = "Model + level set"
 # box-prompt mean IoU / AP 0.799 / 0.560 -> 0.885 / 0.743).
 REFINE_STEPS = 25
 HAND_EDIT_POLICIES = ("ask", "keep", "overwrite")
-# Propagation stops where the object's mean intensity (0..1 after windowing) drifts this much.
-PROPAGATE_INTENSITY_TOL = 0.15
 
 
 def hbox(*widgets: QWidget, stretch_first: bool = False) -> QHBoxLayout:
@@ -151,11 +149,6 @@ def _bbox(mask: np.ndarray) -> np.ndarray | None:
     if ys.size == 0:
         return None
     return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
 class BoxToMaskWidget(QWidget):
@@ -258,8 +251,9 @@ class BoxToMaskWidget(QWidget):
         self.overlap_spin.setSingleStep(0.05)
         self.overlap_spin.setValue(0.5)
         self.propagate_btn = QPushButton("Propagate selected box")
-        self.propagate_btn.setToolTip("Segment the selected box's object on the slices above "
-                                      "and below, each slice's mask giving the next box")
+        self.propagate_btn.setToolTip("Carry the selected box's mask, with your corrections, "
+                                      "to the slices above and below, each slice's mask "
+                                      "giving the next box")
         # Through a lambda: Qt would pass the button's checked=False as max_slices.
         self.propagate_btn.clicked.connect(lambda: self.propagate_selected())
 
@@ -771,12 +765,6 @@ class BoxToMaskWidget(QWidget):
             idx = (np.full(idx[0].shape, plane, dtype=idx[0].dtype), *idx)
         labels.data_setitem(idx, values)
 
-    def _mean_intensity(self, image: Any, plane: int | None, mask: np.ndarray) -> float:
-        from boxlevelset.image import as_float_image
-
-        values = as_float_image(self._plane_image(image, plane), self._window(image))
-        return float(values[mask].mean())
-
     def _paint(self, box_id: int, plane: int | None, mask: np.ndarray) -> str:
         """Replace box `box_id`'s pixels on `plane` by `mask`. Returns "painted", "kept" (the
         user keeps a hand-edited mask), "nothing" (an empty mask) or "covered" (existing
@@ -920,11 +908,15 @@ class BoxToMaskWidget(QWidget):
     def propagate_selected(self, max_slices: int | None = None) -> dict[int, int]:
         """Propagate each selected box through neighbouring slices of a 3D image.
 
-        Each slice's mask gives the next slice's box (its bounding box, 2 px margin); the
-        walk stops when a mask is empty or overlaps the previous one (IoU) less than the
-        threshold. The masks get the box's label id, so one box gives one 3D object.
+        The box's mask as the labels show it (hand corrections included) is carried slice
+        by slice (``boxlevelset.propagate``: each slice's mask gives the next slice's box
+        and is held within a few pixels of the previous one); the walk stops when a mask
+        is empty, overlaps the previous one (IoU) less than the threshold, or changes mean
+        intensity. The masks get the box's label id, so one box gives one 3D object.
         Returns {box_id: number of slices added}.
         """
+        from boxlevelset.propagate import propagate_mask
+
         image = self._image()
         if self._spatial_ndim(image) != 3:
             raise ValueError("propagation needs a 3D image (a volume or a stack)")
@@ -934,32 +926,26 @@ class BoxToMaskWidget(QWidget):
         boxes = {b[0]: b for b in self._boxes()}
         ids = layer.features["box_id"].to_numpy(dtype=np.int64)
         self.sync(segment=True)
-        threshold = float(self.overlap_spin.value())
-        depth = image.data.shape[0]
-        height, width = self._plane_image(image, 0).shape[:2]
+        segment = None
+        if self.method_combo.currentText() in (METHOD_MODEL, METHOD_MODEL_REFINED):
+            def segment(z: int, box: np.ndarray) -> np.ndarray:
+                return self.masks_for(z, box[None])[0]
+        labels = self.labels_layer(create=True)
         added: dict[int, int] = {}
         for row in sorted(layer.selected_data):
             box_id = int(ids[row])
             _, plane, _box, _cat = boxes[box_id]
-            start = self._written.get(box_id, {}).get(plane)
-            if start is None or not start.any():
+            # The mask as the labels show it now: a hand correction is what gets carried.
+            start = np.asarray(self._plane_view(labels, plane)) == box_id
+            if not start.any():
                 continue
             count = 0
-            level = self._mean_intensity(image, plane, start)
-            for step in (1, -1):
-                prev, z = start, plane + step
-                while 0 <= z < depth and (max_slices is None or abs(z - plane) <= max_slices):
-                    bb = _bbox(prev)
-                    bb = np.array([max(bb[0] - 2, 0), max(bb[1] - 2, 0),
-                                   min(bb[2] + 2, width), min(bb[3] + 2, height)])
-                    mask = self.masks_for(z, bb[None])[0]
-                    if not mask.any() or _iou(mask, prev) < threshold or abs(
-                            self._mean_intensity(image, z, mask) - level) > \
-                            PROPAGATE_INTENSITY_TOL:
-                        break
-                    if self._paint(box_id, z, mask) == "painted":
-                        count += 1
-                    prev, z = mask, z + step
+            for z, mask in propagate_mask(
+                    image.data, plane, start, window=self._window(image),
+                    min_overlap=float(self.overlap_spin.value()), max_slices=max_slices,
+                    segment=segment):
+                if self._paint(box_id, z, mask) == "painted":
+                    count += 1
             added[box_id] = count
         self._say(f"propagated: {sum(added.values())} slice mask(s) added")
         return added

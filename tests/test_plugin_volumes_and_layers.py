@@ -14,6 +14,7 @@ import pytest
 from qtpy.QtCore import Qt
 
 from boxlevelset.data import load_box_folder
+from boxlevelset.propagate import BAND
 from boxlevelset_napari._box_to_mask import BoxToMaskWidget
 from boxlevelset_napari._export import export_label_image
 from boxlevelset_napari._layers import boxes_layer_kwargs, boxes_to_rectangles
@@ -56,6 +57,29 @@ def test_propagate_button_walks_the_slices(volume_widget, qtbot):
     # Clicked, not called: Qt once passed the button's checked=False on as max_slices.
     qtbot.mouseClick(widget.propagate_btn, Qt.LeftButton)
     assert _slices_with(labels, box_id) == [1, 2, 3, 4]
+
+
+def test_propagation_carries_the_hand_corrected_mask(volume_widget):
+    """A user erases the part of the mask they do not want, then propagates: the slices
+    follow the corrected mask, not the one the widget first painted."""
+    viewer, widget = volume_widget
+    viewer.layers["vol"].data[1:5, 10:26, 30:40] = 200  # a neighbour of the same brightness
+    boxes = widget.new_boxes_layer()
+    _add_box(boxes, (12, 10, 40, 26), plane=2)
+    labels = widget.labels_layer(create=False)
+    box_id = int(boxes.features["box_id"][0])
+    assert (labels.data[2, 10:26, 30:40] == box_id).all()  # block and neighbour: one mask
+    ys, xs = np.nonzero(labels.data[2, :, 30:] == box_id)
+    labels.data_setitem((np.full(ys.shape, 2), ys, xs + 30), 0)  # the user erases the neighbour
+    widget.hand_combo.setCurrentText("keep")
+    boxes.selected_data = {0}
+    added = widget.propagate_selected()
+    assert added[box_id] == 3
+    for z, steps in ((1, 1), (3, 1), (4, 2)):
+        mask = labels.data[z] == box_id
+        assert mask[10:26, 12:30].mean() > 0.9, z
+        # An outline moves at most BAND pixels per slice: the neighbour stays out.
+        assert not mask[:, 30 + BAND * steps + 1 :].any(), z
 
 
 def test_propagated_masks_keep_their_class_in_both_exports(volume_widget, tmp_path):
