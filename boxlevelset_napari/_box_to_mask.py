@@ -34,6 +34,7 @@ from qtpy.QtWidgets import (
     QMessageBox,
     QPushButton,
     QSlider,
+    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
@@ -250,6 +251,11 @@ class BoxToMaskWidget(QWidget):
         self.overlap_spin.setRange(0.05, 0.99)
         self.overlap_spin.setSingleStep(0.05)
         self.overlap_spin.setValue(0.5)
+        self.slices_spin = QSpinBox()
+        self.slices_spin.setRange(0, 9999)
+        self.slices_spin.setSpecialValueText("all")  # 0: until the walk stops by itself
+        self.slices_spin.setToolTip("At most this many slices above and below the box's "
+                                    "slice (an organ's ends are where a walk leaks most)")
         self.propagate_btn = QPushButton("Propagate selected box")
         self.propagate_btn.setToolTip("Carry the selected box's mask, with your corrections, "
                                       "to the slices above and below, each slice's mask "
@@ -295,7 +301,8 @@ class BoxToMaskWidget(QWidget):
         layout.addWidget(group)
         group = QGroupBox("Volumes: propagate")
         g = QVBoxLayout(group)
-        g.addLayout(hbox(QLabel("min overlap"), self.overlap_spin))
+        g.addLayout(hbox(QLabel("min overlap"), self.overlap_spin, QLabel("slices"),
+                         self.slices_spin))
         g.addWidget(self.propagate_btn)
         layout.addWidget(group)
         group = QGroupBox("Export")
@@ -913,9 +920,13 @@ class BoxToMaskWidget(QWidget):
         and is held within a few pixels of the previous one); the walk stops when a mask
         is empty, overlaps the previous one (IoU) less than the threshold, or changes mean
         intensity. The masks get the box's label id, so one box gives one 3D object.
-        Returns {box_id: number of slices added}.
+        ``max_slices`` (default: the widget's *slices* box, "all" for no bound) bounds the
+        walk in each direction. Returns {box_id: number of slices added}.
         """
         from boxlevelset.propagate import propagate_mask
+
+        if max_slices is None and self.slices_spin.value() > 0:
+            max_slices = self.slices_spin.value()
 
         image = self._image()
         if self._spatial_ndim(image) != 3:

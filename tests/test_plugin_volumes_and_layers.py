@@ -59,6 +59,19 @@ def test_propagate_button_walks_the_slices(volume_widget, qtbot):
     assert _slices_with(labels, box_id) == [1, 2, 3, 4]
 
 
+def test_propagation_stops_after_the_slices_asked_for(volume_widget, qtbot):
+    _viewer, widget = volume_widget
+    boxes = widget.new_boxes_layer()
+    _add_box(boxes, BOX, plane=2)
+    labels = widget.labels_layer(create=False)
+    box_id = int(boxes.features["box_id"][0])
+    boxes.selected_data = {0}
+    assert widget.slices_spin.text() == "all"
+    widget.slices_spin.setValue(1)
+    qtbot.mouseClick(widget.propagate_btn, Qt.LeftButton)
+    assert _slices_with(labels, box_id) == [1, 2, 3]
+
+
 def test_propagation_carries_the_hand_corrected_mask(volume_widget):
     """A user erases the part of the mask they do not want, then propagates: the slices
     follow the corrected mask, not the one the widget first painted."""
