@@ -74,12 +74,18 @@ def _looks_like_coco(path: Path) -> bool:
 
 
 def read_image_layer(path: str | os.PathLike) -> list[LayerData]:
-    """One image (PNG/JPEG/TIFF/BMP) as an Image layer."""
-    from boxlevelset.data import read_image
+    """One image (PNG/JPEG/TIFF/BMP) as an Image layer; a TIFF stack of planes (a z-stack
+    or time series) as a 3D one, boxed and propagated slice by slice like a CT volume."""
+    from boxlevelset.data import read_image, read_tiff
 
     path = Path(path[0] if isinstance(path, list) else path)
-    image = read_image(path)
-    rgb = image.ndim == 3 and image.shape[2] in (3, 4)
+    if lower_suffix(path) in (".tif", ".tiff"):
+        image, stack = read_tiff(path)
+        if not stack and image.ndim == 3 and image.shape[2] == 1:
+            image = image[..., 0]
+    else:
+        image, stack = read_image(path), False
+    rgb = image.ndim == 3 + stack and image.shape[-1] in (3, 4)
     meta = {META_KEY: {"kind": "image", "file_names": [path.name], "source": str(path)}}
     return [(image, {"name": path.stem, "rgb": rgb, "metadata": meta}, "image")]
 

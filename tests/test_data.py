@@ -269,6 +269,29 @@ def test_tiff_stack_is_not_an_image(tmp_path):
         read_image(tmp_path / "stack.tif")
 
 
+def test_three_grey_pages_are_a_stack_and_planar_rgb_is_an_image(tmp_path):
+    """(3, H, W) is ambiguous by shape alone; the TIFF's own axes decide. Three grey pages
+    had been read as one RGB picture of a z-stack."""
+    from boxlevelset.data import read_tiff
+
+    planes = np.arange(3 * 8 * 10, dtype=np.uint8).reshape(3, 8, 10)
+    tifffile.imwrite(tmp_path / "z.tif", planes, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "rgb.tif", planes, photometric="rgb", planarconfig="separate")
+    tifffile.imwrite(tmp_path / "rgbz.tif", np.zeros((4, 8, 10, 3), np.uint8), photometric="rgb")
+    tifffile.imwrite(tmp_path / "tzyx.tif", np.zeros((2, 3, 8, 10), np.uint8),
+                     photometric="minisblack", metadata={"axes": "TZYX"})
+    image, stack = read_tiff(tmp_path / "z.tif")
+    assert stack and image.shape == (3, 8, 10)
+    with pytest.raises(ImageReadError, match="z.tif.*stack"):
+        read_image(tmp_path / "z.tif")
+    image, stack = read_tiff(tmp_path / "rgb.tif")
+    assert not stack and image.shape == (8, 10, 3)
+    np.testing.assert_array_equal(read_image(tmp_path / "rgb.tif"), np.moveaxis(planes, 0, -1))
+    assert read_tiff(tmp_path / "rgbz.tif")[0].shape == (4, 8, 10, 3)
+    with pytest.raises(ImageReadError, match="tzyx.tif.*one stack"):
+        read_tiff(tmp_path / "tzyx.tif")
+
+
 # ----------------------------------------------------------------------------- volumes
 
 

@@ -244,3 +244,30 @@ def test_ct_sample_has_hu_window_and_boxes():
     assert tuple(image.contrast_limits) == pytest.approx((-160.0, 240.0))
     assert tuple(image.scale) == pytest.approx(tuple(reversed(vol.spacing)))
     assert list(boxes.features["category"]) == ["liver", "spine"]
+
+
+def test_a_tiff_z_stack_opens_as_a_stack_that_boxes_and_propagates(tmp_path,
+                                                                   make_napari_viewer_proxy):
+    """Three grey pages had opened as one RGB picture; five as an error."""
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    stack = rng.integers(0, 40, size=(3, 40, 48)).astype(np.uint8)
+    stack[:, 10:26, 12:30] = 200
+    tifffile.imwrite(tmp_path / "cells.tif", stack, photometric="minisblack")
+    path = str(tmp_path / "cells.tif")
+    (data, kwargs, kind), = napari_get_reader(path)(path)
+    assert kind == "image" and data.shape == (3, 40, 48) and not kwargs["rgb"]
+
+    viewer = make_napari_viewer_proxy()
+    for layer in _layers([(data, kwargs, kind)]):
+        viewer.add_layer(layer)
+    widget = BoxToMaskWidget(viewer)
+    boxes = widget.new_boxes_layer()
+    boxes.add_rectangles([np.array([[1, 10, 12], [1, 10, 30], [1, 26, 30], [1, 26, 12]], float)])
+    labels = widget.labels_layer(create=False)
+    box_id = int(boxes.features["box_id"][0])
+    assert (labels.data[1] == box_id).sum() > 0.9 * 16 * 18 and not labels.data[0].any()
+    boxes.selected_data = {0}
+    assert widget.propagate_selected() == {box_id: 2}
+    assert all((labels.data[z] == box_id).sum() > 0.9 * 16 * 18 for z in (0, 2))

@@ -87,12 +87,21 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def _read_tiff(path: Path) -> np.ndarray:
+def read_tiff(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
+    """A TIFF's pixels and whether they are a stack of planes: (HxW or HxWxC, False) for an
+    image, (ZxHxW or ZxHxWxC, True) for a stack.
+
+    tifffile's axes tell channels from planes: a (3, H, W) file is RGB only when stored as
+    samples of one page (planar RGB, as some microscopes write it); three grey pages are a
+    z-stack. ImageReadError names the file if it cannot be read."""
     import cv2
     import tifffile
 
+    path = Path(path)
     try:
-        image = np.asarray(tifffile.imread(path))
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            image, axes = np.asarray(series.asarray()), series.axes
     except Exception as err:  # tifffile raises many kinds of errors for bad files
         # Without the optional imagecodecs package tifffile cannot decompress LZW/JPEG
         # TIFFs (OpenCV's default); OpenCV's own libtiff can, so try it before giving up.
@@ -103,13 +112,23 @@ def _read_tiff(path: Path) -> np.ndarray:
             image = image[..., ::-1]
         elif image.ndim == 3 and image.shape[2] == 4:
             image = image[..., [2, 1, 0, 3]]
-    # Planar RGB (C, H, W) stored by some microscopes: move channels last.
-    if image.ndim == 3 and image.shape[0] in (3, 4) and image.shape[2] not in (3, 4):
-        image = np.moveaxis(image, 0, -1)
-    if image.ndim > 3 or (image.ndim == 3 and image.shape[2] > 4):
+        return image, False
+    if "S" in axes and axes.index("S") != len(axes) - 1:  # planar samples: channels last
+        image = np.moveaxis(image, axes.index("S"), -1)
+        axes = axes.replace("S", "") + "S"
+    planes = image.ndim - ("S" in axes)
+    if planes > 3:
+        raise ImageReadError(f"{path}: TIFF holds an array of shape {image.shape} (axes "
+                             f"{axes}); expected an image or one stack of planes")
+    return image, planes == 3
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    image, stack = read_tiff(path)
+    if stack:
         raise ImageReadError(
             f"{path}: TIFF holds a stack of shape {image.shape}, not a 2D image; "
-            "save single planes or load it as a volume"
+            "save single planes or open it in napari as a stack"
         )
     return image
 
