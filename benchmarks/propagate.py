@@ -27,12 +27,12 @@ from boxlevelset import segment_boxes
 from boxlevelset.data import load_box_folder
 from boxlevelset.evaluate import mask_iou
 from boxlevelset.image import as_float_image
-from boxlevelset.propagate import (
-    INTENSITY_TOLERANCE, MIN_OVERLAP, bounding_box, propagate_mask,
-)
+from boxlevelset.propagate import MIN_OVERLAP, bounding_box, propagate_mask
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WINDOW = "abdomen"
+# The previous walk's stop: mean windowed intensity this far from the start slice's.
+PREVIOUS_TOLERANCE = 0.15
 # IRCAD slice 90: boxes drawn by eye around the liver and the vertebra (x0, y0, x1, y1).
 IRCAD_BOXES = {"liver": (50, 95, 335, 392), "vertebra": (236, 280, 305, 416)}
 
@@ -50,7 +50,7 @@ def previous_walk(volume: np.ndarray, plane: int, mask: np.ndarray
         while 0 <= z < volume.shape[0]:
             new = segment_boxes(volume[z], bounding_box(prev, 2)[None], window=WINDOW)[0]
             if (not new.any() or mask_iou(new, prev) < MIN_OVERLAP
-                    or abs(mean(z, new) - level) > INTENSITY_TOLERANCE):
+                    or abs(mean(z, new) - level) > PREVIOUS_TOLERANCE):
                 break
             yield z, new
             prev, z = new, z + step

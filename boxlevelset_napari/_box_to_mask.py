@@ -498,8 +498,9 @@ class BoxToMaskWidget(QWidget):
             return
         data = np.asarray(labels.data)
         for box_id, plane, box, _cat in self._boxes():
-            if box_id in self._written:
-                continue
+            if box_id in self._written or (plane is not None and data.ndim == 3
+                                           and not 0 <= plane < data.shape[0]):
+                continue  # a box on a slice the volume lacks has no pixels to adopt
             view = data[plane] if plane is not None else data
             owned = view == box_id
             if owned.any():
@@ -666,15 +667,18 @@ class BoxToMaskWidget(QWidget):
             self._predictor, self._predictor_key = predictor, key
         return self._predictor
 
-    def masks_for(self, plane: int | None, boxes: np.ndarray) -> list[np.ndarray]:
-        """Masks for (x0, y0, x1, y1) boxes on one plane of the current image."""
+    def masks_for(self, plane: int | None, boxes: np.ndarray,
+                  loose: bool | None = None) -> list[np.ndarray]:
+        """Masks for (x0, y0, x1, y1) boxes on one plane of the current image; ``loose``
+        overrides the *Loose boxes* tick (propagated boxes are loose)."""
         image = self._image()
         from boxlevelset import segment_boxes
         from boxlevelset.levelset import LOOSE_BOXES
 
         method = self.method_combo.currentText()
         plane_image = self._plane_image(image, plane)
-        options = dict(LOOSE_BOXES) if self.loose_check.isChecked() else {}
+        loose = self.loose_check.isChecked() if loose is None else loose
+        options = dict(LOOSE_BOXES) if loose else {}
         if method in (METHOD_MODEL, METHOD_MODEL_REFINED):
             if self.model is None:
                 raise ValueError(f"method is '{method}' but no model is loaded")
@@ -819,9 +823,12 @@ class BoxToMaskWidget(QWidget):
         if not replace:
             return
         for plane in written:
-            view = self._plane_view(labels, plane)
-            changed = view == box_id
-            self._set_pixels(labels, plane, changed, np.zeros(int(changed.sum()), view.dtype))
+            self._erase(labels, box_id, plane)
+
+    def _erase(self, labels: Any, box_id: int, plane: int | None) -> None:
+        view = self._plane_view(labels, plane)
+        changed = view == box_id
+        self._set_pixels(labels, plane, changed, np.zeros(int(changed.sum()), view.dtype))
 
     # ------------------------------------------------------------- model
     def _browse_model(self) -> None:
@@ -916,18 +923,28 @@ class BoxToMaskWidget(QWidget):
         """Propagate each selected box through neighbouring slices of a 3D image.
 
         The box's mask as the labels show it (hand corrections included) is carried slice
-        by slice (``boxlevelset.propagate``: each slice's mask gives the next slice's box
-        and is held within a few pixels of the previous one); the walk stops when a mask
-        is empty, overlaps the previous one (IoU) less than the threshold, or changes mean
-        intensity. The masks get the box's label id, so one box gives one 3D object.
-        ``max_slices`` (default: the widget's *slices* box, "all" for no bound) bounds the
-        walk in each direction. Returns {box_id: number of slices added}.
+        by slice (``boxlevelset.propagate``: each slice's mask gives the next slice's box,
+        started from the previous mask and held within a few pixels of it); a slice whose
+        hand-edited mask the user keeps steers the walk from there on. The walk stops when
+        a mask is empty, overlaps the previous one (IoU) less than the threshold, or
+        changes mean intensity. The masks get the box's label id, so one box gives one 3D
+        object; the box's masks from an earlier, longer walk are cleared, and one undo
+        takes a box's whole walk back. ``max_slices`` (default: the widget's *slices* box,
+        "all" for no bound) bounds the walk in each direction. Returns {box_id: number of
+        slices painted} for each selected box with a mask to carry.
         """
+        try:
+            return self._propagate(max_slices)
+        except Exception as err:  # shown in the viewer, not only in the terminal
+            show_error(f"boxlevelset: {err}")
+            self._say(f"error: {err}")
+            raise
+
+    def _propagate(self, max_slices: int | None) -> dict[int, int]:
         from boxlevelset.propagate import propagate_mask
 
         if max_slices is None and self.slices_spin.value() > 0:
             max_slices = self.slices_spin.value()
-
         image = self._image()
         if self._spatial_ndim(image) != 3:
             raise ValueError("propagation needs a 3D image (a volume or a stack)")
@@ -939,27 +956,72 @@ class BoxToMaskWidget(QWidget):
         self.sync(segment=True)
         segment = None
         if self.method_combo.currentText() in (METHOD_MODEL, METHOD_MODEL_REFINED):
-            def segment(z: int, box: np.ndarray) -> np.ndarray:
-                return self.masks_for(z, box[None])[0]
+            def segment(z: int, box: np.ndarray, previous: np.ndarray) -> np.ndarray:
+                return self.masks_for(z, box[None], loose=True)[0]
         labels = self.labels_layer(create=True)
+        depth = image.data.shape[0]
         added: dict[int, int] = {}
+        outcome = {"painted": 0, "covered": 0, "kept": 0, "cleared": 0}
+        problems = []
         for row in sorted(layer.selected_data):
             box_id = int(ids[row])
-            _, plane, _box, _cat = boxes[box_id]
+            plane = boxes[box_id][1]
+            if plane is None or not 0 <= plane < depth:
+                problems.append(f"box {box_id} lies on a slice the volume lacks")
+                continue
             # The mask as the labels show it now: a hand correction is what gets carried.
             start = np.asarray(self._plane_view(labels, plane)) == box_id
             if not start.any():
+                problems.append(f"box {box_id} has no mask on its slice to carry")
                 continue
-            count = 0
-            for z, mask in propagate_mask(
-                    image.data, plane, start, window=self._window(image),
-                    min_overlap=float(self.overlap_spin.value()), max_slices=max_slices,
-                    segment=segment):
-                if self._paint(box_id, z, mask) == "painted":
-                    count += 1
+            walk = propagate_mask(
+                image.data, plane, start, window=self._window(image),
+                min_overlap=float(self.overlap_spin.value()), max_slices=max_slices,
+                segment=segment)
+            reached, count = {plane}, 0
+            with labels.block_history():  # one undo takes the whole walk back
+                step = next(walk, None)
+                while step is not None:
+                    z, mask = step
+                    result = self._paint(box_id, z, mask)
+                    reached.add(z)
+                    count += result == "painted"
+                    outcome[result if result in outcome else "covered"] += 1
+                    kept = (np.asarray(self._plane_view(labels, z)) == box_id
+                            if result == "kept" else None)
+                    try:
+                        step = walk.send(kept)
+                    except StopIteration:
+                        step = None
+                outcome["cleared"] += self._clear_planes(
+                    box_id, [p for p in self._written.get(box_id, {}) if p not in reached])
             added[box_id] = count
-        self._say(f"propagated: {sum(added.values())} slice mask(s) added")
+        msg = f"propagated: {sum(added.values())} slice mask(s) added"
+        if outcome["covered"]:
+            msg += (f"; {outcome['covered']} slice(s) where existing labels cover the mask "
+                    "(tick 'Overwrite labels')")
+        if outcome["kept"]:
+            msg += f"; {outcome['kept']} hand-edited slice(s) kept and carried on from"
+        if outcome["cleared"]:
+            msg += f"; {outcome['cleared']} slice(s) of an earlier, longer walk cleared"
+        if problems:
+            msg += "; " + "; ".join(problems)
+            show_warning("boxlevelset: " + "; ".join(problems))
+        self._say(msg)
         return added
+
+    def _clear_planes(self, box_id: int, planes: list) -> int:
+        """Erase box ``box_id``'s masks on ``planes`` (those the hand-edit policy lets go);
+        returns how many were cleared."""
+        labels = self.labels_combo.layer()
+        cleared = 0
+        for plane in planes:
+            if labels is None or not self._may_replace(box_id, [plane]):
+                continue
+            self._erase(labels, box_id, plane)
+            self._written[box_id].pop(plane, None)
+            cleared += 1
+        return cleared
 
     # ------------------------------------------------------------ export
     def _export_dialog(self, kind: str) -> None:

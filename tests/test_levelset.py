@@ -464,3 +464,27 @@ def test_segment_boxes_bad_input():
         boxlevelset.segment_boxes(bad, [[0, 0, 9, 9]])
     with pytest.raises(ValueError, match="unknown window"):
         boxlevelset.segment_boxes(img, [[0, 0, 9, 9]], window="brain")
+
+
+def test_init_masks_start_the_level_set_from_a_given_mask():
+    """The evolution starts from the given mask (with no steps it returns it), and the cut
+    from its region models: a 4x4 object in a loose 10x10 box, which the cut from the
+    inscribed ellipse misses, is found exactly from a mask near it (the neighbouring
+    slice's, when propagating)."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 30, (40, 48)).astype(np.uint8)
+    image[10:14, 12:16] = 200
+    truth = np.zeros((40, 48), bool)
+    truth[10:14, 12:16] = True
+    box = np.array([[9.0, 7.0, 19.0, 17.0]])
+    near = np.zeros_like(truth)
+    near[9:15, 11:17] = True
+    start = L.segment_boxes(image, box, init_masks=[near], solver="evolve", iterations=0)[0]
+    assert np.array_equal(start, near)
+    options = dict(L.LOOSE_BOXES, solver="cut")
+    assert _iou(L.segment_boxes(image, box, **options)[0], truth) < 0.5
+    assert np.array_equal(L.segment_boxes(image, box, init_masks=[near], **options)[0], truth)
+    with pytest.raises(ValueError, match="1 masks for 2 boxes"):
+        L.segment_boxes(image, np.concatenate([box, box]), init_masks=[near])
+    with pytest.raises(ValueError, match="does not cover box"):
+        L.segment_boxes(image, box, init_masks=[near[:12]])

@@ -95,6 +95,63 @@ def test_propagation_carries_the_hand_corrected_mask(volume_widget):
         assert not mask[:, 30 + BAND * steps + 1 :].any(), z
 
 
+def _walk_setup(volume_widget, box=BOX, plane=2):
+    viewer, widget = volume_widget
+    boxes = widget.new_boxes_layer()
+    _add_box(boxes, box, plane=plane)
+    boxes.selected_data = {0}
+    return widget, boxes, widget.labels_layer(create=False), int(boxes.features["box_id"][0])
+
+
+def test_a_shorter_walk_clears_what_a_longer_one_left_and_one_undo_takes_it_back(
+        volume_widget):
+    widget, _boxes, labels, box_id = _walk_setup(volume_widget)
+    widget.propagate_selected()
+    assert _slices_with(labels, box_id) == [1, 2, 3, 4]
+    widget.slices_spin.setValue(1)
+    widget.propagate_selected()
+    assert _slices_with(labels, box_id) == [1, 2, 3]  # slice 4 was left behind before
+    assert "1 slice(s) of an earlier, longer walk cleared" in widget.status.text()
+    labels.undo()  # the whole second walk, not its last slice
+    assert _slices_with(labels, box_id) == [1, 2, 3, 4]
+
+
+def test_a_kept_hand_edit_steers_the_rest_of_the_walk(volume_widget):
+    viewer, widget = volume_widget
+    viewer.layers["vol"].data[1:5, 10:26, 30:40] = 200  # a neighbour of the same brightness
+    widget, _boxes, labels, box_id = _walk_setup(volume_widget, box=(12, 10, 40, 26))
+    widget.hand_combo.setCurrentText("keep")
+    widget.slices_spin.setValue(1)
+    widget.propagate_selected()  # block and neighbour on slices 1-3
+    assert (labels.data[3, 10:26, 30:40] == box_id).all()
+    ys, xs = np.nonzero(labels.data[3, :, 30:] == box_id)
+    labels.data_setitem((np.full(ys.shape, 3), ys, xs + 30), 0)  # the user trims slice 3
+    widget.slices_spin.setValue(0)
+    widget.propagate_selected()
+    assert not (labels.data[3, :, 30:] == box_id).any()  # kept
+    # Slice 4 is carried from the trimmed slice 3: its outline moves at most BAND px.
+    assert not (labels.data[4, :, 30 + BAND + 1 :] == box_id).any()
+    assert "1 hand-edited slice(s) kept and carried on from" in widget.status.text()
+
+
+def test_covered_slices_are_reported(volume_widget):
+    widget, _boxes, labels, box_id = _walk_setup(volume_widget)
+    ys, xs = np.nonzero(np.ones((40, 48), bool))
+    labels.data_setitem((np.full(ys.shape, 3), ys, xs), 50)  # another label fills slice 3
+    widget.propagate_selected()
+    assert "1 slice(s) where existing labels cover the mask" in widget.status.text()
+    assert _slices_with(labels, box_id) == [1, 2, 4]
+
+
+def test_boxes_without_a_mask_to_carry_are_named(volume_widget):
+    widget, boxes, labels, box_id = _walk_setup(volume_widget)
+    ys, xs = np.nonzero(labels.data[2] == box_id)
+    labels.data_setitem((np.full(ys.shape, 2), ys, xs), 0)  # the user erased the mask
+    widget.hand_combo.setCurrentText("keep")
+    assert widget.propagate_selected() == {}
+    assert f"box {box_id} has no mask on its slice to carry" in widget.status.text()
+
+
 def test_propagated_masks_keep_their_class_in_both_exports(volume_widget, tmp_path):
     _viewer, widget = volume_widget
     widget.class_combo.addItem("liver")
@@ -161,7 +218,12 @@ def test_box_on_a_slice_the_volume_lacks_is_skipped(volume_widget):
         assert "box(es) outside the image" in widget.status.text()
     labels = widget.labels_layer(create=False)
     assert labels is None or not labels.data.any()
-
+    # Selected and propagated, or their masks layer switched: a named skip, no IndexError.
+    boxes.selected_data = {0, 1}
+    assert widget.propagate_selected() == {}
+    assert "lies on a slice the volume lacks" in widget.status.text()
+    other = widget.viewer.add_labels(np.zeros((6, 40, 48), np.int32), name="other masks")
+    widget.labels_combo.select(other)
 
 def test_uint8_labels_layer_widens_instead_of_wrapping(make_napari_viewer_proxy):
     viewer = make_napari_viewer_proxy()

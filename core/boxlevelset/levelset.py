@@ -15,6 +15,7 @@ pixel left raises ValueError; an empty set of boxes gives empty results.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -523,9 +524,11 @@ CUT_ROUNDS = 5
 def _cut(
     crops: list[np.ndarray], hist: tuple[np.ndarray, np.ndarray, float] | None, edge: float,
     gamma: float = CUT_GAMMA, border: float = CUT_BORDER, rounds: int = CUT_ROUNDS,
+    start: list[np.ndarray] | None = None,
 ) -> list[np.ndarray]:
     """Binary masks per crop from alternating region-model estimation and exact graph cuts
-    of the linearised energy (``boxlevelset._cut``), from the inscribed ellipse."""
+    of the linearised energy (``boxlevelset._cut``), from ``start`` (a mask per crop) or the
+    inscribed ellipse."""
     from boxlevelset import _cut as C
 
     sizes = [c.shape[0] * c.shape[1] for c in crops]
@@ -541,7 +544,8 @@ def _cut(
     w, h = pix.widths.numpy()[inst], pix.heights.numpy()[inst]
     sides = (x == 0).astype(float) + (x == w - 1) + (y == 0) + (y == h - 1)
     on_edge = np.split(sides, starts[1:-1])  # box sides each pixel lies on
-    masks = np.split(_initial_phi(pix) > 0, starts[1:-1])
+    masks = (np.split(_initial_phi(pix) > 0, starts[1:-1]) if start is None
+             else [m.ravel().astype(bool) for m in start])
     for _ in range(rounds):
         unary = [C.region_derivative(f, b, r, weight, u) + lam * border * e
                  for f, b, r, u, lam, e in zip(feats, bins, ring, masks, pair, on_edge)]
@@ -573,6 +577,7 @@ def segment_boxes(
     polish: int = 10,
     fill_holes: bool = True,
     largest_component: bool = True,
+    init_masks: Sequence[np.ndarray] | None = None,
 ) -> list[np.ndarray]:
     """One instance mask per box.
 
@@ -620,6 +625,10 @@ def segment_boxes(
         fill_holes, largest_component: clean-up of each mask inside its box (holes filled;
             the largest connected piece kept with any piece of at least ``MIN_PIECE`` of
             its area, smaller ones dropped).
+        init_masks: without a model, an HxW mask per box to start from instead of the
+            inscribed ellipse (the evolution's level set, or the cut's first region models):
+            e.g. the object's mask on the neighbouring slice when propagating through a
+            volume (``boxlevelset.propagate``).
 
     Returns:
         N boolean HxW masks, each zero outside its box. An empty box list gives [].
@@ -666,12 +675,16 @@ def segment_boxes(
                 prob = cv2.resize(prob, crop.shape[1::-1], interpolation=cv2.INTER_AREA)
             prob = np.clip(prob.astype(np.float64), 0.02, 0.98)
             init.append(np.log(prob / (1 - prob)))
+    elif init_masks is not None:
+        init = [np.where(u, INIT_LEVEL, -INIT_LEVEL)
+                for u in _crop_masks(init_masks, bounds, crops)]
     hist = None
     if histogram > 0:
         bins, ring_counts = _histograms(crops, rings)
         hist = (bins, ring_counts, float(histogram))
     if predictor is None and solver == "cut":
-        init = [np.where(u, 2.0, -2.0) for u in _cut(crops, hist, edge)]
+        start = None if init is None else [phi > 0 for phi in init]
+        init = [np.where(u, 2.0, -2.0) for u in _cut(crops, hist, edge, start=start)]
         iterations = polish
     phis = _evolve(crops, iterations, step_size, gamma, alpha, init, hist, edge)
 
@@ -685,6 +698,27 @@ def segment_boxes(
         mask[y0:y1, x0:x1] = inside
         masks.append(mask)
     return masks
+
+
+INIT_LEVEL = 1.0
+
+
+def _crop_masks(masks: Sequence[np.ndarray], bounds: np.ndarray,
+                crops: list[np.ndarray]) -> list[np.ndarray]:
+    """Each box's part of its HxW mask, at its crop's resolution (bool)."""
+    masks = list(masks)
+    if len(masks) != len(bounds):
+        raise ValueError(f"init_masks: {len(masks)} masks for {len(bounds)} boxes")
+    out = []
+    for mask, (x0, y0, x1, y1), crop in zip(masks, bounds, crops):
+        part = np.asarray(mask, dtype=np.float32)[y0:y1, x0:x1]
+        if part.shape != (y1 - y0, x1 - x0):
+            raise ValueError(f"init_masks: a mask of shape {np.shape(mask)} does not cover "
+                             f"box ({x0}, {y0}, {x1}, {y1})")
+        if part.shape != crop.shape[:2]:
+            part = cv2.resize(part, crop.shape[1::-1], interpolation=cv2.INTER_AREA)
+        out.append(part > 0.5)
+    return out
 
 
 def _fill_outside_boxes(img: np.ndarray, bounds: np.ndarray) -> np.ndarray:

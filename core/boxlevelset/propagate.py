@@ -5,19 +5,22 @@ box a mask gives is not a box the user drew: it is not tight on the next slice's
 so the energy that assumes tight boxes (box projection, background ring) would fill it
 out to its edges, and each slice's leak would widen the next box until the masks become
 rectangles (seen on the IRCAD volume: a liver box ran into bowel, stomach and muscle).
-Here each slice is segmented with ``LOOSE_BOXES`` and its mask is held within ``band``
-pixels of the previous slice's mask, so an outline moves at most that far per slice.
+Here each slice is segmented with ``LOOSE_BOXES``, started from the previous slice's mask
+(from the inscribed ellipse, objects under ten pixels across were lost), and its mask is
+held within ``band`` pixels of the previous one, so an outline moves at most that far per
+slice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import operator
+from collections.abc import Callable, Generator
 
 import numpy as np
 from scipy import ndimage
 
 from boxlevelset.evaluate import mask_iou
-from boxlevelset.image import Window, as_float_image
+from boxlevelset.image import Window, apply_window
 
 # How far (pixels) an outline may move from one slice to the next. Three pixels let a
 # liver follow its own outline through the IRCAD volume (0.57 mm pixels, 1.6 mm slices)
@@ -25,12 +28,13 @@ from boxlevelset.image import Window, as_float_image
 # benchmarks/propagate.py measures it on ct3slice-dev.
 BAND = 3
 # The walk stops where a slice's mask overlaps the previous one less than this (IoU), or
-# where its mean intensity strays this far from the start slice's (windowed CT in [0, 1];
-# other images as a share of the start slice's value range).
+# where its mean intensity moves from the start mask's by more than this share of the start
+# slice's contrast between the object and a ring just outside it: a measure that holds for
+# HU, windowed or not, and for any image's range.
 MIN_OVERLAP = 0.5
-INTENSITY_TOLERANCE = 0.15
+INTENSITY_TOLERANCE = 0.5
 
-Segmenter = Callable[[int, np.ndarray], np.ndarray]
+Segmenter = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
 
 
 def _disk(radius: int) -> np.ndarray:
@@ -70,15 +74,20 @@ def propagate_mask(
     intensity_tolerance: float = INTENSITY_TOLERANCE,
     max_slices: int | None = None,
     segment: Segmenter | None = None,
-) -> Iterator[tuple[int, np.ndarray]]:
+) -> Generator[tuple[int, np.ndarray], np.ndarray | None, None]:
     """Carry ``mask`` (the object on slice ``plane``) to the slices above, then below.
 
     Yields (slice index, HxW bool mask) for each slice reached: upwards (plane + 1, + 2, ...)
-    until a stop, then downwards from plane - 1. A direction stops at the volume's end,
-    after ``max_slices`` slices, or at the first slice whose mask is empty, overlaps the
-    previous slice's mask less than ``min_overlap`` (IoU), or whose mean intensity strays
-    more than ``intensity_tolerance`` from the start slice's (a jump into another
-    structure).
+    until a stop, then downwards from plane - 1. Each slice is segmented in the previous
+    mask's bounding box grown by ``band``, starting from the previous mask, and the result
+    is held within ``band`` pixels of it. A direction stops at the volume's end, after
+    ``max_slices`` slices, or at the first slice whose mask is empty, overlaps the previous
+    slice's mask less than ``min_overlap`` (IoU), or whose mean intensity moves from the
+    start mask's by more than ``intensity_tolerance`` x the start slice's contrast between
+    the object and a ring just outside it (a jump into another structure).
+
+    A caller that keeps another mask for a yielded slice (a hand correction) sends it:
+    ``walk.send(mask)`` carries on from that mask instead, and returns the next slice.
 
     Args:
         volume: ZxHxW (or ZxHxWxC) array, or a lazy one (dask, napari layer data): only
@@ -87,42 +96,69 @@ def propagate_mask(
         mask: HxW boolean mask of the object on that slice.
         window: CT (level, width) or preset name, as in ``segment_boxes``.
         band: pixels an outline may move from one slice to the next.
-        segment: (slice index, box [4]) -> HxW mask; default: ``segment_boxes`` on that
-            slice with ``LOOSE_BOXES`` (the plugin passes its model here).
+        segment: (slice index, box [4], previous slice's mask) -> HxW mask; default:
+            ``segment_boxes`` on that slice with ``LOOSE_BOXES``, started from the previous
+            mask (a model can be plugged in here).
+
+    Raises:
+        ValueError: an empty mask, a mask or slice that does not fit the volume, a negative
+            band, a segmenter's mask of the wrong shape, or (naming the slice) NaN/inf
+            pixels in a box the walk reaches.
     """
     from boxlevelset.levelset import LOOSE_BOXES, segment_boxes
 
     volume = volume if hasattr(volume, "shape") else np.asarray(volume)  # dask stays lazy
     start = np.asarray(mask, dtype=bool)
-    if volume.ndim not in (3, 4) or volume.shape[1:3] != start.shape:
+    plane, band = operator.index(plane), operator.index(band)
+    if volume.ndim not in (3, 4) or tuple(volume.shape[1:3]) != start.shape:
         raise ValueError(f"volume of shape {volume.shape} does not hold masks of shape "
                          f"{start.shape} (expected ZxHxW or ZxHxWxC)")
     if not 0 <= plane < volume.shape[0]:
         raise ValueError(f"slice {plane} is outside the volume's {volume.shape[0]} slices")
+    if band < 0:
+        raise ValueError(f"band must be >= 0 pixels, got {band}")
     if not start.any():
         raise ValueError("the mask to propagate is empty")
-    if segment is None:
-        def segment(z: int, box: np.ndarray) -> np.ndarray:
-            return segment_boxes(np.asarray(volume[z]), box[None], window=window,
-                                 **LOOSE_BOXES)[0]
 
-    # Intensities on one scale for the whole walk: windowed CT, else the raw values over the
-    # start slice's range (as_float_image alone would stretch each slice to its own range).
-    first = np.asarray(volume[plane], dtype=np.float64)
-    low, span = np.nanmin(first), max(float(np.nanmax(first) - np.nanmin(first)), 1e-12)
-
-    def mean_intensity(z: int, m: np.ndarray) -> float:
+    def intensity(pixels: np.ndarray, where: np.ndarray) -> float:
+        """Mean over ``where`` (channels averaged), windowed for CT; NaN pixels left out."""
+        values = np.asarray(pixels[where], dtype=np.float64)
         if window is not None:
-            return float(as_float_image(np.asarray(volume[z]), window)[m].mean())
-        return float((np.asarray(volume[z], dtype=np.float64)[m].mean() - low) / span)
+            values = apply_window(values, window)
+        return float(np.nanmean(values)) if np.isfinite(values).any() else np.nan
 
-    level = mean_intensity(plane, start)
+    first = np.asarray(volume[plane])
+    level = intensity(first, start)
+    ring = ndimage.binary_dilation(start, _disk(band + 2)) & ~ndimage.binary_dilation(start)
+    if not np.isfinite(level):
+        raise ValueError(f"slice {plane}: the mask to propagate covers no finite pixels")
+    # A mask filling its slice has no ring: its own slice's spread stands in for contrast.
+    outside = intensity(first, ring) if ring.any() else np.nan
+    contrast = abs(level - outside) if np.isfinite(outside) else float(np.nanstd(first))
+    tolerance = intensity_tolerance * contrast
+
     for step in (1, -1):
         previous, z = start, plane + step
         while 0 <= z < volume.shape[0] and (max_slices is None or abs(z - plane) <= max_slices):
-            new = within_band(segment(z, bounding_box(previous, band)), previous, band)
+            pixels = np.asarray(volume[z])
+            box = bounding_box(previous, band)
+            try:
+                if segment is None:
+                    found = segment_boxes(pixels, box[None], window=window,
+                                          init_masks=[previous], **LOOSE_BOXES)[0]
+                else:
+                    found = np.asarray(segment(z, box, previous))
+            except ValueError as err:
+                raise ValueError(f"propagating to slice {z}: {err}") from err
+            if found.shape != start.shape:
+                raise ValueError(f"slice {z}: the segmenter gave a mask of shape "
+                                 f"{found.shape}, not {start.shape}")
+            new = within_band(found.astype(bool), previous, band)
             if (not new.any() or mask_iou(new, previous) < min_overlap
-                    or abs(mean_intensity(z, new) - level) > intensity_tolerance):
+                    or not abs(intensity(pixels, new) - level) <= tolerance):
                 break
-            yield z, new
-            previous, z = new, z + step
+            kept = yield z, new
+            previous = new if kept is None else np.asarray(kept, dtype=bool)
+            if not previous.any():  # the caller emptied this slice: nothing to carry on
+                break
+            z += step
