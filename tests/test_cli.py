@@ -205,3 +205,61 @@ def test_outputs_of_images_with_the_same_stem_do_not_overwrite(tmp_path):
         "x.png", "x_bmp.png"]
     assert sorted(p.name for p in (tmp_path / "o" / "overlays").iterdir()) == [
         "x.png", "x_bmp.png"]
+
+
+def _disc_image(path) -> None:
+    yy, xx = np.mgrid[:40, :48]
+    io.imsave(path, np.where((yy - 20) ** 2 + (xx - 24) ** 2 < 100, 200, 20).astype(np.uint8),
+              check_contrast=False)
+
+
+def test_an_unreadable_file_in_a_list_is_skipped_and_the_rest_segmented(tmp_path, capsys):
+    _disc_image(tmp_path / "good.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    with pytest.warns(UserWarning, match="skipping unreadable image: .*broken.png"):
+        assert main(["segment", str(tmp_path / "good.png"), str(tmp_path / "broken.png"),
+                     "--boxes", "[[12, 8, 36, 32]]", "-o", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "masks.json").read_text())
+    assert [im["file_name"] for im in result["images"]] == ["good.png"]
+    assert "1 images, 1 masks" in capsys.readouterr().out
+
+
+def test_boxes_json_categories_and_boxes_outside_the_image(tmp_path):
+    _disc_image(tmp_path / "a.png")
+    boxes = {"boxes_xyxy": [[12, 8, 36, 32], [60, 60, 80, 80], [0, 0, 10, 10]],
+             "categories": ["cell", "debris", "debris"]}
+    with pytest.warns(UserWarning, match="a.png: dropped 1 box.*outside the 48x40 image"):
+        assert main(["segment", str(tmp_path / "a.png"), "--boxes", json.dumps(boxes),
+                     "-o", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "masks.json").read_text())
+    assert result["categories"] == [{"id": 1, "name": "cell"}, {"id": 2, "name": "debris"}]
+    assert [a["category_id"] for a in result["annotations"]] == [1, 2]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["{tmp}/a.png", "--boxes", '{"b.png": [[1, 1, 9, 9]]}'], "b.png, which no input image"),
+    (["{tmp}", "--boxes", "[[1, 1, 9, 9]]"], "--boxes is for image files"),
+    (["{tmp}/plain"], "no boxes to segment"),
+    (["--sample", "{tmp}/a.png"], "either --sample or images"),
+    (["--sample", "--refine", "5"], "give --model too"),
+    (["{tmp}/a.png", "--boxes", "[[1, 1, 9, 9]]", "-o", "{tmp}/a.png"], "a.png"),
+    (["{tmp}/a.png", "--boxes", '{"boxes_xyxy": [[1, 1, 9, 9]], "categories": []}'],
+     "a name for each of the 1 boxes"),
+])
+def test_segment_input_mistakes_are_clear_errors(tmp_path, capsys, argv, message):
+    _disc_image(tmp_path / "a.png")
+    (tmp_path / "plain").mkdir()
+    _disc_image(tmp_path / "plain" / "c.png")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(["segment", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_window_as_level_width_and_negative_counts(tmp_path, capsys):
+    from boxlevelset.image import resolve_window
+
+    assert resolve_window("40,400") == (40.0, 400.0)
+    with pytest.raises(SystemExit):
+        main(["segment", "--sample", "--iterations", "-5"])
+    assert "must be >= 0" in capsys.readouterr().err

@@ -488,3 +488,8 @@ def test_init_masks_start_the_level_set_from_a_given_mask():
         L.segment_boxes(image, np.concatenate([box, box]), init_masks=[near])
     with pytest.raises(ValueError, match="does not cover box"):
         L.segment_boxes(image, box, init_masks=[near[:12]])
+
+
+def test_public_api_is_listed_by_dir():
+    """The API is imported lazily; dir() and tab completion still show it."""
+    assert {"segment_boxes", "propagate_mask", "load_model", "train"} <= set(dir(boxlevelset))

@@ -34,3 +34,7 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'boxlevelset' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:  # the lazy API shows in dir() and tab completion
+    return sorted(set(globals()) | set(_LAZY))

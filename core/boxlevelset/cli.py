@@ -15,8 +15,10 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,10 +27,14 @@ from boxlevelset.image import as_boxes
 SAMPLES = Path(__file__).parent / "samples"
 
 
-def _boxes_from_json(path: Path | str) -> dict[str, np.ndarray] | np.ndarray:
+def _boxes_from_json(
+    path: Path | str,
+) -> tuple[dict[str, np.ndarray] | np.ndarray, list[str] | None]:
     """Boxes from a JSON file, or from JSON text given in its place (text that starts with
     '[' or '{' and is not a file): a list of [x0, y0, x1, y1] (same boxes for every
-    image), or {"boxes_xyxy": [...]}, or {image file name: [[x0, y0, x1, y1], ...], ...}."""
+    image), or {"boxes_xyxy": [...], "categories": [a name per box]} (categories
+    optional), or {image file name: [[x0, y0, x1, y1], ...], ...}. Returns the boxes and
+    the category names (None when not given)."""
     text = str(path)
     inline = text.lstrip()[:1] in ("[", "{") and not Path(text).is_file()
     try:
@@ -36,41 +42,82 @@ def _boxes_from_json(path: Path | str) -> dict[str, np.ndarray] | np.ndarray:
     except (OSError, json.JSONDecodeError) as exc:
         what = "boxes given as JSON text" if inline else "cannot read boxes JSON"
         raise ValueError(f"{text}: {what} ({exc})") from None
+    names = None
     if isinstance(data, dict) and "boxes_xyxy" in data:
+        names = data.get("categories")
         data = data["boxes_xyxy"]
     try:
         if isinstance(data, dict):
-            return {Path(k).name: as_boxes(v) for k, v in data.items()}
-        return as_boxes(data)
+            return {Path(k).name: as_boxes(v) for k, v in data.items()}, None
+        boxes = as_boxes(data)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
+    if names is not None and (not isinstance(names, list) or len(names) != len(boxes)
+                              or not all(isinstance(n, str) and n for n in names)):
+        raise ValueError(f"{path}: 'categories' must list a name for each of the "
+                         f"{len(boxes)} boxes")
+    return boxes, names
 
 
 def _folder_for(args: argparse.Namespace):
     """A BoxFolder holding the images to segment and their boxes."""
-    from boxlevelset.data import BoxFolder, Record, load_box_folder, read_image
+    from boxlevelset.data import BoxFolder, ImageReadError, Record, load_box_folder, read_image
 
     if args.sample:
+        if args.inputs or args.boxes is not None:
+            raise ValueError("--sample runs on the shipped image and boxes; give either "
+                             "--sample or images with --boxes")
         args.inputs = [SAMPLES / "nuclei.png"]
         args.boxes = SAMPLES / "nuclei_boxes.json"
     if not args.inputs:
         raise ValueError("give images, a box-labeled folder, or --sample")
-    if len(args.inputs) == 1 and Path(args.inputs[0]).is_dir() and args.boxes is None:
-        return load_box_folder(args.inputs[0], window=args.window or "abdomen")
+    if any(Path(p).is_dir() for p in args.inputs):
+        if len(args.inputs) > 1 or args.boxes is not None:
+            raise ValueError("a folder is segmented alone, with the boxes of its annotations "
+                             "(annotations.json or Annotations/); --boxes is for image files")
+        folder = load_box_folder(args.inputs[0], window=args.window or "abdomen")
+        if not any(len(r.boxes) for r in folder.records):
+            raise ValueError(f"{args.inputs[0]}: no boxes to segment (a box-labeled folder "
+                             "has annotations.json or Annotations/; for plain images give "
+                             "the files with --boxes)")
+        return folder
     if args.boxes is None:
         raise ValueError("image files need --boxes: [[x0, y0, x1, y1], ...] as JSON text or a file")
-    boxes = _boxes_from_json(args.boxes)
-    records = []
+    boxes, names = _boxes_from_json(args.boxes)
+    if isinstance(boxes, dict):
+        unknown = sorted(set(boxes) - {Path(p).name for p in args.inputs})
+        if unknown:
+            raise ValueError(f"{args.boxes}: boxes for {', '.join(unknown)}, which no input "
+                             f"image is named (inputs: "
+                             f"{', '.join(Path(p).name for p in args.inputs)})")
+    categories = list(dict.fromkeys(names or ["object"]))
+    records, unreadable = [], []
     for i, name in enumerate(args.inputs, start=1):
         path = Path(name)
-        image = read_image(path)  # fails early, naming the file
+        try:
+            image = read_image(path)
+        except ImageReadError as err:  # one damaged file does not cost the others' masks
+            warnings.warn(f"skipping unreadable image: {err}", stacklevel=2)
+            unreadable.append(str(err))
+            continue
         b = boxes.get(path.name, np.zeros((0, 4))) if isinstance(boxes, dict) else boxes
+        height, width = image.shape[:2]
+        clipped = np.asarray(b, np.float32).reshape(-1, 4).clip(0, [width, height] * 2)
+        keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+        if not keep.all():
+            warnings.warn(f"{path}: dropped {int((~keep).sum())} box(es) outside the "
+                          f"{width}x{height} image", stacklevel=2)
+        cats = np.array([categories.index(n) + 1 for n in names] if names
+                        else [1] * len(b), np.int64).reshape(-1)
         records.append(Record(
-            image_id=i, file_name=path.name, path=path, width=image.shape[1],
-            height=image.shape[0], boxes=np.asarray(b, np.float32),
-            category_ids=np.ones(len(b), np.int64), segmentations=[None] * len(b),
+            image_id=i, file_name=path.name, path=path, width=width, height=height,
+            boxes=clipped[keep], category_ids=cats[keep],
+            segmentations=[None] * int(keep.sum()),
         ))
-    return BoxFolder(Path(args.inputs[0]).parent, [{"id": 1, "name": "object"}], records)
+    if not records:
+        raise ValueError("no image could be read: " + "; ".join(unreadable))
+    cat_rows = [{"id": k, "name": n} for k, n in enumerate(categories, start=1)]
+    return BoxFolder(Path(args.inputs[0]).parent, cat_rows, records)
 
 
 def run_segment(args: argparse.Namespace) -> int:
@@ -81,6 +128,8 @@ def run_segment(args: argparse.Namespace) -> int:
     from boxlevelset.levelset import LOOSE_BOXES, segment_boxes
     from boxlevelset.predict import OutputStems, coco_image_entry, overlay_image, write_png
 
+    if args.refine and not args.model:
+        raise ValueError("--refine refines a model's masks: give --model too")
     folder = _folder_for(args)
     model = None
     if args.model:
@@ -116,8 +165,20 @@ def run_segment(args: argparse.Namespace) -> int:
         write_png(out / "overlays" / f"{stem}.png", overlay_image(image, stack))
     path = write_coco(out / "masks.json", images, annotations, folder.categories)
     n = sum(len(a["masks"]) for a in annotations)
-    print(f"{len(images)} images, {n} masks -> {path}, {out / 'labels'}, {out / 'overlays'}")
+    empty = sum(not m.any() for a in annotations for m in a["masks"])
+    found = f"{n} masks" + (f" ({empty} empty: no object found in the box)" if empty else "")
+    print(f"{len(images)} images, {found} -> {path}, {out / 'labels'}, {out / 'overlays'}")
     return 0
+
+
+def _non_negative(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid ..." message
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,9 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
                      default=Path("boxlevelset-out"), help="output folder")
     seg.add_argument("--model", help="checkpoint for model-based masks (default: model-free)")
     seg.add_argument("--device", default=None, help="cpu / cuda (model only)")
-    seg.add_argument("--window", default=None, help="CT window preset for volumes in a folder")
-    seg.add_argument("--iterations", type=int, help="level-set iterations (model-free)")
-    seg.add_argument("--histogram", type=float, metavar="W",
+    seg.add_argument("--window", default=None,
+                     help="CT window for volumes in a folder: a preset (abdomen, liver, lung, "
+                          "bone) or level,width")
+    seg.add_argument("--iterations", type=_non_negative(int),
+                     help="level-set iterations (model-free)")
+    seg.add_argument("--histogram", type=_non_negative(float), metavar="W",
                      help="weight of the histogram region term (default 10; 0: the paper's "
                           "energy alone)")
     seg.add_argument("--solver", choices=("evolve", "cut"), default=None,
@@ -154,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--loose-boxes", action="store_true",
                      help="boxes drawn loosely, not touching their objects on every side: "
                           "drop the energy's tight-box terms (levelset.LOOSE_BOXES)")
-    seg.add_argument("--refine", type=int, default=0, metavar="N",
+    seg.add_argument("--refine", type=_non_negative(int), default=0, metavar="N",
                      help="with --model: N level-set steps starting from the model's masks")
     seg.add_argument("--label-format", choices=("png", "tif"), default="png")
     seg.set_defaults(func=run_segment)
@@ -180,6 +244,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, TrainingDiverged) as exc:
+    except (ValueError, OSError, TrainingDiverged) as exc:  # OSError: paths, permissions
         print(f"boxlevelset {args.command}: error: {exc}", file=sys.stderr)
         return 2

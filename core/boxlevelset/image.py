@@ -18,16 +18,21 @@ Window = tuple[float, float] | str | None
 
 
 def resolve_window(window: Window) -> tuple[float, float] | None:
-    """Turn a preset name or a (level, width) pair into (level, width)."""
+    """Turn a preset name, a (level, width) pair or the text "level,width" into (level, width)."""
     if window is None:
         return None
     if isinstance(window, str):
-        try:
+        if window.lower() in WINDOW_PRESETS:
             return WINDOW_PRESETS[window.lower()]
-        except KeyError:
+        try:  # "level,width" as a command line gives it
+            parts = tuple(float(v) for v in window.split(","))
+            if len(parts) != 2:
+                raise ValueError
+            window = parts
+        except ValueError:
             raise ValueError(
                 f"unknown window preset {window!r}; choose one of {sorted(WINDOW_PRESETS)} "
-                "or give (level, width)"
+                "or give level,width (e.g. 40,400)"
             ) from None
     level, width = (float(v) for v in window)
     if width <= 0:

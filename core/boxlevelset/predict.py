@@ -404,7 +404,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--refine", type=int, default=0, metavar="N",
                         help="box prompts: refine the model's masks by N level-set steps")
     parser.add_argument("--class-agnostic", action="store_true", help="merge all categories")
-    parser.add_argument("--window", default="abdomen", help="CT window for volume slices")
+    parser.add_argument("--window", default="abdomen",
+                        help="CT window for volume slices: a preset or level,width")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
     parser.add_argument("--json", help="also write the metrics to this JSON file")
     return parser
@@ -435,7 +436,8 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("-o", "--output", "--out", dest="output", default="predictions",
                         help="output directory")
     parser.add_argument("--score-threshold", type=float, help="keep instances above this score")
-    parser.add_argument("--window", default="abdomen", help="CT window for volume slices")
+    parser.add_argument("--window", default="abdomen",
+                        help="CT window for volume slices: a preset or level,width")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
     parser.add_argument("--no-labels", action="store_true", help="skip label images")
     parser.add_argument("--no-overlays", action="store_true", help="skip overlay PNGs")

@@ -890,7 +890,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--workers", type=int, default=0, help="data-loading processes")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--window", default="abdomen", help="CT window preset for volume slices")
+    p.add_argument("--window", default="abdomen",
+                   help="CT window for volume slices: a preset or level,width")
     p.add_argument("--no-pretrained", action="store_true", help="random backbone init")
     p.add_argument("--model", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="ModelConfig override, e.g. --model fpn_channels=64 (repeatable)")
