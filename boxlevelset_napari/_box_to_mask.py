@@ -284,7 +284,9 @@ class BoxToMaskWidget(QWidget):
         form.addRow("Device", hbox(self.device_combo, self.load_btn))
         form.addRow("", self.model_label)
         self.hand_combo.setToolTip("Masks edited by hand, when their box is moved or "
-                                   "deleted: ask, keep them, or overwrite them")
+                                   "deleted or a propagation reaches their slice: ask, keep "
+                                   "them (a propagation carries on from a kept one), or "
+                                   "overwrite them")
         form.addRow("Hand edits", self.hand_combo)
 
         layout = QVBoxLayout(self)
