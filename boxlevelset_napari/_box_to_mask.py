@@ -140,6 +140,11 @@ def closed_by_napari(widget: QWidget, event: QEvent) -> bool:
     return bool(widget.property("boxlevelset_docked"))
 
 
+def _summary(head: str, notes: list[tuple[int, str]]) -> str:
+    """A status line: ``head``, then "; <count> <text>" for each note that counted any."""
+    return head + "".join(f"; {count} {text}" for count, text in notes if count)
+
+
 def _unwrap(obj: Any) -> Any:
     """The layer behind napari's PublicOnlyProxy (plugins receive proxied viewers)."""
     return getattr(obj, "__wrapped__", obj)
@@ -716,18 +721,14 @@ class BoxToMaskWidget(QWidget):
             for (box_id, _box, item), mask in zip(items, masks):
                 outcome[self._paint(box_id, plane, mask)] += 1
                 self._geom[box_id] = self._key(item[1], item[2])
-        msg = f"{outcome['painted']} mask(s) updated"
-        if outcome["covered"]:
-            msg += (f"; {outcome['covered']} box(es) got no pixels: existing labels cover "
-                    "their masks (tick 'Overwrite labels')")
-        if outcome["nothing"]:
-            msg += f"; {outcome['nothing']} box(es) where the method found no object"
-        if outcome["kept"]:
-            msg += f"; {outcome['kept']} hand-edited mask(s) kept"
         if skipped:
-            msg += f"; {skipped} box(es) outside the image or under one pixel skipped"
             show_warning(f"boxlevelset: {skipped} box(es) outside the image or too small")
-        self._say(msg)
+        self._say(_summary(f"{outcome['painted']} mask(s) updated", [
+            (outcome["covered"], "box(es) got no pixels: existing labels cover their masks "
+                                 "(tick 'Overwrite labels')"),
+            (outcome["nothing"], "box(es) where the method found no object"),
+            (outcome["kept"], "hand-edited mask(s) kept"),
+            (skipped, "box(es) outside the image or under one pixel skipped")]))
 
     # ------------------------------------------------------------ painting
     def _plane_view(self, labels: Any, plane: int | None) -> np.ndarray:
@@ -998,14 +999,11 @@ class BoxToMaskWidget(QWidget):
                 outcome["cleared"] += self._clear_planes(
                     box_id, [p for p in self._written.get(box_id, {}) if p not in reached])
             added[box_id] = count
-        msg = f"propagated: {sum(added.values())} slice mask(s) added"
-        if outcome["covered"]:
-            msg += (f"; {outcome['covered']} slice(s) where existing labels cover the mask "
-                    "(tick 'Overwrite labels')")
-        if outcome["kept"]:
-            msg += f"; {outcome['kept']} hand-edited slice(s) kept and carried on from"
-        if outcome["cleared"]:
-            msg += f"; {outcome['cleared']} slice(s) of an earlier, longer walk cleared"
+        msg = _summary(f"propagated: {sum(added.values())} slice mask(s) added", [
+            (outcome["covered"], "slice(s) where existing labels cover the mask "
+                                 "(tick 'Overwrite labels')"),
+            (outcome["kept"], "hand-edited slice(s) kept and carried on from"),
+            (outcome["cleared"], "slice(s) of an earlier, longer walk cleared")])
         if problems:
             msg += "; " + "; ".join(problems)
             show_warning("boxlevelset: " + "; ".join(problems))

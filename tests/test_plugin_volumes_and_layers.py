@@ -46,26 +46,24 @@ def volume_widget(make_napari_viewer_proxy):
     return viewer, BoxToMaskWidget(viewer)
 
 
-def test_propagate_button_walks_the_slices(volume_widget, qtbot):
-    _viewer, widget = volume_widget
+def _walk_setup(volume_widget, box=BOX, plane=2):
+    viewer, widget = volume_widget
     boxes = widget.new_boxes_layer()
-    _add_box(boxes, BOX, plane=2)
-    labels = widget.labels_layer(create=False)
-    box_id = int(boxes.features["box_id"][0])
-    assert _slices_with(labels, box_id) == [2]
+    _add_box(boxes, box, plane=plane)
     boxes.selected_data = {0}
+    return widget, boxes, widget.labels_layer(create=False), int(boxes.features["box_id"][0])
+
+
+def test_propagate_button_walks_the_slices(volume_widget, qtbot):
+    widget, _boxes, labels, box_id = _walk_setup(volume_widget)
+    assert _slices_with(labels, box_id) == [2]
     # Clicked, not called: Qt once passed the button's checked=False on as max_slices.
     qtbot.mouseClick(widget.propagate_btn, Qt.LeftButton)
     assert _slices_with(labels, box_id) == [1, 2, 3, 4]
 
 
 def test_propagation_stops_after_the_slices_asked_for(volume_widget, qtbot):
-    _viewer, widget = volume_widget
-    boxes = widget.new_boxes_layer()
-    _add_box(boxes, BOX, plane=2)
-    labels = widget.labels_layer(create=False)
-    box_id = int(boxes.features["box_id"][0])
-    boxes.selected_data = {0}
+    widget, _boxes, labels, box_id = _walk_setup(volume_widget)
     assert widget.slices_spin.text() == "all"
     widget.slices_spin.setValue(1)
     qtbot.mouseClick(widget.propagate_btn, Qt.LeftButton)
@@ -93,14 +91,6 @@ def test_propagation_carries_the_hand_corrected_mask(volume_widget):
         assert mask[10:26, 12:30].mean() > 0.9, z
         # An outline moves at most BAND pixels per slice: the neighbour stays out.
         assert not mask[:, 30 + BAND * steps + 1 :].any(), z
-
-
-def _walk_setup(volume_widget, box=BOX, plane=2):
-    viewer, widget = volume_widget
-    boxes = widget.new_boxes_layer()
-    _add_box(boxes, box, plane=plane)
-    boxes.selected_data = {0}
-    return widget, boxes, widget.labels_layer(create=False), int(boxes.features["box_id"][0])
 
 
 def test_a_shorter_walk_clears_what_a_longer_one_left_and_one_undo_takes_it_back(
