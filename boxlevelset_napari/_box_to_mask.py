@@ -735,7 +735,9 @@ class BoxToMaskWidget(QWidget):
         return labels.data[plane] if plane is not None and labels.data.ndim == 3 else labels.data
 
     def _hand_edited(self, box_id: int, planes: list | None = None) -> bool:
-        """True when the label's pixels differ from what the widget last wrote there."""
+        """True when the label's pixels differ from what the widget last wrote there. A plane
+        where the label has no pixels left has nothing to lose: napari's undo of the
+        widget's own painting leaves such planes, and they count as free, not edited."""
         labels = self.labels_combo.layer()
         if labels is None:
             return False
@@ -747,15 +749,15 @@ class BoxToMaskWidget(QWidget):
         for plane in planes:
             current = self._plane_view(labels, plane) == box_id
             owned = written.get(plane)
-            if (owned is None and current.any()) or (
-                    owned is not None and not np.array_equal(current, owned)):
+            if current.any() and (owned is None or not np.array_equal(current, owned)):
                 return True
         return False
 
     def _ask_overwrite(self, box_id: int) -> bool:
         answer = QMessageBox.question(
             self, "Hand-edited mask",
-            f"The mask of box {box_id} was edited by hand. Replace it with a new mask?",
+            f"The mask of box {box_id} was edited by hand. Discard your edits (the mask is "
+            "replaced or erased as the box's change asks)?",
             QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
         return answer == QMessageBox.Yes
 
@@ -932,9 +934,10 @@ class BoxToMaskWidget(QWidget):
         a mask is empty, overlaps the previous one (IoU) less than the threshold, or
         changes mean intensity. The masks get the box's label id, so one box gives one 3D
         object; the box's masks from an earlier, longer walk are cleared, and one undo
-        takes a box's whole walk back. ``max_slices`` (default: the widget's *slices* box,
-        "all" for no bound) bounds the walk in each direction. Returns {box_id: number of
-        slices painted} for each selected box with a mask to carry.
+        takes a box's whole walk back. ``max_slices`` bounds the walk in each direction
+        (0: no slices); by default the widget's *slices* box does, where "all" (0) means no
+        bound. Returns {box_id: number of slices painted} for each selected box with a mask
+        to carry.
         """
         try:
             return self._propagate(max_slices)

@@ -245,6 +245,12 @@ def test_boxes_json_categories_and_boxes_outside_the_image(tmp_path):
     (["{tmp}/a.png", "--boxes", "[[1, 1, 9, 9]]", "-o", "{tmp}/a.png"], "a.png"),
     (["{tmp}/a.png", "--boxes", '{"boxes_xyxy": [[1, 1, 9, 9]], "categories": []}'],
      "a name for each of the 1 boxes"),
+    (["{tmp}/a.png", "--boxes", '{"a.png": [[1, 1, 9, 9]], "categories": ["x"]}'],
+     "'categories' go with 'boxes_xyxy'"),
+    (["{tmp}/a.png", "--boxes", '{"boxes_xyxy": {"a.png": [[1, 1, 9, 9]]}, '
+      '"categories": ["x"]}'], "'categories' name the boxes of a 'boxes_xyxy' list"),
+    (["{tmp}/a.png", "--boxes", "[[1, 1, 9, 9]]", "--window", "bogus"], "'bogus'"),
+    (["{tmp}/a.png", "--boxes", "[[1, 1, 9, 9]]", "--window", "nan,400"], "finite"),
 ])
 def test_segment_input_mistakes_are_clear_errors(tmp_path, capsys, argv, message):
     _disc_image(tmp_path / "a.png")
@@ -260,6 +266,20 @@ def test_window_as_level_width_and_negative_counts(tmp_path, capsys):
     from boxlevelset.image import resolve_window
 
     assert resolve_window("40,400") == (40.0, 400.0)
+    assert resolve_window("-600,1500") == (-600.0, 1500.0)
     with pytest.raises(SystemExit):
         main(["segment", "--sample", "--iterations", "-5"])
     assert "must be >= 0" in capsys.readouterr().err
+
+
+def test_window_applies_to_image_files_in_hounsfield_units(tmp_path):
+    import tifffile
+
+    hu = np.full((40, 48), -100.0, np.float32)  # fat
+    hu[10:30, 12:36] = 60.0  # liver
+    hu[18:22, 20:28] = 1000.0  # bone inside the box: saturated by the abdomen window
+    tifffile.imwrite(tmp_path / "slice.tif", hu)
+    args = ["segment", str(tmp_path / "slice.tif"), "--boxes", "[[10, 8, 38, 32]]"]
+    assert main([*args, "-o", str(tmp_path / "w"), "--window", "40,400"]) == 0
+    windowed = json.loads((tmp_path / "w" / "masks.json").read_text())["annotations"][0]
+    assert abs(windowed["area"] - 20 * 24) < 30  # the liver block, bone included

@@ -292,6 +292,26 @@ def test_three_grey_pages_are_a_stack_and_planar_rgb_is_an_image(tmp_path):
         read_tiff(tmp_path / "tzyx.tif")
 
 
+def test_lzw_stacks_and_imagej_channels(tmp_path):
+    """tifffile cannot decode LZW without imagecodecs; OpenCV's fallback had returned the
+    first page of a stack alone. An ImageJ channel axis of 3 is colour, not three planes."""
+    from boxlevelset.data import read_tiff
+
+    pages = [np.full((8, 10), 20 * i, np.uint8) for i in range(4)]
+    cv2.imwritemulti(str(tmp_path / "lzw.tif"), pages)  # OpenCV writes LZW
+    image, stack = read_tiff(tmp_path / "lzw.tif")
+    assert stack and image.shape == (4, 8, 10)
+    np.testing.assert_array_equal(image[3], pages[3])
+    composite = np.arange(3 * 8 * 10, dtype=np.uint8).reshape(3, 8, 10)
+    tifffile.imwrite(tmp_path / "cyx.tif", composite, imagej=True, metadata={"axes": "CYX"})
+    image, stack = read_tiff(tmp_path / "cyx.tif")
+    assert not stack and image.shape == (8, 10, 3)
+    np.testing.assert_array_equal(image, np.moveaxis(composite, 0, -1))
+    tifffile.imwrite(tmp_path / "zcyx.tif", np.zeros((5, 3, 8, 10), np.uint8), imagej=True,
+                     metadata={"axes": "ZCYX"})
+    assert read_tiff(tmp_path / "zcyx.tif")[0].shape == (5, 8, 10, 3)
+
+
 # ----------------------------------------------------------------------------- volumes
 
 

@@ -106,6 +106,19 @@ def test_a_shorter_walk_clears_what_a_longer_one_left_and_one_undo_takes_it_back
     assert _slices_with(labels, box_id) == [1, 2, 3, 4]
 
 
+def test_after_undoing_a_walk_the_next_walk_paints_again(volume_widget):
+    """Undo left planes the widget had painted empty, which the next walk took for hand
+    edits: with 'keep' it painted nothing ever again, with 'ask' it asked three times."""
+    widget, _boxes, labels, box_id = _walk_setup(volume_widget)
+    asked = []
+    widget.confirm_overwrite = lambda box_id: asked.append(box_id) or False
+    widget.propagate_selected()
+    labels.undo()
+    assert _slices_with(labels, box_id) == [2]
+    assert widget.propagate_selected() == {box_id: 3}
+    assert _slices_with(labels, box_id) == [1, 2, 3, 4] and asked == []
+
+
 def test_a_kept_hand_edit_steers_the_rest_of_the_walk(volume_widget):
     viewer, widget = volume_widget
     viewer.layers["vol"].data[1:5, 10:26, 30:40] = 200  # a neighbour of the same brightness

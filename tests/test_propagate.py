@@ -162,6 +162,17 @@ def test_bad_input_is_named():
         next(propagate_mask(volume, 1, mask, band=-1))
     with pytest.raises(ValueError, match="slice 2: the segmenter gave a mask of shape"):
         next(propagate_mask(volume, 1, mask, segment=lambda z, box, prev: mask[:5]))
-    volume[2, 3, 3] = np.nan  # inside the box the walk grows around the mask
-    with pytest.raises(ValueError, match="propagating to slice 2: box 0"):
-        next(propagate_mask(volume, 1, mask))
+    walk = propagate_mask(volume, 1, mask, segment=lambda z, box, prev: prev)
+    next(walk)
+    with pytest.raises(ValueError, match="the mask sent for slice 2 has shape"):
+        walk.send(mask[:5])
+
+
+def test_a_slice_without_data_ends_that_direction_only():
+    volume, discs = _cone_volume(depth=9, shrink=2)
+    volume = np.concatenate([volume[::-1], volume[1:]])  # disc largest at slice 8
+    discs = np.concatenate([discs[::-1], discs[1:]])
+    volume[11, :22] = np.nan  # rows of no data on slice 11, inside its box
+    with pytest.warns(UserWarning, match="stops before slice 11: NaN"):
+        got = dict(propagate_mask(volume, 8, discs[8], max_slices=4))
+    assert sorted(got) == [4, 5, 6, 7, 9, 10]

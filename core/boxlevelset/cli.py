@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from boxlevelset.image import as_boxes
+from boxlevelset.image import as_boxes, resolve_window
 
 SAMPLES = Path(__file__).parent / "samples"
 
@@ -46,6 +46,11 @@ def _boxes_from_json(
     if isinstance(data, dict) and "boxes_xyxy" in data:
         names = data.get("categories")
         data = data["boxes_xyxy"]
+        if names is not None and not isinstance(data, list):
+            raise ValueError(f"{path}: 'categories' name the boxes of a 'boxes_xyxy' list")
+    elif isinstance(data, dict) and "categories" in data:
+        raise ValueError(f"{path}: 'categories' go with 'boxes_xyxy' (a list of boxes), not "
+                         "with boxes per file name")
     try:
         if isinstance(data, dict):
             return {Path(k).name: as_boxes(v) for k, v in data.items()}, None
@@ -130,6 +135,7 @@ def run_segment(args: argparse.Namespace) -> int:
 
     if args.refine and not args.model:
         raise ValueError("--refine refines a model's masks: give --model too")
+    resolve_window(args.window)  # a bad window is an error before any work
     folder = _folder_for(args)
     model = None
     if args.model:
@@ -149,7 +155,7 @@ def run_segment(args: argparse.Namespace) -> int:
             options["refine"] = args.refine
         elif args.solver:
             options["solver"] = args.solver
-        pixels, window = image, None
+        pixels, window = image, args.window  # a window given for image files: they hold HU
         if record.slice_index is not None:
             # CT: the slice in Hounsfield units with the folder's window, not the uint8
             # picture of it; segment_boxes then applies its CT defaults (the cut).
@@ -205,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--model", help="checkpoint for model-based masks (default: model-free)")
     seg.add_argument("--device", default=None, help="cpu / cuda (model only)")
     seg.add_argument("--window", default=None,
-                     help="CT window for volumes in a folder: a preset (abdomen, liver, lung, "
-                          "bone) or level,width")
+                     help="CT window: a preset (abdomen, liver, lung, bone) or level,width "
+                          "(--window=-600,1500 for a negative level); for a folder's volumes "
+                          "(default abdomen), or for image files holding Hounsfield units")
     seg.add_argument("--iterations", type=_non_negative(int),
                      help="level-set iterations (model-free)")
     seg.add_argument("--histogram", type=_non_negative(float), metavar="W",

@@ -91,9 +91,11 @@ def read_tiff(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
     """A TIFF's pixels and whether they are a stack of planes: (HxW or HxWxC, False) for an
     image, (ZxHxW or ZxHxWxC, True) for a stack.
 
-    tifffile's axes tell channels from planes: a (3, H, W) file is RGB only when stored as
-    samples of one page (planar RGB, as some microscopes write it); three grey pages are a
-    z-stack. ImageReadError names the file if it cannot be read."""
+    tifffile's axes tell channels from planes: a (3, H, W) file is RGB when stored as
+    samples of one page (planar RGB, as some microscopes write it) or with an ImageJ/OME
+    channel axis of 3 or 4; three grey pages are a z-stack. Compressed files tifffile cannot
+    decode without imagecodecs (LZW, as OpenCV writes) are read page by page through
+    OpenCV. ImageReadError names the file if it cannot be read."""
     import cv2
     import tifffile
 
@@ -105,17 +107,25 @@ def read_tiff(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
     except Exception as err:  # tifffile raises many kinds of errors for bad files
         # Without the optional imagecodecs package tifffile cannot decompress LZW/JPEG
         # TIFFs (OpenCV's default); OpenCV's own libtiff can, so try it before giving up.
-        image = cv2.imdecode(np.fromfile(str(path), dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-        if image is None:
+        ok, pages = cv2.imdecodemulti(np.fromfile(str(path), dtype=np.uint8),
+                                      cv2.IMREAD_UNCHANGED)
+        if not ok or not pages:
             raise ImageReadError(f"{path}: cannot read TIFF ({err})") from err
-        if image.ndim == 3 and image.shape[2] == 3:
-            image = image[..., ::-1]
-        elif image.ndim == 3 and image.shape[2] == 4:
-            image = image[..., [2, 1, 0, 3]]
-        return image, False
-    if "S" in axes and axes.index("S") != len(axes) - 1:  # planar samples: channels last
-        image = np.moveaxis(image, axes.index("S"), -1)
-        axes = axes.replace("S", "") + "S"
+        pages = [p[..., ::-1] if p.ndim == 3 and p.shape[2] == 3 else
+                 p[..., [2, 1, 0, 3]] if p.ndim == 3 and p.shape[2] == 4 else p for p in pages]
+        if len(pages) == 1:
+            return pages[0], False
+        if len({(p.shape, p.dtype) for p in pages}) > 1:
+            raise ImageReadError(f"{path}: TIFF pages differ in size or type; expected an "
+                                 "image or one stack of planes") from err
+        return np.stack(pages), True
+    # Channels last: samples of a page (planar RGB), or an ImageJ/OME channel axis of 3 or 4
+    # (a composite shown as colour); other channel counts stay planes of the stack.
+    for channel in ("S", "C"):
+        if channel in axes and (channel == "S" or image.shape[axes.index(channel)] in (3, 4)):
+            image = np.moveaxis(image, axes.index(channel), -1)
+            axes = axes.replace(channel, "") + "S"
+            break
     planes = image.ndim - ("S" in axes)
     if planes > 3:
         raise ImageReadError(f"{path}: TIFF holds an array of shape {image.shape} (axes "

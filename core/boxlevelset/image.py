@@ -35,6 +35,8 @@ def resolve_window(window: Window) -> tuple[float, float] | None:
                 "or give level,width (e.g. 40,400)"
             ) from None
     level, width = (float(v) for v in window)
+    if not (np.isfinite(level) and np.isfinite(width)):
+        raise ValueError(f"window level and width must be finite numbers, got {window!r}")
     if width <= 0:
         raise ValueError(f"window width must be positive, got {width}")
     return level, width

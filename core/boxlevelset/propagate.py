@@ -14,6 +14,7 @@ slice.
 from __future__ import annotations
 
 import operator
+import warnings
 from collections.abc import Callable, Generator
 
 import numpy as np
@@ -100,10 +101,12 @@ def propagate_mask(
             ``segment_boxes`` on that slice with ``LOOSE_BOXES``, started from the previous
             mask (a model can be plugged in here).
 
+    A slice with NaN/inf pixels around the object (no data) ends that direction of the walk
+    with a warning.
+
     Raises:
         ValueError: an empty mask, a mask or slice that does not fit the volume, a negative
-            band, a segmenter's mask of the wrong shape, or (naming the slice) NaN/inf
-            pixels in a box the walk reaches.
+            band, or a mask of the wrong shape from the segmenter or sent back.
     """
     from boxlevelset.levelset import LOOSE_BOXES, segment_boxes
 
@@ -142,14 +145,17 @@ def propagate_mask(
         while 0 <= z < volume.shape[0] and (max_slices is None or abs(z - plane) <= max_slices):
             pixels = np.asarray(volume[z])
             box = bounding_box(previous, band)
-            try:
-                if segment is None:
-                    found = segment_boxes(pixels, box[None], window=window,
-                                          init_masks=[previous], **LOOSE_BOXES)[0]
-                else:
-                    found = np.asarray(segment(z, box, previous))
-            except ValueError as err:
-                raise ValueError(f"propagating to slice {z}: {err}") from err
+            if segment is not None:
+                found = np.asarray(segment(z, box, previous))
+            elif not np.isfinite(pixels[int(box[1]):int(box[3]), int(box[0]):int(box[2])]).all():
+                # No data where the object would be (padding of a registered volume): this
+                # direction ends here; the other one is still walked.
+                warnings.warn(f"propagation stops before slice {z}: NaN or inf pixels "
+                              "around the object there", stacklevel=2)
+                break
+            else:
+                found = segment_boxes(pixels, box[None], window=window,
+                                      init_masks=[previous], **LOOSE_BOXES)[0]
             if found.shape != start.shape:
                 raise ValueError(f"slice {z}: the segmenter gave a mask of shape "
                                  f"{found.shape}, not {start.shape}")
@@ -158,6 +164,9 @@ def propagate_mask(
                     or not abs(intensity(pixels, new) - level) <= tolerance):
                 break
             kept = yield z, new
+            if kept is not None and np.shape(kept) != start.shape:
+                raise ValueError(f"the mask sent for slice {z} has shape {np.shape(kept)}, "
+                                 f"not {start.shape}")
             previous = new if kept is None else np.asarray(kept, dtype=bool)
             if not previous.any():  # the caller emptied this slice: nothing to carry on
                 break
