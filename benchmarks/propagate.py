@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,11 +112,14 @@ def ircad(out: Path) -> None:
     for name, box in IRCAD_BOXES.items():
         start = segment_boxes(volume[plane], np.array([box], float), window=WINDOW)[0]
         for walk_name, walk in WALKS.items():
+            t0 = time.perf_counter()
             got = {plane: start, **dict(walk(volume, plane, start))}
+            ms = (time.perf_counter() - t0) * 1000 / max(1, len(got) - 1)
             tag = "propagate" if walk_name.startswith("boxlevelset") else "previous"
             path = out / f"propagate_ircad_{name}_{tag}.png"
             montage(volume, got, path)
-            print(f"IRCAD {name}, {walk_name}: slices {min(got)}-{max(got)}; "
+            print(f"IRCAD {name}, {walk_name}: slices {min(got)}-{max(got)} ({ms:.0f} ms "
+                  "a slice); "
                   f"mask pixels at 70/90/110: "
                   + "/".join(str(int(got[z].sum())) if z in got else "-" for z in (70, 90, 110))
                   + f" -> {path}")
