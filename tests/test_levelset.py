@@ -493,3 +493,19 @@ def test_init_masks_start_the_level_set_from_a_given_mask():
 def test_public_api_is_listed_by_dir():
     """The API is imported lazily; dir() and tab completion still show it."""
     assert {"segment_boxes", "propagate_mask", "load_model", "train"} <= set(dir(boxlevelset))
+
+
+def test_a_box_without_contrast_gets_an_empty_mask():
+    """Blank background, padding, air on CT: nothing to separate. The evolution had drawn
+    an arbitrary blob there. A flat box that fits a uniform object gets the whole box."""
+    image = np.zeros((64, 64), np.uint8)
+    image[5:20, 5:20] = 200
+    ct = np.full((64, 64), -1000.0, np.float32)  # air: constant once windowed
+    ct[5:20, 5:20] = 60.0
+    boxes = np.array([[4.0, 4.0, 21.0, 21.0], [30.0, 30.0, 60.0, 60.0]])
+    fitted = np.array([[5.0, 5.0, 20.0, 20.0]])  # a box exactly on the uniform square
+    for img, options in ((image, {}), (image, {"solver": "cut"}), (ct, {"window": "abdomen"})):
+        obj, blank = L.segment_boxes(img, boxes, **options)
+        assert obj.sum() > 150 and not blank.any(), options
+        whole, = L.segment_boxes(img, fitted, **options)
+        assert whole.sum() == 15 * 15, options

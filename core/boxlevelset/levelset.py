@@ -631,7 +631,9 @@ def segment_boxes(
             volume (``boxlevelset.propagate``).
 
     Returns:
-        N boolean HxW masks, each zero outside its box. An empty box list gives [].
+        N boolean HxW masks, each zero outside its box. An empty box list gives []. Without
+        a model, a box with no contrast inside (``FLAT``) gets the whole box when the pixels
+        around it differ (a uniform object it fits), else an empty mask (no object).
 
     Raises:
         ValueError: wrong image or box shape, NaN/inf values (inside a box, or anywhere
@@ -690,14 +692,39 @@ def segment_boxes(
 
     masks = []
     for (x0, y0, x1, y1), phi in zip(bounds, phis):
+        mask = np.zeros((height, width), dtype=bool)
+        masks.append(mask)
+        if predictor is None and img[y0:y1, x0:x1].std() < FLAT:
+            # Nothing to separate inside: the object fills the box if its surroundings
+            # differ, else there is no object (the evolution drew an arbitrary blob here).
+            mask[y0:y1, x0:x1] = _differs_around(img, (x0, y0, x1, y1))
+            continue
         bh, bw = y1 - y0, x1 - x0
         if phi.shape != (bh, bw):
             phi = cv2.resize(phi, (bw, bh), interpolation=cv2.INTER_LINEAR)
-        inside = _clean(phi > 0, fill_holes, largest_component)
-        mask = np.zeros((height, width), dtype=bool)
-        mask[y0:y1, x0:x1] = inside
-        masks.append(mask)
+        mask[y0:y1, x0:x1] = _clean(phi > 0, fill_holes, largest_component)
     return masks
+
+
+# A box whose pixels vary less than this (standard deviation, image scaled to [0, 1]: under
+# half a grey level of 8 bits) holds no contrast: a uniform object the box fits exactly, or
+# blank background, padding, air on CT (constant after windowing).
+FLAT = 1.0 / 512
+
+
+def _differs_around(img: np.ndarray, bounds: tuple[int, int, int, int]) -> bool:
+    """True when the 2-pixel frame around a flat box differs from its inside (the box
+    holds a uniform object); False when it does not, or the box has no frame."""
+    x0, y0, x1, y1 = bounds
+    height, width = img.shape[:2]
+    fx0, fy0 = max(0, x0 - 2), max(0, y0 - 2)
+    frame = img[fy0:min(height, y1 + 2), fx0:min(width, x1 + 2)]
+    outside = np.ones(frame.shape[:2], bool)
+    outside[y0 - fy0:y1 - fy0, x0 - fx0:x1 - fx0] = False
+    if not outside.any():
+        return False
+    inside = img[y0:y1, x0:x1].reshape(-1, img.shape[2]).mean(0)
+    return bool(np.abs(frame[outside] - inside).max() >= 2 * FLAT)
 
 
 INIT_LEVEL = 1.0
