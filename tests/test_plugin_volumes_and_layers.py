@@ -333,8 +333,10 @@ def test_status_says_what_happened_to_each_box(make_napari_viewer_proxy):
     boxes = widget.new_boxes_layer()
     _add_box(boxes, BOX)
     assert widget.status.text() == "1 mask(s) updated"
-    # A box inside the first one's mask: existing labels win, so it gets no pixels. It was
-    # reported as "1 mask(s) updated".
+    # A box inside the first one's mask (a darker speck in it, so that the box is not flat:
+    # a flat box inside a uniform object finds no object): existing labels win, so it gets
+    # no pixels. It was reported as "1 mask(s) updated".
+    viewer.layers["slice"].data[18, 21] = 120
     _add_box(boxes, (16, 14, 26, 22))
     assert "0 mask(s) updated; 1 box(es) got no pixels" in widget.status.text()
     assert f"tick '{widget.overwrite_check.text()}'" in widget.status.text()
