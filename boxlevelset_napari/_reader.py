@@ -75,19 +75,25 @@ def _looks_like_coco(path: Path) -> bool:
 
 def read_image_layer(path: str | os.PathLike) -> list[LayerData]:
     """One image (PNG/JPEG/TIFF/BMP) as an Image layer; a TIFF stack of planes (a z-stack
-    or time series) as a 3D one, boxed and propagated slice by slice like a CT volume."""
+    or time series) as a 3D one, boxed and propagated slice by slice like a CT volume. A
+    TIFF whose channels are not colour (2, or more than 4: nuclei and membrane stains)
+    opens as one layer per channel, so that no channel is taken for a slice."""
     from boxlevelset.data import read_image, read_tiff
 
     path = Path(path[0] if isinstance(path, list) else path)
     if lower_suffix(path) in (".tif", ".tiff"):
         image, stack = read_tiff(path)
-        if not stack and image.ndim == 3 and image.shape[2] == 1:
-            image = image[..., 0]
     else:
         image, stack = read_image(path), False
-    rgb = image.ndim == 3 + stack and image.shape[-1] in (3, 4)
+    channels = image.shape[-1] if image.ndim == 3 + stack else 0
+    if channels == 1:
+        image, channels = image[..., 0], 0
     meta = {META_KEY: {"kind": "image", "file_names": [path.name], "source": str(path)}}
-    return [(image, {"name": path.stem, "rgb": rgb, "metadata": meta}, "image")]
+    if channels in (0, 3, 4):
+        return [(image, {"name": path.stem, "rgb": channels > 0, "metadata": meta}, "image")]
+    return [(np.ascontiguousarray(image[..., c]),
+             {"name": f"{path.stem} [{c}]", "rgb": False, "metadata": meta}, "image")
+            for c in range(channels)]
 
 
 def ct_layer_data(volume: Any, name: str, window: str = DEFAULT_WINDOW) -> LayerData:

@@ -310,6 +310,20 @@ def test_lzw_stacks_and_imagej_channels(tmp_path):
     tifffile.imwrite(tmp_path / "zcyx.tif", np.zeros((5, 3, 8, 10), np.uint8), imagej=True,
                      metadata={"axes": "ZCYX"})
     assert read_tiff(tmp_path / "zcyx.tif")[0].shape == (5, 8, 10, 3)
+    tifffile.imwrite(tmp_path / "c2.tif", np.zeros((2, 8, 10), np.uint8), imagej=True,
+                     metadata={"axes": "CYX"})  # two stains: channels, never two slices
+    assert read_tiff(tmp_path / "c2.tif")[0].shape == (8, 10, 2)
+
+
+def test_pages_written_one_by_one_are_a_stack(tmp_path):
+    """Acquisition scripts append planes one write at a time: each is its own tifffile
+    series, and only the first had been read."""
+    from boxlevelset.data import read_tiff
+
+    for z in range(4):
+        tifffile.imwrite(tmp_path / "z.tif", np.full((8, 10), z, np.uint16), append=z > 0)
+    image, stack = read_tiff(tmp_path / "z.tif")
+    assert stack and image.shape == (4, 8, 10) and list(image[:, 0, 0]) == [0, 1, 2, 3]
 
 
 # ----------------------------------------------------------------------------- volumes

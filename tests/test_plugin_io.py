@@ -271,3 +271,16 @@ def test_a_tiff_z_stack_opens_as_a_stack_that_boxes_and_propagates(tmp_path,
     boxes.selected_data = {0}
     assert widget.propagate_selected() == {box_id: 2}
     assert all((labels.data[z] == box_id).sum() > 0.9 * 16 * 18 for z in (0, 2))
+
+
+def test_a_two_stain_tiff_opens_as_one_layer_per_channel(tmp_path):
+    """Two channels (nuclei, membrane) had opened as a two-slice stack that Propagate walked
+    from one stain into the other."""
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "stains.tif", np.zeros((5, 2, 16, 20), np.uint16), imagej=True,
+                     metadata={"axes": "ZCYX"})
+    path = str(tmp_path / "stains.tif")
+    layers = napari_get_reader(path)(path)
+    assert [(d.shape, k["name"], k["rgb"]) for d, k, _ in layers] == [
+        ((5, 16, 20), "stains [0]", False), ((5, 16, 20), "stains [1]", False)]

@@ -91,19 +91,27 @@ def read_tiff(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
     """A TIFF's pixels and whether they are a stack of planes: (HxW or HxWxC, False) for an
     image, (ZxHxW or ZxHxWxC, True) for a stack.
 
-    tifffile's axes tell channels from planes: a (3, H, W) file is RGB when stored as
-    samples of one page (planar RGB, as some microscopes write it) or with an ImageJ/OME
-    channel axis of 3 or 4; three grey pages are a z-stack. Compressed files tifffile cannot
-    decode without imagecodecs (LZW, as OpenCV writes) are read page by page through
-    OpenCV. ImageReadError names the file if it cannot be read."""
+    tifffile's axes tell channels from planes: samples of a page (planar RGB, as some
+    microscopes write it) and an ImageJ/OME channel axis come last, as channels; pages
+    are planes (three grey pages are a z-stack, not RGB). Pages written one by one (each
+    its own series, as acquisition scripts append them) stack when they match. Compressed
+    files tifffile cannot decode without imagecodecs (LZW, as OpenCV writes) are read page
+    by page through OpenCV. ImageReadError names the file if it cannot be read."""
     import cv2
     import tifffile
 
     path = Path(path)
     try:
         with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            image, axes = np.asarray(series.asarray()), series.axes
+            series = tif.series
+            first = series[0]
+            if len(series) > 1 and all((s.shape, s.dtype, s.axes) == (first.shape, first.dtype,
+                                                                       first.axes)
+                                       for s in series):
+                image = np.stack([np.asarray(s.asarray()) for s in series])
+                axes = "Q" + first.axes
+            else:
+                image, axes = np.asarray(first.asarray()), first.axes
     except Exception as err:  # tifffile raises many kinds of errors for bad files
         # Without the optional imagecodecs package tifffile cannot decompress LZW/JPEG
         # TIFFs (OpenCV's default); OpenCV's own libtiff can, so try it before giving up.
@@ -119,10 +127,9 @@ def read_tiff(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
             raise ImageReadError(f"{path}: TIFF pages differ in size or type; expected an "
                                  "image or one stack of planes") from err
         return np.stack(pages), True
-    # Channels last: samples of a page (planar RGB), or an ImageJ/OME channel axis of 3 or 4
-    # (a composite shown as colour); other channel counts stay planes of the stack.
+    # Channels last: samples of a page (planar RGB) or an ImageJ/OME channel axis.
     for channel in ("S", "C"):
-        if channel in axes and (channel == "S" or image.shape[axes.index(channel)] in (3, 4)):
+        if channel in axes:
             image = np.moveaxis(image, axes.index(channel), -1)
             axes = axes.replace(channel, "") + "S"
             break
