@@ -916,11 +916,25 @@ class BoxToMaskWidget(QWidget):
         instances = self._predictor_for(image, plane).predict(score_threshold=threshold)
         names = list(getattr(self.model.config, "class_names", []) or [])
         cats = [names[int(k)] if int(k) < len(names) else str(int(k)) for k in instances.labels]
-        keep = [i for i, m in enumerate(instances.masks) if m.any()]
+        # A proposal at least half on labelled pixels (an object already annotated, or one
+        # just taken by a higher-scoring proposal) would add a duplicate box with a sliver
+        # of a mask, or none: it is left out.
+        taken = np.asarray(self._plane_view(self.labels_layer(create=True), plane)) != 0
+        keep, duplicates = [], 0
+        for i, m in enumerate(np.asarray(instances.masks, dtype=bool)):
+            if not m.any():
+                continue
+            if (m & taken).sum() * 2 >= m.sum():
+                duplicates += 1
+                continue
+            keep.append(i)
+            taken |= m
         masks = np.asarray(instances.masks)[keep]
         boxes = np.stack([_bbox(m) for m in masks]) if keep else np.zeros((0, 4))
         n = self._add_instances(plane, masks, boxes, [cats[i] for i in keep])
-        self._say(f"segment everything: {n} instance(s) with score ≥ {threshold:.2f}")
+        self._say(_summary(f"segment everything: {n} instance(s) with score ≥ "
+                           f"{threshold:.2f} added",
+                           [(duplicates, "left out: already labelled")]))
         return n
 
     # ------------------------------------------------------- propagation

@@ -84,13 +84,6 @@ def test_finetune_progress_reload_and_model_mode(tmp_path, tiny_box_folder, qtbo
     assert np.array_equal(labels.data == refined_id, expect & ~(labels.data == box_id))
     box_widget.method_combo.setCurrentText(METHOD_MODEL)
 
-    # Segment everything at score 0: every proposal becomes a box with its mask.
-    box_widget.score_slider.setValue(0)
-    n = box_widget.segment_everything()
-    assert len(boxes.data) == 2 + n
-    for bid in boxes.features["box_id"].to_numpy()[2:]:
-        assert (labels.data == bid).any() or not box_widget.overwrite_check.isChecked()
-
 
 def test_stop_keeps_checkpoint_and_errors_are_shown(tmp_path, tiny_box_folder, qtbot,
                                                    make_napari_viewer_proxy):

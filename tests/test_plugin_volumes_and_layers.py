@@ -410,3 +410,31 @@ def test_first_model_box_says_features_are_being_computed(make_napari_viewer_pro
     _add_box(boxes, BOX)
     _add_box(boxes, (34, 30, 46, 38))  # same image: features are reused, no second pass
     assert shown == ["computing the model's features for this image…"]
+
+
+def test_segment_everything_leaves_out_what_is_already_labelled(make_napari_viewer_proxy):
+    """Proposals on labelled pixels had been added as boxes with empty masks (every run
+    again), and counted as instances. The model is a stand-in returning fixed proposals:
+    the widget's handling is under test here, the model's in test_model.py."""
+    from types import SimpleNamespace
+
+    viewer = make_napari_viewer_proxy()
+    widget = _two_object_slice(viewer)
+    first = np.zeros((40, 48), bool)
+    first[10:26, 12:30] = True
+    second = np.zeros((40, 48), bool)
+    second[30:38, 34:46] = True
+    overlapping = first.copy()
+    overlapping[8:12, 12:30] = True  # mostly on the first object: a duplicate
+    proposals = SimpleNamespace(masks=np.stack([first, overlapping, second]),
+                                labels=np.array([0, 0, 0]), scores=np.array([0.9, 0.8, 0.7]))
+    widget.model = SimpleNamespace(config=SimpleNamespace(class_names=["blob"]))
+    widget._predictor_for = lambda image, plane: SimpleNamespace(
+        predict=lambda score_threshold: proposals)
+    assert widget.segment_everything() == 2
+    labels, boxes = widget.labels_layer(create=False), widget.boxes_layer(create=False)
+    ids = boxes.features["box_id"].to_numpy()
+    assert len(ids) == 2 and all((labels.data == i).sum() > 90 for i in ids)
+    assert "1 left out: already labelled" in widget.status.text()
+    assert widget.segment_everything() == 0 and len(boxes.data) == 2
+    assert "3 left out: already labelled" in widget.status.text()
