@@ -203,7 +203,21 @@ class FineTuneWidget(QWidget):
         if image is None or boxes is None or len(boxes.data) == 0:
             raise ValueError("draw some boxes on an image first (or choose a folder)")
         names = sorted({str(c) for c in boxes.features.get("category", ["object"])})
-        return save_annotations(output_dir / "viewer_annotations", image, boxes, None, names)
+        return save_annotations(output_dir / "viewer_annotations", image, boxes,
+                                self._masks_layer(image, boxes), names)
+
+    def _masks_layer(self, image: Any, boxes: Any) -> Any:
+        """The masks that go with these boxes: a Box to mask widget's, or '<image> masks'.
+        Save annotations writes their slices too (a propagated object gives a tight box on
+        every slice it reaches), so training sees what Save annotations would save."""
+        for widget in BoxToMaskWidget.instances():
+            if (widget.viewer is self.viewer and _unwrap(widget.image_combo.layer()) is
+                    _unwrap(image) and _unwrap(widget.boxes_combo.layer()) is _unwrap(boxes)):
+                return widget.labels_combo.layer()
+        name = f"{image.name} masks"
+        layers = self.viewer.layers
+        return layers[name] if name in layers and isinstance(layers[name],
+                                                             napari.layers.Labels) else None
 
     def make_config(self) -> Any:
         """The TrainConfig the Fine-tune button runs (its stop_event is what Stop sets)."""

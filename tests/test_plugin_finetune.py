@@ -218,3 +218,28 @@ def test_a_training_process_that_dies_at_start_points_at_the_main_guard(monkeypa
     monkeypatch.setattr(T, "_main_is_unguarded_script", lambda: False)
     with pytest.raises(RuntimeError, match=r"ended unexpectedly \(exit code 1\)$"):
         T.train_in_subprocess({}, lambda e: None, threading.Event(), poll_s=0.01)
+
+
+def test_viewer_boxes_train_on_the_propagated_slices_too(tmp_path, make_napari_viewer_proxy):
+    """'Boxes in this viewer' had trained on the drawn boxes alone, while Save annotations
+    writes every propagated slice with its tight box."""
+    viewer = make_napari_viewer_proxy()
+    rng = np.random.default_rng(0)
+    volume = rng.integers(0, 30, size=(6, 40, 48)).astype(np.uint8)
+    volume[1:5, 10:26, 12:30] = 200
+    viewer.add_image(volume, name="vol")
+    box_widget = BoxToMaskWidget(viewer)
+    boxes = box_widget.new_boxes_layer()
+    boxes.add_rectangles(boxes_to_rectangles(np.array([[12.0, 10, 30, 26]]), plane=2))
+    boxes.selected_data = {0}
+    box_widget.propagate_selected()
+    tune = FineTuneWidget(viewer)
+    tune.output_edit.setText(str(tmp_path / "run"))
+    tune.source_combo.setCurrentText(SOURCE_VIEWER)
+    tune.image_combo.select(viewer.layers["vol"])
+    tune.boxes_combo.select(boxes)
+    from boxlevelset.data import load_box_folder
+
+    folder = load_box_folder(tune.make_config().data)
+    assert len(folder.records) == 4  # slices 1-4, not slice 2 alone
+    assert all(np.allclose(r.boxes, [[12, 10, 30, 26]], atol=1) for r in folder.records)
