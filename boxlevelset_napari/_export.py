@@ -155,9 +155,9 @@ def export_label_image(path: str | os.PathLike, labels: Any) -> Path | list[Path
 
     if labels is None:
         raise ValueError("there are no masks to export yet (segment some boxes first)")
-    from boxlevelset.export import atomic_path
+    from boxlevelset.export import atomic_path, check_label_image_path
 
-    path = Path(path)
+    path = check_label_image_path(path)  # before the planes' temporary names hide the suffix
     data = np.asarray(labels.data)
     if data.ndim == 2:
         return write_label_image(path, data)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch  # noqa: F401  -- before Qt (napari) is imported
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -267,6 +268,11 @@ def test_3d_label_export_writes_all_planes_or_none(volume_widget, tmp_path):
     (tmp_path / "l_0003.png").rmdir()
     written = export_label_image(tmp_path / "l.png", labels)
     assert [p.name for p in written] == [f"l_{z:04d}.png" for z in range(6)]
+    # A wrong suffix names the user's path, not a plane's hidden temporary file.
+    for bad, shown in (("x.jpg", "'.jpg'"), ("x", "'(no suffix)'")):
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / bad}: ") + ".* not "
+                           + re.escape(shown)):
+            export_label_image(tmp_path / bad, labels)
 
 
 def test_float_image_is_saved_as_tiff(make_napari_viewer_proxy, tmp_path):

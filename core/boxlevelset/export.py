@@ -318,12 +318,24 @@ def masks_to_labels(masks: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
     return labels
 
 
+LABEL_IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
+
+
+def check_label_image_path(path: str | os.PathLike) -> Path:
+    """``path`` if a label image can be written there (by its suffix), else ValueError."""
+    path = Path(path)
+    if path.suffix.lower() not in LABEL_IMAGE_SUFFIXES:
+        raise ValueError(f"{path}: label images are written as .png or .tif, "
+                         f"not {path.suffix or '(no suffix)'!r}")
+    return path
+
+
 def write_label_image(path: str | os.PathLike, labels: np.ndarray) -> Path:
     """Write an HxW integer label image atomically: .png as uint16, .tif/.tiff as uint16/int32."""
     import cv2  # local: keep `import boxlevelset.export` light
     import tifffile
 
-    path = Path(path)
+    path = check_label_image_path(path)
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"{path}: label image must be HxW, got shape {labels.shape}")
@@ -345,6 +357,4 @@ def write_label_image(path: str | os.PathLike, labels: np.ndarray) -> Path:
         dtype = np.uint16 if top <= np.iinfo(np.uint16).max else np.int32
         with atomic_path(path) as tmp:
             tifffile.imwrite(tmp, labels.astype(dtype), compression="zlib")
-    else:
-        raise ValueError(f"{path}: label images are written as .png or .tif, not {suffix!r}")
     return path
