@@ -866,9 +866,21 @@ class BoxToMaskWidget(QWidget):
         if path:
             self.model_edit.setText(str(path))
         names = list(getattr(getattr(model, "config", None), "class_names", []) or [])
+        layer = self.boxes_combo.layer()
+        untouched = self.class_names == [DEFAULT_CATEGORY] and not (
+            layer is not None and "category" in layer.features
+            and (layer.features["category"].astype(str) == DEFAULT_CATEGORY).any())
+        self.class_combo.blockSignals(True)  # no relabelling of boxes selected right now
+        if names and untouched:  # the default 'object', unused: the model's classes instead
+            self.class_combo.clear()
         for name in names:
             if self.class_combo.findText(name) < 0:
                 self.class_combo.addItem(name)
+        if names and untouched:
+            self.class_combo.setCurrentText(names[0])
+            if layer is not None:  # the next box drawn gets the model's class
+                layer.feature_defaults = {"category": names[0], "box_id": -1}
+        self.class_combo.blockSignals(False)
         self.model_label.setText(f"model: {path or type(model).__name__}")
         self.method_combo.setCurrentText(METHOD_MODEL)
         self._update_enabled()

@@ -16,7 +16,7 @@ from qtpy.QtCore import Qt
 
 from boxlevelset.data import load_box_folder
 from boxlevelset.propagate import BAND
-from boxlevelset_napari._box_to_mask import BoxToMaskWidget
+from boxlevelset_napari._box_to_mask import METHOD_LEVELSET, BoxToMaskWidget
 from boxlevelset_napari._export import export_label_image
 from boxlevelset_napari._layers import boxes_layer_kwargs, boxes_to_rectangles
 
@@ -444,3 +444,25 @@ def test_segment_everything_leaves_out_what_is_already_labelled(make_napari_view
     assert "1 left out: already labelled" in widget.status.text()
     assert widget.segment_everything() == 0 and len(boxes.data) == 2
     assert "3 left out: already labelled" in widget.status.text()
+
+
+def test_a_loaded_model_brings_its_classes_in_place_of_the_unused_default(
+        make_napari_viewer_proxy):
+    """The dropdown had stayed on 'object': drawn boxes got 'object', Segment everything the
+    model's class, and a saved folder held both."""
+    from types import SimpleNamespace
+
+    viewer = make_napari_viewer_proxy()
+    widget = _two_object_slice(viewer)
+    boxes = widget.new_boxes_layer()
+    widget.set_model(SimpleNamespace(config=SimpleNamespace(class_names=["nucleus", "debris"])))
+    assert widget.class_names == ["nucleus", "debris"] and widget.category == "nucleus"
+    widget.method_combo.setCurrentText(METHOD_LEVELSET)
+    _add_box(boxes, BOX)
+    assert list(boxes.features["category"]) == ["nucleus"]
+    # Once 'object' is in use, loading a model keeps it and adds the model's classes.
+    other = _two_object_slice(make_napari_viewer_proxy())
+    other_boxes = other.new_boxes_layer()
+    _add_box(other_boxes, BOX)
+    other.set_model(SimpleNamespace(config=SimpleNamespace(class_names=["nucleus"])))
+    assert other.class_names == ["object", "nucleus"] and other.category == "object"
