@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch  # noqa: F401  -- torch must be imported before the Qt application exists
 
+import hashlib
 import time
 import weakref
 from typing import Any
@@ -140,6 +141,12 @@ def closed_by_napari(widget: QWidget, event: QEvent) -> bool:
     return bool(widget.property("boxlevelset_docked"))
 
 
+def _digest(mask: np.ndarray) -> bytes:
+    """A short fingerprint of a boolean mask (kept per painted mask instead of the mask)."""
+    bits = np.packbits(np.asarray(mask, dtype=bool))
+    return hashlib.blake2b(bits.tobytes() + repr(mask.shape).encode(), digest_size=16).digest()
+
+
 def _summary(head: str, notes: list[tuple[int, str]]) -> str:
     """A status line: ``head``, then "; <count> <text>" for each note that counted any."""
     return head + "".join(f"; {count} {text}" for count, text in notes if count)
@@ -179,6 +186,9 @@ class BoxToMaskWidget(QWidget):
         self._busy = False
         self._geom: dict[int, tuple] = {}  # box_id -> (plane, x0, y0, x1, y1) last segmented
         self._written: dict[int, dict[int, np.ndarray]] = {}  # box_id -> plane -> owned pixels
+        # Digests of every mask the widget painted, per (box_id, plane): napari's undo and
+        # redo bring back earlier ones, which are the widget's work, not hand edits.
+        self._painted: dict[tuple[int, int | None], set[bytes]] = {}
         self._locked: set[int] = set()  # accepted boxes: edits no longer change their masks
         self._next_label = 1
         self.last_latency_s: float | None = None
@@ -495,24 +505,37 @@ class BoxToMaskWidget(QWidget):
         user's now, left as it is); boxes with pixels in the new one keep them."""
         self._geom.clear()
         self._written.clear()
+        self._painted.clear()
         self._locked.clear()
         self._adopt_existing()
 
     def _adopt_existing(self) -> None:
-        """Boxes whose label already has pixels (e.g. a reopened folder) keep those masks."""
+        """Boxes whose label already has pixels (e.g. a reopened folder, or a masks layer
+        chosen again) keep those masks, on every plane: a propagated box's label spans
+        slices."""
         labels = self.labels_combo.layer()
         if labels is None or self._bound is None:
             return
         data = np.asarray(labels.data)
-        for box_id, plane, box, _cat in self._boxes():
-            if box_id in self._written or (plane is not None and data.ndim == 3
-                                           and not 0 <= plane < data.shape[0]):
-                continue  # a box on a slice the volume lacks has no pixels to adopt
-            view = data[plane] if plane is not None else data
-            owned = view == box_id
-            if owned.any():
+        boxes = [b for b in self._boxes() if b[0] not in self._written]
+        if not boxes:
+            return
+        if data.ndim == 3:  # label -> planes holding it, in one pass over the volume
+            planes_of: dict[int, list[int]] = {}
+            for z in range(data.shape[0]):
+                for label in np.unique(data[z]):
+                    planes_of.setdefault(int(label), []).append(z)
+        for box_id, plane, box, _cat in boxes:
+            planes = planes_of.get(box_id, []) if data.ndim == 3 else [None]
+            owned = {p: (data[p] if p is not None else data) == box_id for p in planes}
+            owned = {p: m for p, m in owned.items() if m.any()}
+            if not owned:
+                continue
+            if plane in owned:
                 self._geom[box_id] = self._key(plane, box)
-                self._written[box_id] = {plane: owned.copy()}
+            self._written[box_id] = owned
+            for p, m in owned.items():
+                self._painted.setdefault((box_id, p), set()).add(_digest(m))
 
     # ----------------------------------------------------------- categories
     @property
@@ -715,7 +738,7 @@ class BoxToMaskWidget(QWidget):
                 skipped += 1
                 continue
             by_plane.setdefault(item[1], []).append((item[0], box, item))
-        outcome = {"painted": 0, "covered": 0, "nothing": 0, "kept": 0}
+        outcome = {"painted": 0, "partly": 0, "covered": 0, "nothing": 0, "kept": 0}
         for plane, items in by_plane.items():
             masks = self.masks_for(plane, np.stack([b for _, b, _ in items]))
             for (box_id, _box, item), mask in zip(items, masks):
@@ -723,7 +746,9 @@ class BoxToMaskWidget(QWidget):
                 self._geom[box_id] = self._key(item[1], item[2])
         if skipped:
             show_warning(f"boxlevelset: {skipped} box(es) outside the image or too small")
-        self._say(_summary(f"{outcome['painted']} mask(s) updated", [
+        self._say(_summary(f"{outcome['painted'] + outcome['partly']} mask(s) updated", [
+            (outcome["partly"], "box(es) kept less than half their mask: existing labels "
+                                "cover the rest (tick 'Overwrite labels')"),
             (outcome["covered"], "box(es) got no pixels: existing labels cover their masks "
                                  "(tick 'Overwrite labels')"),
             (outcome["nothing"], "box(es) where the method found no object"),
@@ -737,7 +762,8 @@ class BoxToMaskWidget(QWidget):
     def _hand_edited(self, box_id: int, planes: list | None = None) -> bool:
         """True when the label's pixels differ from what the widget last wrote there. A plane
         where the label has no pixels left has nothing to lose: napari's undo of the
-        widget's own painting leaves such planes, and they count as free, not edited."""
+        widget's own painting leaves such planes, and they count as free, not edited; so
+        does a mask the widget painted there before (undo and redo bring those back)."""
         labels = self.labels_combo.layer()
         if labels is None:
             return False
@@ -749,7 +775,8 @@ class BoxToMaskWidget(QWidget):
         for plane in planes:
             current = self._plane_view(labels, plane) == box_id
             owned = written.get(plane)
-            if current.any() and (owned is None or not np.array_equal(current, owned)):
+            if current.any() and (owned is None or not np.array_equal(current, owned)) and \
+                    _digest(current) not in self._painted.get((box_id, plane), ()):
                 return True
         return False
 
@@ -782,9 +809,9 @@ class BoxToMaskWidget(QWidget):
         labels.data_setitem(idx, values)
 
     def _paint(self, box_id: int, plane: int | None, mask: np.ndarray) -> str:
-        """Replace box `box_id`'s pixels on `plane` by `mask`. Returns "painted", "kept" (the
-        user keeps a hand-edited mask), "nothing" (an empty mask) or "covered" (existing
-        labels win every pixel of it)."""
+        """Replace box `box_id`'s pixels on `plane` by `mask`. Returns "painted", "partly"
+        (existing labels win over half of it), "covered" (they win every pixel of it),
+        "kept" (the user keeps a hand-edited mask) or "nothing" (an empty mask)."""
         if not self._may_replace(box_id, [plane]):
             return "kept"
         labels = self.labels_layer(create=True)
@@ -806,13 +833,16 @@ class BoxToMaskWidget(QWidget):
         changed = new_plane != view
         self._set_pixels(labels, plane, changed, new_plane[changed])
         self._written.setdefault(box_id, {})[plane] = target.copy()
+        self._painted.setdefault((box_id, plane), set()).add(_digest(target))
         if self.overwrite_check.isChecked():  # other boxes lost these pixels on purpose
             for other, planes in self._written.items():
                 if other != box_id and plane in planes:
                     planes[plane] &= ~target
         if not mask.any():
             return "nothing"
-        return "painted" if target.any() else "covered"
+        if not target.any():
+            return "covered"
+        return "partly" if 2 * int(target.sum()) < int(mask.sum()) else "painted"
 
     def _remove_box(self, box_id: int) -> None:
         written = self._written.pop(box_id, {})
@@ -993,7 +1023,7 @@ class BoxToMaskWidget(QWidget):
         labels = self.labels_layer(create=True)
         depth = image.data.shape[0]
         added: dict[int, int] = {}
-        outcome = {"painted": 0, "covered": 0, "kept": 0, "cleared": 0}
+        outcome = {"painted": 0, "partly": 0, "covered": 0, "kept": 0, "cleared": 0}
         problems = []
         for row in sorted(layer.selected_data):
             box_id = int(ids[row])
@@ -1017,7 +1047,7 @@ class BoxToMaskWidget(QWidget):
                     z, mask = step
                     result = self._paint(box_id, z, mask)
                     reached.add(z)
-                    count += result == "painted"
+                    count += result in ("painted", "partly")
                     outcome[result if result in outcome else "covered"] += 1
                     kept = (np.asarray(self._plane_view(labels, z)) == box_id
                             if result == "kept" else None)
@@ -1029,6 +1059,8 @@ class BoxToMaskWidget(QWidget):
                     box_id, [p for p in self._written.get(box_id, {}) if p not in reached])
             added[box_id] = count
         msg = _summary(f"propagated: {sum(added.values())} slice mask(s) added", [
+            (outcome["partly"], "slice(s) where existing labels cover most of the mask "
+                                "(tick 'Overwrite labels')"),
             (outcome["covered"], "slice(s) where existing labels cover the mask "
                                  "(tick 'Overwrite labels')"),
             (outcome["kept"], "hand-edited slice(s) kept and carried on from"),
