@@ -165,6 +165,8 @@ def read_box_folder(path: str | os.PathLike) -> list[LayerData]:
     records = list(folder.records)
     if not records:
         raise ValueError(f"{root}: the folder holds no readable images")
+    if all(r.slice_index is not None for r in records) and len({r.path for r in records}) == 1:
+        return _ct_folder_layers(folder, records, root)
     images = [np.asarray(folder.load_image(r)) for r in records]
     cat_names = {int(c["id"]): str(c["name"]) for c in folder.categories}
     class_names = [str(c["name"]) for c in folder.categories] or ["object"]
@@ -213,3 +215,37 @@ def read_box_folder(path: str | os.PathLike) -> list[LayerData]:
         layers.append((labels, {"name": f"{root.name} masks",
                                 "metadata": {META_KEY: dict(folder_meta)}}, "labels"))
     return layers
+
+
+def _ct_folder_layers(folder: Any, records: list, root: Path) -> list[LayerData]:
+    """A folder whose entries are slices of one CT volume (what Save annotations writes for
+    a CT layer): the volume in HU with its window and spacing, each box on its own slice,
+    the masks in a volume-sized Labels layer. Stacked as 8-bit pictures of the annotated
+    slices, it had lost the HU, the geometry and the gaps between slices."""
+    volume = folder.volume(records[0])
+    image = ct_layer_data(volume, root.name)
+    scale = image[1]["scale"]
+    cat_names = {int(c["id"]): str(c["name"]) for c in folder.categories}
+    class_names = [str(c["name"]) for c in folder.categories] or ["object"]
+    labels = np.zeros(volume.shape, dtype=np.int32)
+    rects, cats, ids = [], [], []
+    for record in records:
+        gt = folder.gt_masks(record)
+        for j, box in enumerate(np.asarray(record.boxes, dtype=np.float64).reshape(-1, 4)):
+            box_id = len(ids) + 1
+            rects.extend(boxes_to_rectangles(box[None], plane=record.slice_index))
+            cats.append(cat_names.get(int(record.category_ids[j]), str(record.category_ids[j])))
+            ids.append(box_id)
+            if gt is not None and j < len(gt):
+                plane = labels[record.slice_index]
+                plane[gt[j] & (plane == 0)] = box_id  # earlier boxes win overlaps
+    box_kwargs = boxes_layer_kwargs(cats, ids, name=f"{root.name} boxes",
+                                    class_names=class_names, default_category=class_names[0])
+    box_kwargs.update(ndim=3, scale=scale)
+    layers: list[LayerData] = [image, (rects, box_kwargs, "shapes")]
+    if labels.any():
+        meta = {META_KEY: dict(image[1]["metadata"][META_KEY])}
+        layers.append((labels, {"name": f"{root.name} masks", "scale": scale,
+                                "metadata": meta}, "labels"))
+    return layers
+

@@ -28,6 +28,12 @@ def _layers(layer_data):
     return [Layer.create(data, dict(kwargs), kind) for data, kwargs, kind in layer_data]
 
 
+def plugin_meta_of(kwargs: dict) -> dict:
+    from boxlevelset_napari._layers import META_KEY
+
+    return kwargs["metadata"][META_KEY]
+
+
 def _write_ct(path: Path) -> sitk.Image:
     """A small anisotropic, oblique CT volume: a 'liver' (60 HU) block in water."""
     arr = np.full((6, 40, 48), -1000, np.int16)
@@ -149,6 +155,15 @@ def test_ct_reader_window_scale_and_nifti_export_keep_geometry(tmp_path, make_na
     np.testing.assert_array_equal(saved.slice_hu(record), data[2])
     assert saved.volume(record).spacing == pytest.approx(src.GetSpacing())
     assert np.array_equal(saved.gt_masks(record)[0], labels.data[2] == box_id)
+    # Reopened, it is the CT again (HU, window, spacing), each box on its own slice: it had
+    # come back as an 8-bit stack of the annotated slices, neighbours across any gap.
+    path = str(tmp_path / "saved")
+    (vol, vol_kwargs, _), (rects, box_kwargs, _), (masks, _, _) = napari_get_reader(path)(path)
+    assert vol.shape == data.shape and vol[2, 15, 20] == 60
+    assert plugin_meta_of(vol_kwargs)["kind"] == "ct"
+    assert vol_kwargs["scale"] == box_kwargs["scale"] == pytest.approx(kwargs["scale"])
+    assert sorted({int(r[0, 0]) for r in rects}) == [1, 2, 3, 4]
+    assert all((masks[z] > 0).any() for z in (1, 2, 3, 4)) and not masks[0].any()
     # The exported label volume opens again as labels on the CT's grid, not as a CT image.
     (again, again_kwargs, again_kind), = napari_get_reader(str(out))(str(out))
     assert again_kind == "labels" and np.array_equal(again, labels.data)
