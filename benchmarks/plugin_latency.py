@@ -6,8 +6,11 @@
    resulting repaint events.
 2. Event-loop latency while fine-tuning runs in the widget's thread_worker: a QTimer ticks
    every 10 ms; the delay of each tick beyond 10 ms is recorded, idle vs. training.
+3. Propagation through the plugin: the IRCAD volume opened through the plugin's reader, a
+   liver box on slice 90, *Propagate selected box* with no slice bound (the walk, the
+   painting of every slice into the Labels layer and the status), when the volume is there.
 
-    python benchmarks/plugin_latency.py [--image PATH] [--train-seconds 20]
+    python benchmarks/plugin_latency.py [--image PATH] [--train-seconds 20] [--skip-train]
 
 Runs under Xvfb when there is no display (re-executes itself through xvfb-run).
 """
@@ -140,6 +143,40 @@ def finetune_latency(viewer, app, seconds: float, in_process: bool) -> dict:
             "stop_s": stop_s, "error": tune.error}
 
 
+IRCAD = (Path(__file__).resolve().parents[2] / "shared" / "data" / "ircad01-volume"
+         / "ircad01.nii.gz")
+LIVER_BOX = (50.0, 95.0, 335.0, 392.0)  # slice 90, drawn by eye (as benchmarks/propagate.py)
+
+
+def propagation_time(app, repeats: int = 3) -> tuple[int, list[float]]:
+    """Seconds for one unbounded liver walk through the widget, per repeat (a fresh viewer
+    and widget each time: no other widget listens to its layers)."""
+    import napari
+    from napari.layers import Layer
+
+    from boxlevelset_napari._box_to_mask import BoxToMaskWidget
+    from boxlevelset_napari._layers import boxes_to_rectangles
+    from boxlevelset_napari._reader import napari_get_reader
+
+    times, added = [], 0
+    for _ in range(repeats):
+        viewer = napari.Viewer(show=True)
+        for data, kwargs, kind in napari_get_reader(str(IRCAD))(str(IRCAD)):
+            viewer.add_layer(Layer.create(data, dict(kwargs), kind))
+        widget = BoxToMaskWidget(viewer)
+        boxes = widget.new_boxes_layer()
+        boxes.add_rectangles(boxes_to_rectangles(np.array([LIVER_BOX]), plane=90))
+        boxes.selected_data = {0}
+        _process(app)
+        t0 = time.perf_counter()
+        added = sum(widget.propagate_selected().values())
+        _process(app)
+        times.append(time.perf_counter() - t0)
+        widget.detach()
+        viewer.close()
+    return added, times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image", default=str(COCO_PHOTO))
@@ -168,6 +205,12 @@ def main() -> None:
     print(f"{'box px':>7} {'median ms':>10} {'max ms':>8} {'+repaint ms':>12}")
     for size, med, mx, paint in rows:
         print(f"{size:>7} {med:>10.1f} {mx:>8.1f} {paint:>12.1f}")
+
+    if IRCAD.is_file():
+        added, times = propagation_time(app)
+        print(f"\npropagate a liver box from IRCAD slice 90 through the widget: {added} slices "
+              f"in {statistics.median(times):.2f} s median of {len(times)} "
+              f"({statistics.median(times) / added * 1000:.0f} ms a slice)")
 
     if not args.skip_train:
         print("\nevent-loop delay of a 10 ms QTimer (ms beyond 10 ms), lite preset, 128 px")
