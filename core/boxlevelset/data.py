@@ -76,15 +76,21 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         image = cv2.imdecode(data, flags) if data.size else None
         if image is None:
             raise ImageReadError(f"{path}: cannot decode image (corrupt or not a {suffix} file)")
-        if image.ndim == 3 and image.shape[2] == 3:
-            image = image[..., ::-1]
-        elif image.ndim == 3 and image.shape[2] == 4:
-            image = image[..., [2, 1, 0, 3]]
+        image = _swap_red_blue(image)
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[..., 0]
     if image.ndim not in (2, 3) or image.size == 0:
         raise ImageReadError(f"{path}: expected a 2D image, got an array of shape {image.shape}")
     return np.ascontiguousarray(image)
+
+
+def _swap_red_blue(image: np.ndarray) -> np.ndarray:
+    """RGB(A) <-> OpenCV's BGR(A) (the same swap both ways); other images as they are."""
+    if image.ndim == 3 and image.shape[2] == 3:
+        return image[..., ::-1]
+    if image.ndim == 3 and image.shape[2] == 4:
+        return image[..., [2, 1, 0, 3]]
+    return image
 
 
 def read_tiff(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
@@ -119,8 +125,7 @@ def read_tiff(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
                                       cv2.IMREAD_UNCHANGED)
         if not ok or not pages:
             raise ImageReadError(f"{path}: cannot read TIFF ({err})") from err
-        pages = [p[..., ::-1] if p.ndim == 3 and p.shape[2] == 3 else
-                 p[..., [2, 1, 0, 3]] if p.ndim == 3 and p.shape[2] == 4 else p for p in pages]
+        pages = [_swap_red_blue(p) for p in pages]
         if len(pages) == 1:
             return pages[0], False
         if len({(p.shape, p.dtype) for p in pages}) > 1:
@@ -757,10 +762,7 @@ def _write_image(path: Path, image: np.ndarray) -> None:
             f"{path.name}: {suffix} holds uint8 (PNG also uint16), got {image.dtype}; "
             "use a .tif name for other types"
         )
-    if image.ndim == 3 and image.shape[2] == 3:
-        image = image[..., ::-1]
-    elif image.ndim == 3 and image.shape[2] == 4:
-        image = image[..., [2, 1, 0, 3]]
+    image = _swap_red_blue(image)
     with atomic_path(path) as tmp:
         if not cv2.imwrite(str(tmp), np.ascontiguousarray(image)):
             raise OSError(f"{path}: OpenCV could not write the image")
