@@ -27,8 +27,8 @@ import numpy as np
 from boxlevelset import segment_boxes
 from boxlevelset.data import load_box_folder
 from boxlevelset.evaluate import mask_iou
-from boxlevelset.image import as_float_image
-from boxlevelset.propagate import MIN_OVERLAP, bounding_box, propagate_mask
+from boxlevelset.image import as_float_image, bounding_box
+from boxlevelset.propagate import MIN_OVERLAP, propagate_mask
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WINDOW = "abdomen"

@@ -40,6 +40,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from boxlevelset.image import bounding_box
+
 from ._layers import (
     DEFAULT_CATEGORY,
     META_KEY,
@@ -155,13 +157,6 @@ def _summary(head: str, notes: list[tuple[int, str]]) -> str:
 def _unwrap(obj: Any) -> Any:
     """The layer behind napari's PublicOnlyProxy (plugins receive proxied viewers)."""
     return getattr(obj, "__wrapped__", obj)
-
-
-def _bbox(mask: np.ndarray) -> np.ndarray | None:
-    ys, xs = np.nonzero(mask)
-    if ys.size == 0:
-        return None
-    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
 
 
 class BoxToMaskWidget(QWidget):
@@ -972,7 +967,7 @@ class BoxToMaskWidget(QWidget):
             keep.append(i)
             taken |= m
         masks = np.asarray(instances.masks)[keep]
-        boxes = np.stack([_bbox(m) for m in masks]) if keep else np.zeros((0, 4))
+        boxes = np.stack([bounding_box(m) for m in masks]) if keep else np.zeros((0, 4))
         n = self._add_instances(plane, masks, boxes, [cats[i] for i in keep])
         self._say(_summary(f"segment everything: {n} instance(s) with score ≥ "
                            f"{threshold:.2f} added",

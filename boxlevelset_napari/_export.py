@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from boxlevelset.image import apply_window
+from boxlevelset.image import apply_window, bounding_box
 
 from ._layers import contrast_window, plugin_meta, rectangle_to_box
 
@@ -214,10 +214,8 @@ def _add_mask_boxes(per_plane: dict, image: Any, labels: Any, default_class: str
         lab = _plane(labels.data, plane)[:height, :width]
         drawn = {bid for bid, _box, _cat in per_plane.get(plane, [])}
         for label_id in (int(v) for v in np.unique(lab) if v != 0 and int(v) not in drawn):
-            ys, xs = np.nonzero(lab == label_id)
-            box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64)
             per_plane.setdefault(plane, []).append(
-                (label_id, box, box_cat.get(label_id, default_class)))
+                (label_id, bounding_box(lab == label_id), box_cat.get(label_id, default_class)))
 
 
 def save_annotations(folder: str | os.PathLike, image: Any, boxes: Any, labels: Any,

@@ -138,3 +138,15 @@ def pixel_bounds(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
     # negative end would slice from the far side as a Python index).
     high = np.maximum(np.minimum(np.ceil(arr[:, 2:]), [width, height]), low)
     return np.concatenate([low, high], 1).astype(np.int64)
+
+
+def bounding_box(mask: np.ndarray, margin: int = 0) -> np.ndarray:
+    """(x0, y0, x1, y1) of a non-empty HxW mask's pixels (float64), grown by ``margin`` and
+    clipped to the mask's extent."""
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        raise ValueError("bounding box of an empty mask")
+    height, width = np.shape(mask)
+    return np.array([max(xs.min() - margin, 0), max(ys.min() - margin, 0),
+                     min(xs.max() + 1 + margin, width), min(ys.max() + 1 + margin, height)],
+                    dtype=np.float64)

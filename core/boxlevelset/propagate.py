@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from boxlevelset.evaluate import mask_iou
-from boxlevelset.image import Window, apply_window
+from boxlevelset.image import Window, apply_window, bounding_box
 
 # How far (pixels) an outline may move from one slice to the next. Three pixels let a
 # liver follow its own outline through the IRCAD volume (0.57 mm pixels, 1.6 mm slices)
@@ -41,17 +41,6 @@ Segmenter = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
 def _disk(radius: int) -> np.ndarray:
     y, x = np.mgrid[-radius : radius + 1, -radius : radius + 1]
     return x * x + y * y <= radius * radius
-
-
-def bounding_box(mask: np.ndarray, margin: int = 0) -> np.ndarray:
-    """(x0, y0, x1, y1) of a non-empty mask's pixels, grown by ``margin`` and clipped."""
-    ys, xs = np.nonzero(mask)
-    if ys.size == 0:
-        raise ValueError("bounding box of an empty mask")
-    height, width = mask.shape
-    return np.array([max(xs.min() - margin, 0), max(ys.min() - margin, 0),
-                     min(xs.max() + 1 + margin, width), min(ys.max() + 1 + margin, height)],
-                    dtype=np.float64)
 
 
 def within_band(mask: np.ndarray, previous: np.ndarray, band: int = BAND) -> np.ndarray:
