@@ -168,8 +168,6 @@ def read_box_folder(path: str | os.PathLike) -> list[LayerData]:
     if all(r.slice_index is not None for r in records) and len({r.path for r in records}) == 1:
         return _ct_folder_layers(folder, records, root)
     images = [np.asarray(folder.load_image(r)) for r in records]
-    cat_names = {int(c["id"]): str(c["name"]) for c in folder.categories}
-    class_names = [str(c["name"]) for c in folder.categories] or ["object"]
 
     height = max(im.shape[0] for im in images)
     width = max(im.shape[1] for im in images)
@@ -178,25 +176,14 @@ def read_box_folder(path: str | os.PathLike) -> list[LayerData]:
     # The widest type of all images: uint8 beside uint16 must not wrap the 16-bit ones.
     dtype = np.result_type(*[im.dtype for im in images])
     stack = np.zeros((len(images), height, width, *channels), dtype=dtype)
-    labels = np.zeros((len(images), height, width), dtype=np.int32)
-    rects, cats, ids = [], [], []
-    has_masks = False
-    next_id = 1
-    for k, (record, image) in enumerate(zip(records, images)):
+    for k, image in enumerate(images):
         if rgb and image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=2)
         image = image[..., :3] if rgb else image
         stack[k, : image.shape[0], : image.shape[1]] = image
-        gt = folder.gt_masks(record)
-        for j, box in enumerate(np.asarray(record.boxes, dtype=np.float64).reshape(-1, 4)):
-            rects.extend(boxes_to_rectangles(box[None], plane=k))
-            cats.append(cat_names.get(int(record.category_ids[j]), str(record.category_ids[j])))
-            ids.append(next_id)
-            if gt is not None and j < len(gt):
-                has_masks = True
-                plane = labels[k, : gt[j].shape[0], : gt[j].shape[1]]
-                plane[gt[j] & (plane == 0)] = next_id  # earlier boxes win overlaps
-            next_id += 1
+    labels = np.zeros((len(images), height, width), dtype=np.int32)
+    box_kwargs, rects, has_masks = _boxes_and_masks(folder, records, range(len(records)),
+                                                    labels, root.name)
     folder_meta = {
         "kind": "folder",
         "root": str(root),
@@ -207,9 +194,6 @@ def read_box_folder(path: str | os.PathLike) -> list[LayerData]:
     layers: list[LayerData] = [
         (stack, {"name": root.name, "rgb": rgb, "metadata": {META_KEY: folder_meta}}, "image")
     ]
-    box_kwargs = boxes_layer_kwargs(cats, ids, name=f"{root.name} boxes", class_names=class_names,
-                                    default_category=class_names[0])
-    box_kwargs["ndim"] = 3
     layers.append((rects, box_kwargs, "shapes"))
     if has_masks:
         layers.append((labels, {"name": f"{root.name} masks",
@@ -225,27 +209,40 @@ def _ct_folder_layers(folder: Any, records: list, root: Path) -> list[LayerData]
     volume = folder.volume(records[0])
     image = ct_layer_data(volume, root.name)
     scale = image[1]["scale"]
-    cat_names = {int(c["id"]): str(c["name"]) for c in folder.categories}
-    class_names = [str(c["name"]) for c in folder.categories] or ["object"]
     labels = np.zeros(volume.shape, dtype=np.int32)
-    rects, cats, ids = [], [], []
-    for record in records:
-        gt = folder.gt_masks(record)
-        for j, box in enumerate(np.asarray(record.boxes, dtype=np.float64).reshape(-1, 4)):
-            box_id = len(ids) + 1
-            rects.extend(boxes_to_rectangles(box[None], plane=record.slice_index))
-            cats.append(cat_names.get(int(record.category_ids[j]), str(record.category_ids[j])))
-            ids.append(box_id)
-            if gt is not None and j < len(gt):
-                plane = labels[record.slice_index]
-                plane[gt[j] & (plane == 0)] = box_id  # earlier boxes win overlaps
-    box_kwargs = boxes_layer_kwargs(cats, ids, name=f"{root.name} boxes",
-                                    class_names=class_names, default_category=class_names[0])
-    box_kwargs.update(ndim=3, scale=scale)
+    box_kwargs, rects, _ = _boxes_and_masks(folder, records,
+                                            [r.slice_index for r in records], labels, root.name)
+    box_kwargs["scale"] = scale
     layers: list[LayerData] = [image, (rects, box_kwargs, "shapes")]
     if labels.any():
         meta = {META_KEY: dict(image[1]["metadata"][META_KEY])}
         layers.append((labels, {"name": f"{root.name} masks", "scale": scale,
                                 "metadata": meta}, "labels"))
     return layers
+
+
+def _boxes_and_masks(folder: Any, records: list, planes: Any, labels: np.ndarray,
+                     name: str) -> tuple[dict, list, bool]:
+    """Each record's boxes on its plane of a 3D boxes layer (kwargs, rectangles), label id =
+    box id, and its masks painted into ``labels`` on that plane; also whether any record
+    has masks."""
+    cat_names = {int(c["id"]): str(c["name"]) for c in folder.categories}
+    class_names = [str(c["name"]) for c in folder.categories] or ["object"]
+    rects, cats, ids = [], [], []
+    has_masks = False
+    for record, plane in zip(records, planes):
+        gt = folder.gt_masks(record)
+        for j, box in enumerate(np.asarray(record.boxes, dtype=np.float64).reshape(-1, 4)):
+            box_id = len(ids) + 1
+            rects.extend(boxes_to_rectangles(box[None], plane=plane))
+            cats.append(cat_names.get(int(record.category_ids[j]), str(record.category_ids[j])))
+            ids.append(box_id)
+            if gt is not None and j < len(gt):
+                has_masks = True
+                target = labels[plane, : gt[j].shape[0], : gt[j].shape[1]]
+                target[gt[j] & (target == 0)] = box_id  # earlier boxes win overlaps
+    box_kwargs = boxes_layer_kwargs(cats, ids, name=f"{name} boxes", class_names=class_names,
+                                    default_category=class_names[0])
+    box_kwargs["ndim"] = 3
+    return box_kwargs, rects, has_masks
 
