@@ -727,6 +727,9 @@ def _differs_around(img: np.ndarray, bounds: tuple[int, int, int, int]) -> bool:
     return bool(np.abs(frame[outside] - inside).max() >= 2 * FLAT)
 
 
+# The level set an init mask starts from: +-INIT_LEVEL inside/outside. Smaller than the 2.0
+# the cut's result starts the polish with, so that 25 steps can still move an outline the
+# init mask got a few pixels wrong (an object shrinking from one slice to the next).
 INIT_LEVEL = 1.0
 
 
