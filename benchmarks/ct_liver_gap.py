@@ -77,7 +77,7 @@ def star_clean(mask: np.ndarray, gap: float = 0.03) -> np.ndarray:
     keep = longest * np.hypot(ys - cy, xs - cx) / 47 <= gap * side
     out = np.zeros_like(mask)
     out[ys[keep], xs[keep]] = True
-    return L._clean(out, fill_holes=True, largest_component=True)
+    return L.clean_mask(out, fill_holes=True, largest_component=True)
 
 
 def main() -> None:

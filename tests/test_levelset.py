@@ -416,12 +416,12 @@ def test_clean_keeps_large_pieces_and_drops_specks():
     mask[22:28, 2:20] = True  # 108 px, a third of it: kept (a vertebra's arch beside its body)
     mask[2:6, 30:34] = True  # 16 px: a speck, dropped
     mask[8:14, 8:14] = False  # a hole, filled
-    out = L._clean(mask, fill_holes=True, largest_component=True)
+    out = L.clean_mask(mask, fill_holes=True, largest_component=True)
     want = mask.copy()
     want[2:6, 30:34] = False
     want[8:14, 8:14] = True
     np.testing.assert_array_equal(out, want)
-    np.testing.assert_array_equal(L._clean(mask, False, False), mask)
+    np.testing.assert_array_equal(L.clean_mask(mask, False, False), mask)
 
 
 def test_nan_padding_outside_the_boxes_is_allowed():

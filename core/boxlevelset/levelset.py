@@ -702,7 +702,7 @@ def segment_boxes(
         bh, bw = y1 - y0, x1 - x0
         if phi.shape != (bh, bw):
             phi = cv2.resize(phi, (bw, bh), interpolation=cv2.INTER_LINEAR)
-        mask[y0:y1, x0:x1] = _clean(phi > 0, fill_holes, largest_component)
+        mask[y0:y1, x0:x1] = clean_mask(phi > 0, fill_holes, largest_component)
     return masks
 
 
@@ -777,7 +777,10 @@ def _fill_outside_boxes(img: np.ndarray, bounds: np.ndarray) -> np.ndarray:
 MIN_PIECE = 0.25
 
 
-def _clean(mask: np.ndarray, fill_holes: bool, largest_component: bool) -> np.ndarray:
+def clean_mask(mask: np.ndarray, fill_holes: bool, largest_component: bool) -> np.ndarray:
+    """The clean-up ``segment_boxes`` applies to each mask inside its box: with
+    ``largest_component``, the largest connected piece and every piece of at least
+    ``MIN_PIECE`` of its area stay; with ``fill_holes``, holes are filled."""
     from scipy import ndimage
 
     if largest_component and mask.any():

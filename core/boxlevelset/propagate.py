@@ -47,10 +47,10 @@ def within_band(mask: np.ndarray, previous: np.ndarray, band: int = BAND) -> np.
     """``mask`` cut to ``band`` pixels around ``previous``; of the pieces left, the largest
     and those at least ``levelset.MIN_PIECE`` of its size stay (a vertebra's body and arch
     are two pieces on many slices; a leak cut by the band can leave specks)."""
-    from boxlevelset.levelset import _clean
+    from boxlevelset.levelset import clean_mask
 
     held = mask & ndimage.binary_dilation(previous, _disk(band))
-    return _clean(held, fill_holes=False, largest_component=True)
+    return clean_mask(held, fill_holes=False, largest_component=True)
 
 
 def propagate_mask(
