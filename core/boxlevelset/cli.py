@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -53,7 +54,8 @@ def _boxes_from_json(
                          "with boxes per file name")
     try:
         if isinstance(data, dict):
-            return {Path(k).name: as_boxes(v) for k, v in data.items()}, None
+            # Keys as given: "a/img.png" and "b/img.png" are two images (see _boxes_per_input).
+            return {k: as_boxes(v) for k, v in data.items()}, None
         boxes = as_boxes(data)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
@@ -76,10 +78,11 @@ def _folder_for(args: argparse.Namespace):
         args.boxes = SAMPLES / "nuclei_boxes.json"
     if not args.inputs:
         raise ValueError("give images, a box-labeled folder, or --sample")
-    if any(Path(p).is_dir() for p in args.inputs):
+    if any(_is_box_source(Path(p)) for p in args.inputs):
         if len(args.inputs) > 1 or args.boxes is not None:
-            raise ValueError("a folder is segmented alone, with the boxes of its annotations "
-                             "(annotations.json or Annotations/); --boxes is for image files")
+            raise ValueError("a folder (or its COCO .json) is segmented alone, with the boxes "
+                             "of its annotations (annotations.json or Annotations/); --boxes "
+                             "is for image files")
         folder = load_box_folder(args.inputs[0], window=args.window or "abdomen")
         if not any(len(r.boxes) for r in folder.records):
             raise ValueError(f"{args.inputs[0]}: no boxes to segment (a box-labeled folder "
@@ -90,14 +93,11 @@ def _folder_for(args: argparse.Namespace):
         raise ValueError("image files need --boxes: [[x0, y0, x1, y1], ...] as JSON text or a file")
     boxes, names = _boxes_from_json(args.boxes)
     if isinstance(boxes, dict):
-        unknown = sorted(set(boxes) - {Path(p).name for p in args.inputs})
-        if unknown:
-            raise ValueError(f"{args.boxes}: boxes for {', '.join(unknown)}, which no input "
-                             f"image is named (inputs: "
-                             f"{', '.join(Path(p).name for p in args.inputs)})")
+        boxes = _boxes_per_input(boxes, args.inputs, args.boxes)
     categories = list(dict.fromkeys(names or ["object"]))
+    root, file_names = _common_root(args.inputs)
     records, unreadable = [], []
-    for i, name in enumerate(args.inputs, start=1):
+    for i, (name, file_name) in enumerate(zip(args.inputs, file_names), start=1):
         path = Path(name)
         try:
             image = read_image(path)
@@ -105,7 +105,7 @@ def _folder_for(args: argparse.Namespace):
             warnings.warn(f"skipping unreadable image: {err}", stacklevel=2)
             unreadable.append(str(err))
             continue
-        b = boxes.get(path.name, np.zeros((0, 4))) if isinstance(boxes, dict) else boxes
+        b = boxes[i - 1] if isinstance(boxes, list) else boxes
         height, width = image.shape[:2]
         clipped = np.asarray(b, np.float32).reshape(-1, 4).clip(0, [width, height] * 2)
         keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
@@ -115,14 +115,57 @@ def _folder_for(args: argparse.Namespace):
         cats = np.array([categories.index(n) + 1 for n in names] if names
                         else [1] * len(b), np.int64).reshape(-1)
         records.append(Record(
-            image_id=i, file_name=path.name, path=path, width=width, height=height,
+            image_id=i, file_name=file_name, path=path, width=width, height=height,
             boxes=clipped[keep], category_ids=cats[keep],
             segmentations=[None] * int(keep.sum()),
         ))
     if not records:
         raise ValueError("no image could be read: " + "; ".join(unreadable))
     cat_rows = [{"id": k, "name": n} for k, n in enumerate(categories, start=1)]
-    return BoxFolder(Path(args.inputs[0]).parent, cat_rows, records)
+    return BoxFolder(root, cat_rows, records)
+
+
+def _boxes_per_input(boxes: dict[str, np.ndarray], inputs: Sequence[Path | str],
+                     source: Any) -> list[np.ndarray]:
+    """The boxes of each input from {file name: boxes}: a key names the input whose path
+    ends with it ("img.png", or "a/img.png" to tell a/img.png from b/img.png); the longest
+    match wins. ValueError for a key that names no input, or several."""
+    paths = [Path(p).absolute().parts for p in inputs]
+    best: list[tuple[int, np.ndarray]] = [(0, np.zeros((0, 4)))] * len(paths)
+    for key, value in boxes.items():
+        parts = tuple(q for q in Path(key).parts if q != ".")
+        if Path(key).is_absolute():
+            hits = [i for i, p in enumerate(paths) if p == Path(key).absolute().parts]
+        else:
+            hits = [i for i, p in enumerate(paths) if parts and p[-len(parts):] == parts]
+        if not hits:
+            raise ValueError(f"{source}: boxes for {key}, which no input image is named "
+                             f"(inputs: {', '.join(str(p) for p in inputs)})")
+        if len(hits) > 1:
+            raise ValueError(f"{source}: {key} names {len(hits)} inputs "
+                             f"({', '.join(str(inputs[i]) for i in hits)}); give the boxes "
+                             "with the folder in the name (e.g. a/img.png)")
+        if len(parts) > best[hits[0]][0]:
+            best[hits[0]] = (len(parts), value)
+    return [value for _, value in best]
+
+
+def _is_box_source(path: Path) -> bool:
+    """A box-labeled folder, or a COCO .json file that load_box_folder reads as one."""
+    return path.is_dir() or (path.suffix.lower() == ".json" and path.is_file())
+
+
+def _common_root(inputs: Sequence[Path | str]) -> tuple[Path, list[str]]:
+    """The folder of the image inputs and their COCO file names relative to it: bare names
+    when they differ, else paths from the inputs' common folder (a/img.png and b/img.png
+    must not both be "img.png" in masks.json)."""
+    paths = [Path(p) for p in inputs]
+    names = [p.name for p in paths]
+    if len(set(names)) == len(names):
+        return paths[0].parent, names
+    absolute = [p.absolute() for p in paths]
+    root = Path(os.path.commonpath([str(p.parent) for p in absolute]))
+    return root, [p.relative_to(root).as_posix() for p in absolute]
 
 
 def run_segment(args: argparse.Namespace) -> int:
@@ -202,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--boxes",
                      help='boxes for image inputs, a JSON file or JSON text: '
                           '[[x0, y0, x1, y1], ...] for every image, '
-                          '{"a.png": [[x0, y0, x1, y1], ...], ...} per file name, or '
+                          '{"a.png": [[x0, y0, x1, y1], ...], ...} per file name ("dir/a.png" '
+                          'tells same-named files apart), or '
                           '{"boxes_xyxy": [...]}')
     seg.add_argument("--sample", action="store_true", help="run on the shipped nuclei sample")
     # -o / --output / --out, as train and predict take them.

@@ -147,6 +147,8 @@ def read_tiff(path: str | os.PathLike) -> tuple[np.ndarray, bool]:
 
 def _read_tiff(path: Path) -> np.ndarray:
     image, stack = read_tiff(path)
+    if stack and image.shape[0] == 1:  # one plane saved with a z axis (numpy's arr[None])
+        return image[0]
     if stack:
         raise ImageReadError(
             f"{path}: TIFF holds a stack of shape {image.shape}, not a 2D image; "
@@ -329,6 +331,8 @@ class Record:
     boxes are (x0, y0, x1, y1) float32 pixels clipped to the image; category_ids are the
     folder's category ids; segmentations holds, per box, a COCO RLE dict, a polygon list or
     None. slice_index is the z index for CT entries (path is then the volume), else None.
+    areas holds, per box, the annotation's own "area" (None where it has none), or is empty:
+    COCO's small/medium/large split reads that field, not the mask's pixel count.
     """
 
     image_id: int
@@ -341,6 +345,7 @@ class Record:
     segmentations: list = field(default_factory=list)
     slice_index: int | None = None
     crowd: list = field(default_factory=list)
+    areas: list = field(default_factory=list)
 
 
 class BoxFolder:
@@ -450,23 +455,30 @@ class BoxFolder:
                 image["slice_index"] = rec.slice_index
             images.append(image)
             rles = self._gt_rles(rec)
-            for box, cat, rle in zip(rec.boxes, rec.category_ids, rles):
+            # The file's own areas where every box has one (a list out of step with the
+            # boxes, after someone filtered them, is not trusted).
+            areas = rec.areas if len(rec.areas) == len(rec.boxes) else [None] * len(rec.boxes)
+            for box, cat, rle, area in zip(rec.boxes, rec.category_ids, rles, areas):
                 x0, y0, x1, y1 = (float(v) for v in box)
                 ann = {"id": len(annotations) + 1, "image_id": rec.image_id,
                        "category_id": int(cat), "bbox": [x0, y0, x1 - x0, y1 - y0],
                        "iscrowd": 0}
                 if rle is not None:
                     ann["segmentation"] = rle
-                    ann["area"] = float(mask_utils.area(rle))
+                    # pycocotools sorts instances into small/medium/large by the file's
+                    # "area" (for COCO polygons, the polygon's area), so keep it.
+                    ann["area"] = float(area) if area is not None else float(mask_utils.area(rle))
                 else:
                     ann["area"] = (x1 - x0) * (y1 - y0)
                 annotations.append(ann)
             for ann in rec.crowd:  # ignore regions: matched detections are neither TP nor FP
                 rle = segmentation_to_rle(ann["segmentation"], rec.height, rec.width)
+                area = ann.get("area")
                 annotations.append({
                     "id": len(annotations) + 1, "image_id": rec.image_id,
                     "category_id": int(ann["category_id"]), "bbox": list(ann["bbox"]),
-                    "iscrowd": 1, "segmentation": rle, "area": float(mask_utils.area(rle)),
+                    "iscrowd": 1, "segmentation": rle,
+                    "area": float(area) if area is not None else float(mask_utils.area(rle)),
                 })
         return {"images": images, "annotations": annotations,
                 "categories": [dict(c) for c in self.categories]}
@@ -481,10 +493,12 @@ def load_box_folder(path: str | os.PathLike, window: Window = "abdomen") -> BoxF
     Recognised layouts, in this order: a COCO `annotations.json` (or a path to any COCO .json)
     with images under `images/` (or beside the json); Pascal VOC (`Annotations/*.xml` +
     `JPEGImages/`, categories from the <name> tags, sorted); a plain folder of images (or its
-    `images/` subfolder), giving records without boxes. Missing or unreadable images are
-    skipped with a warning naming them; boxes are clipped to the image and zero-area ones are
-    dropped (count logged); crowd annotations (iscrowd 1) are left out. `window` is used by
-    load_image for CT slices. Raises ValueError naming the folder if it holds no images.
+    `images/` subfolder; hidden files left out), giving records without boxes. Missing or
+    unreadable images are skipped with a warning naming them; boxes are clipped to the image
+    and zero-area ones are dropped (count logged); crowd annotations (iscrowd 1) are no
+    boxes, only ignore regions for scoring (Record.crowd). Duplicate image ids are a
+    ValueError. `window` is used by load_image for CT slices. Raises ValueError naming the
+    folder if it holds no images.
     """
     path = Path(path)
     if not path.exists():
@@ -542,12 +556,30 @@ def _check_image(path: Path, height: int | None, width: int | None,
         return None
     h, w = size
     if height is not None and width is not None and (h, w) != (int(height), int(width)):
+        hint = ""
+        if (w, h) == (int(height), int(width)) and _exif_quarter_turn(path):
+            # A phone photo stored on its side: tools that ignore EXIF give the stored size.
+            hint = (" after its EXIF orientation is applied (boxes are taken on the upright "
+                    "picture, as viewers show it; annotate it upright or rotate the file)")
         warnings.warn(
-            f"skipping {path}: annotation says {width}x{height} but the image is {w}x{h}",
+            f"skipping {path}: annotation says {width}x{height} but the image is {w}x{h}{hint}",
             stacklevel=4,
         )
         return None
     return h, w
+
+
+def _exif_quarter_turn(path: Path) -> bool:
+    """True for a JPEG whose EXIF orientation (5-8) turns it a quarter turn when read."""
+    from PIL import Image
+
+    if lower_suffix(path) not in (".jpg", ".jpeg"):
+        return False
+    try:
+        with Image.open(path) as im:
+            return im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    except OSError:
+        return False
 
 
 def _load_coco(json_path: Path, root: Path, window: Window) -> BoxFolder:
@@ -562,6 +594,16 @@ def _load_coco(json_path: Path, root: Path, window: Window) -> BoxFolder:
     categories = [{"id": int(c["id"]), "name": str(c["name"])}
                   for c in sorted(coco.get("categories", []), key=lambda c: int(c["id"]))]
     cat_ids = {c["id"] for c in categories}
+    # Two entries with one id cannot tell whose annotations are whose (pycocotools keeps
+    # the last one silently); refuse before any work rather than fail at export.
+    first_name: dict[int, str] = {}
+    for im in coco["images"]:
+        image_id = int(im["id"])
+        if image_id in first_name:
+            raise ValueError(f"{json_path}: image id {image_id} is used twice "
+                             f"({first_name[image_id]!r} and {im['file_name']!r}); "
+                             "image ids must be unique")
+        first_name[image_id] = str(im["file_name"])
 
     per_image: dict[int, list[dict]] = {}
     for ann in coco.get("annotations", []):
@@ -605,7 +647,7 @@ def _load_coco(json_path: Path, root: Path, window: Window) -> BoxFolder:
                 continue
             h, w = size
 
-        boxes, cats, segs, crowds = [], [], [], []
+        boxes, cats, segs, crowds, areas = [], [], [], [], []
         for ann in per_image.get(int(im["id"]), []):
             if ann.get("iscrowd", 0):
                 if ann.get("segmentation") and ann.get("category_id") in cat_ids \
@@ -625,6 +667,8 @@ def _load_coco(json_path: Path, root: Path, window: Window) -> BoxFolder:
             boxes.append((x, y, x + bw, y + bh))
             cats.append(cat)
             segs.append(ann.get("segmentation") or None)
+            area = ann.get("area")
+            areas.append(float(area) if isinstance(area, (int, float)) else None)
         clipped, keep = _clip_and_filter(np.array(boxes), w, h)
         dropped += int((~keep).sum())
         folder.records.append(Record(
@@ -632,7 +676,7 @@ def _load_coco(json_path: Path, root: Path, window: Window) -> BoxFolder:
             boxes=clipped[keep], category_ids=np.array(cats, dtype=np.int64)[keep] if cats
             else np.zeros((0,), np.int64),
             segmentations=[s for s, k in zip(segs, keep) if k], slice_index=slice_index,
-            crowd=crowds,
+            crowd=crowds, areas=[a for a, k in zip(areas, keep) if k],
         ))
     if dropped:
         logger.warning("%s: dropped %d boxes with zero area inside their image", json_path, dropped)
@@ -712,8 +756,11 @@ def _load_voc(root: Path, window: Window) -> BoxFolder:
 
 def _load_plain(root: Path, window: Window) -> BoxFolder:
     base = root / "images" if (root / "images").is_dir() else root
+    # Hidden files are skipped: macOS leaves "._name.png" metadata beside every image it
+    # copies to a USB disk or network share; they are no images.
     files = sorted(p for p in base.iterdir()
-                   if p.is_file() and lower_suffix(p) in IMAGE_SUFFIXES + VOLUME_SUFFIXES)
+                   if p.is_file() and not p.name.startswith(".")
+                   and lower_suffix(p) in IMAGE_SUFFIXES + VOLUME_SUFFIXES)
     if not files:
         raise ValueError(f"{root}: no images found (and no annotations.json or Annotations/)")
     folder = BoxFolder(root, [], [], window)

@@ -148,9 +148,12 @@ def voc_mask_ap(
     Per category, detections are taken in decreasing score over all images; each one is
     matched greedily, as in the VOC devkit, to the ground-truth mask of its image it overlaps
     most (mask IoU): a true positive if that IoU reaches the threshold and the instance is not
-    yet taken, a false positive otherwise (duplicates too); crowd instances are "difficult"
-    (neither counted nor penalised). AP is the area under the precision-recall curve with the
-    precision envelope (VOC2010+ all-point), or the VOC2007 11-point mean with eleven_point.
+    yet taken, a false positive otherwise (duplicates too). Crowd regions are "difficult"
+    (neither counted nor penalised): as in COCOeval, a detection that matches no instance is
+    ignored when the share of it inside a crowd region reaches the threshold (plain IoU with
+    a region of many objects is small for a detection of one of them). AP is the area under
+    the precision-recall curve with the precision envelope (VOC2010+ all-point), or the
+    VOC2007 11-point mean with eleven_point.
     Returns {"AP25": ..., "AP50": ...}: the mean over categories with ground truth, in [0, 1],
     or -1.0 when there is no ground truth at all.
     """
@@ -167,30 +170,29 @@ def voc_mask_ap(
         if n_pos == 0:
             continue
         cat_dets = sorted((d for d in dets if d["category_id"] == cat), key=lambda d: -d["score"])
-        # Best-overlapping GT per detection does not depend on the threshold: compute once.
+        # Per detection, the best-overlapping instance (IoU) and the largest share of it
+        # inside a crowd region (pycocotools' iscrowd IoU) do not depend on the threshold.
         best = []
         for det in cat_dets:
             anns = gts.get(det["image_id"], [])
-            if not anns:
-                best.append((det["image_id"], -1, 0.0))
-                continue
-            ious = mask_utils.iou([det["segmentation"]], [a["segmentation"] for a in anns],
-                                  [0] * len(anns))[0]
-            j = int(np.argmax(ious))
-            best.append((det["image_id"], j, float(ious[j])))
+            crowd = [a["iscrowd"] for a in anns]
+            ious = (mask_utils.iou([det["segmentation"]], [a["segmentation"] for a in anns],
+                                   crowd)[0] if anns else np.zeros(0))
+            is_crowd = np.asarray(crowd, bool)
+            single = np.where(is_crowd, -1.0, ious)
+            j = int(np.argmax(single)) if (~is_crowd).any() else -1
+            best.append((det["image_id"], j, float(single[j]) if j >= 0 else 0.0,
+                         float(ious[is_crowd].max()) if is_crowd.any() else 0.0))
         for t, key in zip(thresholds, per_cat):
             taken: set[tuple[int, int]] = set()
             tp = np.zeros(len(best))
             fp = np.zeros(len(best))
-            for k, (image_id, j, iou) in enumerate(best):
-                if j >= 0 and iou >= t:
-                    if gts[image_id][j]["iscrowd"]:
-                        continue  # difficult: ignored
-                    if (image_id, j) not in taken:
-                        taken.add((image_id, j))
-                        tp[k] = 1
-                    else:
-                        fp[k] = 1
+            for k, (image_id, j, iou, crowd_share) in enumerate(best):
+                if j >= 0 and iou >= t and (image_id, j) not in taken:
+                    taken.add((image_id, j))
+                    tp[k] = 1
+                elif crowd_share >= t:
+                    continue  # inside a crowd region (difficult): ignored
                 else:
                     fp[k] = 1
             keep = (tp + fp) > 0

@@ -40,11 +40,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tifffile): they pick the format from the suffix, so the temporary name keeps it.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The name is shortened in the prefix: with the random part and the suffix added, a name
-    # near the file system's 255-byte limit would not fit.
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:64]}.",
-                                    suffix=lower_suffix(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The name is shortened in the prefix: with the random part and the suffix added, a
+        # name near the file system's 255-byte limit would not fit.
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:64]}.",
+                                        suffix=lower_suffix(path))
+    except OSError as err:
+        if err.errno is None:
+            raise
+        # mkstemp's own message names a random hidden file the user never asked for.
+        raise type(err)(err.errno, err.strerror, str(path)) from err
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -116,6 +122,13 @@ def segmentation_to_rle(segmentation: Any, height: int, width: int) -> dict:
     disagrees with (height, width).
     """
     if isinstance(segmentation, list):
+        odd = [p for p in segmentation if not isinstance(p, (list, tuple))]
+        if odd:
+            # [x0, y0, x1, y1, ...] without the outer list: pycocotools fails on it with a
+            # TypeError deep inside; say what COCO expects instead.
+            raise ValueError("polygon segmentation must be a list of polygons "
+                             f"[[x0, y0, x1, y1, ...], ...], got a list holding "
+                             f"{type(odd[0]).__name__} values")
         polys = [p for p in segmentation if len(p) >= 6]  # a polygon needs 3 points
         if not polys:
             raise ValueError("polygon segmentation has no polygon with at least 3 points")
@@ -244,9 +257,13 @@ def write_coco(
         missing = {"file_name", "height", "width", "id"} - set(im)
         if missing:
             raise ValueError(f"image entry {im} lacks {sorted(missing)}")
-    images_by_id = {int(im["id"]): im for im in images}
-    if len(images_by_id) != len(images):
-        raise ValueError("image ids must be unique")
+    images_by_id: dict[int, dict] = {}
+    for im in images:
+        if int(im["id"]) in images_by_id:
+            raise ValueError(f"image ids must be unique: {int(im['id'])} is used by "
+                             f"{images_by_id[int(im['id'])]['file_name']!r} and "
+                             f"{im['file_name']!r}")
+        images_by_id[int(im["id"])] = im
     cats = [{"id": int(c["id"]), "name": str(c["name"]), **{k: v for k, v in c.items()
             if k not in ("id", "name")}} for c in categories]
     anns = [a for entry in annotations for a in _annotations_from(entry, images_by_id)]
