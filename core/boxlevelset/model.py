@@ -199,6 +199,9 @@ class SOLOv2(nn.Module):
         from boxlevelset.backbone import build_backbone
 
         self.config = config
+        # The TrainConfig (as a dict) the weights were trained with, when loaded from a
+        # checkpoint that has one: e.g. its CT window, which inference should repeat.
+        self.train_config: dict[str, Any] = {}
         self.backbone = build_backbone(
             config.backbone, pretrained=pretrained, frozen_stages=config.frozen_stages
         )
@@ -735,4 +738,5 @@ def load_model(path_or_name: str | os.PathLike, device: str | torch.device | Non
     config = ModelConfig.from_dict(dict(state["config"]))
     model = SOLOv2(config, pretrained=False)
     model.load_state_dict(state["model"])
+    model.train_config = dict(state.get("train_config") or {})
     return model.to(device).eval()

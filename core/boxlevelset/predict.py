@@ -4,7 +4,8 @@
     evaluate_model(model, "val_folder/")       # COCO / VOC mask AP + box-prompted quality
 
 Both accept what `load_box_folder` reads (COCO folder, Pascal VOC, plain image folder; CT
-slices come windowed from the folder) and are what `boxlevelset predict|evaluate` run.
+slices come windowed from the folder, by default with the window the model was trained
+with) and are what `boxlevelset predict|evaluate` run.
 """
 
 from __future__ import annotations
@@ -34,6 +35,28 @@ def _class_names(model: Any) -> list[str]:
     if not names:
         names = [f"class_{i}" for i in range(int(model.config.num_classes))]
     return names
+
+
+class _TrainedWindow:
+    """Default `window`: the CT window the model was trained with ("abdomen" if unknown)."""
+
+    def __repr__(self) -> str:
+        return "the model's training window"
+
+
+TRAINED_WINDOW: Any = _TrainedWindow()
+
+
+def resolve_window(model: Any, window: Any) -> Any:
+    """`window` itself, or for TRAINED_WINDOW the window of the model's training run (a model
+    trained on CT slices windowed one way sees other intensities under another window)."""
+    if window is not TRAINED_WINDOW:
+        return window
+    trained = getattr(model, "train_config", None) or {}
+    if "window" in trained:
+        return tuple(trained["window"]) if isinstance(trained["window"], list) else \
+            trained["window"]
+    return "abdomen"
 
 
 def _load_source(source: str | Path | Any, window: Any) -> Any:
@@ -153,7 +176,7 @@ def coco_image_entry(record: Any) -> dict:
 
 def predict_folder(
     model: Any, source: str | Path | Any, out_dir: str | Path, *,
-    score_threshold: float | None = None, window: Any = "abdomen", labels: bool = True,
+    score_threshold: float | None = None, window: Any = TRAINED_WINDOW, labels: bool = True,
     overlays: bool = True, progress: bool = False,
 ) -> Path:
     """Predict every image of a folder (or one image) and write the results under `out_dir`.
@@ -166,6 +189,7 @@ def predict_folder(
     """
     from boxlevelset.export import masks_to_labels, write_coco, write_label_image
 
+    window = resolve_window(model, window)
     if isinstance(source, (str, Path)) and _is_volume_file(Path(source)):
         return predict_volume(model, source, out_dir, score_threshold=score_threshold,
                               window=window, progress=progress, labels=labels)
@@ -210,10 +234,11 @@ def _is_volume_file(path: Path) -> bool:
 
 def predict_volume(
     model: Any, path: str | Path, out_dir: str | Path, *, score_threshold: float | None = None,
-    window: Any = "abdomen", slices: Sequence[int] | None = None, progress: bool = False,
+    window: Any = TRAINED_WINDOW, slices: Sequence[int] | None = None, progress: bool = False,
     labels: bool = True,
 ) -> Path:
-    """Predict every axial slice (or `slices`) of a CT volume file, windowed with `window`.
+    """Predict every axial slice (or `slices`) of a CT volume file, windowed with `window`
+    (by default the window the model was trained with).
 
     Writes `predictions.json` (COCO, one image entry per slice with its slice_index) and,
     unless `labels` is False, `<name>_labels.nii.gz` (instance labels numbered across the
@@ -222,6 +247,7 @@ def predict_volume(
     from boxlevelset.data import read_volume, write_label_volume
     from boxlevelset.export import write_coco
 
+    window = resolve_window(model, window)
     volume = read_volume(path)
     depth = volume.shape[0]
     indices = list(range(depth)) if slices is None else [int(z) for z in slices]
@@ -277,7 +303,7 @@ def _category_map(model_names: Sequence[str], folder: Any, class_agnostic: bool 
 
 def evaluate_model(
     model: Any, folder: str | Path | Any, max_dets: int = 1000, *, box_prompted: bool = True,
-    refine: int = 0, class_agnostic: bool | None = None, window: Any = "abdomen",
+    refine: int = 0, class_agnostic: bool | None = None, window: Any = TRAINED_WINDOW,
     progress: bool = False,
 ) -> dict[str, float]:
     """Score a model on a folder with ground-truth masks.
@@ -297,7 +323,7 @@ def evaluate_model(
     from boxlevelset.evaluate import coco_mask_ap, matched_ious, voc_mask_ap
     from boxlevelset.export import coco_results
 
-    folder = _load_source(folder, window)
+    folder = _load_source(folder, resolve_window(model, window))
     # Every image is predicted (images without objects count false positives); box prompts
     # only exist where there are boxes.
     records = list(folder.records)
@@ -404,8 +430,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--refine", type=int, default=0, metavar="N",
                         help="box prompts: refine the model's masks by N level-set steps")
     parser.add_argument("--class-agnostic", action="store_true", help="merge all categories")
-    parser.add_argument("--window", default="abdomen",
-                        help="CT window for volume slices: a preset or level,width")
+    parser.add_argument("--window", default=TRAINED_WINDOW,
+                        help="CT window for volume slices: a preset or level,width (default: "
+                             "the window the model was trained with, else abdomen)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
     parser.add_argument("--json", help="also write the metrics to this JSON file")
     return parser
@@ -436,8 +463,9 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("-o", "--output", "--out", dest="output", default="predictions",
                         help="output directory")
     parser.add_argument("--score-threshold", type=float, help="keep instances above this score")
-    parser.add_argument("--window", default="abdomen",
-                        help="CT window for volume slices: a preset or level,width")
+    parser.add_argument("--window", default=TRAINED_WINDOW,
+                        help="CT window for volume slices: a preset or level,width (default: "
+                             "the window the model was trained with, else abdomen)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
     parser.add_argument("--no-labels", action="store_true", help="skip label images")
     parser.add_argument("--no-overlays", action="store_true", help="skip overlay PNGs")

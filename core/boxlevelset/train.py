@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -87,7 +88,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 _BASE_DEFAULTS: dict[str, Any] = dict(
     backbone="resnet50", epochs=12, lr=1e-4, batch_size=2, warmup_iters=500,
     lr_steps=(8 / 12, 11 / 12), min_size=(640, 800), max_size=1333,
+    weight_decay=0.1, warmup_factor=0.001, lr_gamma=0.1, grad_clip=1.0, flip_prob=0.5,
+    seed=0, supervision="box",
 )
+
+# What a resumed run takes from its checkpoint unless the caller sets it: the schedule (its
+# length, learning rates and steps, batch, scales) and what the samples depend on.
+_RESUMED_FIELDS = (*_BASE_DEFAULTS, "max_iterations")
 
 
 @dataclass
@@ -96,7 +103,8 @@ class TrainConfig:
 
     Fields left as None take the preset's value, then a base default. Either `epochs` or
     `max_iterations` sets the schedule length (`max_iterations` wins); `lr_steps` are
-    fractions of it at which the learning rate is multiplied by `lr_gamma`.
+    fractions of it at which the learning rate is multiplied by `lr_gamma`. A resumed run
+    continues its checkpoint's schedule: only the fields given here (not None) change it.
     """
 
     data: str | Path = ""
@@ -109,23 +117,23 @@ class TrainConfig:
     max_iterations: int | None = None
     batch_size: int | None = None  # in total, over all processes
     lr: float | None = None
-    weight_decay: float = 0.1
+    weight_decay: float | None = None  # 0.1
     warmup_iters: int | None = None
-    warmup_factor: float = 0.001
+    warmup_factor: float | None = None  # 0.001
     lr_steps: tuple[float, ...] | None = None
-    lr_gamma: float = 0.1
-    grad_clip: float = 1.0
+    lr_gamma: float | None = None  # 0.1
+    grad_clip: float | None = None  # 1.0
     min_size: tuple[int, int] | None = None  # random shorter side, inclusive range
     max_size: int | None = None  # cap on the longer side
-    flip_prob: float = 0.5
+    flip_prob: float | None = None  # 0.5
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1"
     amp: bool | None = None  # None: on for CUDA (bf16 where supported, else fp16 + GradScaler)
     checkpoint_every: int = 500
     resume: str | Path | None = None  # a last.pth, or "auto" for output_dir/last.pth if present
     init_checkpoint: str | Path | None = None  # fine-tune from a saved model
     num_workers: int = 0
-    seed: int = 0
-    supervision: str = "box"  # "box" (the paper) or "mask" (fully supervised ceiling)
+    seed: int | None = None  # 0
+    supervision: str | None = None  # "box" (the paper, default) or "mask" (the ceiling)
     window: str | tuple[float, float] | None = "abdomen"  # CT window for volume slices
     class_names: list[str] | None = None  # read from the folder when None
     log_path: str | Path | None = None  # per-iteration losses: .csv (default) or .jsonl
@@ -133,8 +141,11 @@ class TrainConfig:
     find_unused_parameters: bool = True  # DDP: levels without positives leave params unused
     rank_digest: bool = False  # write each rank's weight digest (checks DDP replicas agree)
     stop_event: threading.Event | None = field(default=None, repr=False, compare=False)
+    # The _RESUMED_FIELDS the caller set (not None) before presets and defaults filled the rest.
+    given: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        self.given = frozenset(k for k in _RESUMED_FIELDS if getattr(self, k) is not None)
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         preset = PRESETS.get(self.preset, {}) if self.preset else {}
@@ -159,11 +170,23 @@ class TrainConfig:
         if self.max_iterations is not None and int(self.max_iterations) < 1:
             raise ValueError(f"max_iterations must be >= 1, got {self.max_iterations}")
 
+    def resumed_from(self, saved: dict[str, Any]) -> TrainConfig:
+        """This config with the settings it left unset taken from `saved` (the `train_config`
+        of the checkpoint it resumes), so a resumed run keeps its schedule and supervision.
+        Setting either `epochs` or `max_iterations` replaces both."""
+        keep = set(self.given)
+        if keep & {"epochs", "max_iterations"}:
+            keep |= {"epochs", "max_iterations"}
+        values = {k: saved[k] for k in _RESUMED_FIELDS if k not in keep and k in saved}
+        if not values:
+            return self
+        return dataclasses.replace(self, **values)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly copy (paths as str, no stop_event) stored in checkpoints."""
         out = {}
         for f in dataclasses.fields(self):
-            if f.name == "stop_event":
+            if f.name in ("stop_event", "given"):
                 continue
             value = getattr(self, f.name)
             out[f.name] = str(value) if isinstance(value, Path) else value
@@ -586,6 +609,22 @@ class _LossLog:
         self.file.close()
 
 
+def _check_output_dir(out_dir: Path) -> None:
+    """ValueError naming the output folder when it cannot be created or written; creates
+    nothing, so a run that fails on its data leaves no empty folder behind."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output folder {str(out_dir)!r} is a file, not a folder")
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"cannot create the output folder {str(out_dir)!r}: "
+                         f"{str(existing)!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "output folder" if existing == out_dir else "folder to create it in"
+        raise ValueError(f"cannot write to the {what} {str(existing)!r}")
+
+
 def _fmt(value: Any) -> Any:
     return f"{value:.6g}" if isinstance(value, float) else value
 
@@ -656,8 +695,8 @@ def train(
     log: _LossLog | None = None
     bar = None
     try:
-        _seed_everything(config.seed)
-        folder = load_box_folder(config.data, window=config.window)
+        if is_main:  # before the data loads: a bad output path fails in a second, not later
+            _check_output_dir(out_dir)
         resume = config.resume
         if resume == "auto":
             resume = last_path if last_path.exists() else None
@@ -669,7 +708,13 @@ def train(
             for key in ("model", "optimizer", "scheduler", "iteration"):
                 if key not in ckpt:
                     raise ValueError(f"{resume}: cannot resume, the checkpoint has no {key!r} "
-                                     "(use init_checkpoint to fine-tune from a model file)")
+                                     "(to fine-tune from a model file, pass it as --init / "
+                                     "init_checkpoint)")
+            # Continue the checkpoint's schedule: a resume that does not repeat --iterations
+            # (or the lr, batch, supervision ...) must not switch to the preset's.
+            config = config.resumed_from(dict(ckpt.get("train_config") or {}))
+        _seed_everything(config.seed)
+        folder = load_box_folder(config.data, window=config.window)
         # A resumed run keeps its checkpoint's classes and architecture: the command that
         # resumes it need not repeat the original model settings.
         class_names = list(ckpt["config"]["class_names"] if ckpt is not None else
@@ -874,7 +919,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--iterations", type=int, help="schedule length (overrides --epochs)")
     p.add_argument("--batch-size", type=int, help="images per iteration over all processes")
     p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
     p.add_argument("--warmup", type=int, help="linear warm-up iterations")
     p.add_argument("--min-size", type=int, nargs="+", metavar="PX",
                    help="shorter side: one value or a MIN MAX range")
@@ -884,12 +929,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     amp.add_argument("--amp", dest="amp", action="store_true", default=None,
                      help="mixed precision (default: on with CUDA)")
     amp.add_argument("--no-amp", dest="amp", action="store_false")
-    p.add_argument("--supervision", choices=("box", "mask"), default="box")
+    p.add_argument("--supervision", choices=("box", "mask"),
+                   help="box (the paper, default) or mask (fully supervised ceiling)")
     p.add_argument("--init", help="fine-tune from this model checkpoint")
-    p.add_argument("--resume", help="resume from a last.pth ('auto': OUTPUT/last.pth if present)")
+    p.add_argument("--resume",
+                   help="resume from a last.pth ('auto': OUTPUT/last.pth if present); the run "
+                        "continues its own schedule unless options here change it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an OUTPUT that holds an earlier one (replacing "
+                        "its model.pth, last.pth and log)")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--workers", type=int, default=0, help="data-loading processes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="shuffling and augmentation seed (default 0)")
     p.add_argument("--window", default="abdomen",
                    help="CT window for volume slices: a preset or level,width")
     p.add_argument("--no-pretrained", action="store_true", help="random backbone init")
@@ -919,14 +970,69 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
+def _earlier_run(config: TrainConfig) -> list[str]:
+    """Files of an earlier run in the output folder that a new (not resumed) run would
+    replace; empty when resuming or when the folder holds none."""
+    if config.resume and (config.resume != "auto"
+                          or (Path(config.output_dir) / "last.pth").exists()):
+        return []
+    out = Path(config.output_dir)
+    log = Path(config.log_path) if config.log_path else out / "log.csv"
+    return [str(f) for f in (out / "model.pth", out / "last.pth", log) if f.is_file()]
+
+
+class _StopOnSignal:
+    """SIGINT (Ctrl-C) and SIGTERM (kill, job schedulers) stop training cleanly: the run
+    finishes its iteration and writes last.pth instead of losing everything since the last
+    periodic checkpoint. A second signal aborts at once. Handlers are installed only in the
+    main thread (Python's rule) and restored on exit."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        self.event.set()
+        print(f"\n{signal.Signals(signum).name}: stopping after this iteration and saving "
+              "last.pth (send it again to abort without saving)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                if hasattr(signal, name):
+                    num = getattr(signal, name)
+                    self._previous[num] = signal.signal(num, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for num, handler in self._previous.items():
+            signal.signal(num, handler)
+
+
 def run_train(args: argparse.Namespace) -> int:
-    """`boxlevelset train`: train and print the checkpoint path; returns the exit code."""
+    """`boxlevelset train`: train and print the checkpoint path; returns the exit code
+    (128 + the signal's number when SIGINT/SIGTERM stopped it, as shells report it)."""
     config = config_from_args(args)
     _, rank, _ = _dist_env()
-    path = train(config, progress=not args.no_progress and rank == 0)
+    earlier = _earlier_run(config)
+    if earlier and not getattr(args, "overwrite", False):
+        can_resume = (Path(config.output_dir) / "last.pth").is_file()
+        raise ValueError(
+            f"{config.output_dir} already holds a training run ({', '.join(earlier)}); "
+            + ("continue it with --resume auto, " if can_resume else "")
+            + "start over with --overwrite, or choose another --output")
+    config.stop_event = config.stop_event or threading.Event()
+    with _StopOnSignal(config.stop_event) as stopper:
+        path = train(config, progress=not args.no_progress and rank == 0)
     if rank == 0:
         print(path)
-    return 0
+    return 128 + stopper.received if stopper.received is not None else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,164 @@
+"""Training from the user's side: resuming, interrupting, output folders (review findings)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import boxlevelset.train as T
+from boxlevelset.train import TrainConfig, add_train_arguments, train
+
+TINY_MODEL = dict(
+    fpn_channels=16, head_channels=16, stacked_convs=1, mask_feature_channels=16,
+    mask_feature_mid_channels=16, num_grids=(12, 10, 8, 6, 4), feature_guide_channels=3,
+    tree_filter_max_side=32, score_threshold=0.01,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cli_args(data: Path, out: Path, *extra: str):
+    import argparse
+
+    argv = [str(data), "-o", str(out), "--min-size", "64", "80", "--max-size", "96",
+            "--batch-size", "2", "--warmup", "2", "--no-pretrained", "--no-progress"]
+    for key, value in TINY_MODEL.items():
+        argv += ["--model", f"{key}={json.dumps(value)}"]
+    return add_train_arguments(argparse.ArgumentParser()).parse_args(argv + list(extra))
+
+
+def test_resume_without_repeating_the_schedule_continues_it(tiny_box_folder, tmp_path):
+    # A mask-supervised 3-iteration run at small scales, stopped after its first iteration.
+    stop = threading.Event()
+    stop.set()
+    first = train(TrainConfig(
+        data=tiny_box_folder, preset="lite", output_dir=tmp_path / "run", max_iterations=3,
+        batch_size=2, min_size=(64, 80), max_size=96, warmup_iters=2, pretrained=False,
+        supervision="mask", seed=3, model=dict(TINY_MODEL), stop_event=stop))
+    assert first.name == "last.pth"
+    # `boxlevelset train FOLDER --resume auto -o run`: nothing of the schedule repeated.
+    events = []
+    path = train(TrainConfig(data=tiny_box_folder, preset="lite", output_dir=tmp_path / "run",
+                             resume="auto", pretrained=False), callbacks=[events.append])
+    assert [e.iteration for e in events] == [2, 3, 3] and events[0].max_iterations == 3
+    assert path.name == "model.pth"
+    saved = torch.load(tmp_path / "run" / "last.pth", weights_only=False)["train_config"]
+    assert saved["min_size"] == (64, 80) and saved["max_size"] == 96
+    assert saved["supervision"] == "mask" and saved["seed"] == 3 and saved["batch_size"] == 2
+
+
+def test_resume_takes_explicit_changes(tiny_box_folder):
+    saved = TrainConfig(data=tiny_box_folder, preset="lite", max_iterations=3, lr=0.5).to_dict()
+    again = TrainConfig(data=tiny_box_folder, preset="lite", epochs=2, resume="x",
+                        lr=0.25).resumed_from(saved)
+    assert again.epochs == 2 and again.max_iterations is None and again.lr == 0.25
+    assert again.batch_size == saved["batch_size"]
+
+
+def test_ctrl_c_stops_the_command_line_run_with_a_checkpoint(tiny_box_folder, tmp_path,
+                                                             monkeypatch):
+    from boxlevelset.model import load_model
+
+    real = T.train
+
+    def interrupted(config, callbacks=(), progress=False):
+        # The user presses Ctrl-C during the first iteration's callbacks.
+        def press(event):
+            if event.iteration == 1 and not event.done:
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(config, callbacks=[press], progress=progress)
+
+    monkeypatch.setattr(T, "train", interrupted)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        code = T.run_train(_cli_args(tiny_box_folder, tmp_path / "run", "--iterations", "50"))
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C ended the run without a checkpoint")
+    assert code == 130
+    assert signal.getsignal(signal.SIGINT) is before
+    last = torch.load(tmp_path / "run" / "last.pth", weights_only=False)
+    assert 1 <= last["iteration"] < 50 and not (tmp_path / "run" / "model.pth").exists()
+    load_model(tmp_path / "run" / "last.pth", device="cpu")
+
+
+def test_command_line_does_not_overwrite_an_earlier_run(tiny_box_folder, tmp_path,
+                                                        monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model.pth").write_bytes(b"an earlier model")
+    calls = []
+    monkeypatch.setattr(T, "train", lambda config, **kw: calls.append(config) or out / "x")
+    with pytest.raises(ValueError, match="already holds a training run.*model.pth.*--overwrite"):
+        T.run_train(_cli_args(tiny_box_folder, out))
+    assert not calls and (out / "model.pth").read_bytes() == b"an earlier model"
+    assert T.run_train(_cli_args(tiny_box_folder, out, "--overwrite")) == 0 and calls
+    (out / "last.pth").write_bytes(b"state")
+    assert T.run_train(_cli_args(tiny_box_folder, out, "--resume", "auto")) == 0
+
+
+def test_output_folder_that_is_a_file_fails_first_with_its_name(tiny_box_folder, tmp_path,
+                                                                monkeypatch):
+    import boxlevelset.data
+
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    monkeypatch.setattr(boxlevelset.data, "load_box_folder",
+                        lambda *a, **k: pytest.fail("data loaded before the output was checked"))
+    with pytest.raises(ValueError, match="taken.*is a file"):
+        train(TrainConfig(data=tiny_box_folder, preset="lite", output_dir=taken,
+                          pretrained=False))
+    with pytest.raises(ValueError, match="cannot create the output folder.*taken.*is a file"):
+        train(TrainConfig(data=tiny_box_folder, preset="lite", output_dir=taken / "run",
+                          pretrained=False))
+    # A run that fails on its data leaves no empty output folder behind.
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="does not exist"):
+        train(TrainConfig(data=tmp_path / "typo", preset="lite", output_dir=tmp_path / "new",
+                          pretrained=False))
+    assert not (tmp_path / "new").exists()
+
+
+def test_predict_and_evaluate_window_ct_as_the_model_was_trained(tmp_path, monkeypatch):
+    import boxlevelset.predict as P
+    from boxlevelset.model import ModelConfig, SOLOv2, load_model, save_checkpoint
+
+    config = ModelConfig(backbone="efficientnet_lite0", num_classes=1, **TINY_MODEL)
+    save_checkpoint(tmp_path / "model.pth", SOLOv2(config, pretrained=False),
+                    train_config={"window": "lung"})
+    model = load_model(tmp_path / "model.pth", device="cpu")
+    seen = []
+
+    def source(folder, window):
+        seen.append(window)
+        raise StopTraining  # enough: the folder would be loaded with this window
+
+    class StopTraining(Exception):
+        pass
+
+    monkeypatch.setattr(P, "_load_source", source)
+    for call in (lambda **kw: P.evaluate_model(model, "ct_folder", **kw),
+                 lambda **kw: P.predict_folder(model, "ct_folder", tmp_path / "out", **kw)):
+        with pytest.raises(StopTraining):
+            call()
+        with pytest.raises(StopTraining):
+            call(window="bone")  # an explicit window wins
+    assert seen == ["lung", "bone", "lung", "bone"]
+    args = P.add_evaluate_arguments(__import__("argparse").ArgumentParser()).parse_args(
+        [str(tmp_path / "model.pth"), "ct_folder"])
+    with pytest.raises(StopTraining):
+        P.run_evaluate(args)
+    assert seen[-1] == "lung"
+    # A model without a training record (built in code) keeps the old default.
+    assert P.resolve_window(SOLOv2(config, pretrained=False), P.TRAINED_WINDOW) == "abdomen"
