@@ -143,10 +143,79 @@ def closed_by_napari(widget: QWidget, event: QEvent) -> bool:
     return bool(widget.property("boxlevelset_docked"))
 
 
+Window = tuple[slice, slice]
+
+
+def _window(mask: np.ndarray) -> Window | None:
+    """The rows and columns a 2D boolean mask's pixels span (None for an empty mask)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+
+
+def _tight(window: Window, crop: np.ndarray) -> tuple[Window | None, np.ndarray | None]:
+    """A crop at ``window`` of a plane cut down to its pixels' own window."""
+    inner = _window(crop)
+    if inner is None:
+        return None, None
+    top, left = window[0].start, window[1].start
+    return ((slice(top + inner[0].start, top + inner[0].stop),
+             slice(left + inner[1].start, left + inner[1].stop)), crop[inner])
+
+
+def _digest_crop(window: Window | None, crop: np.ndarray | None,
+                 shape: tuple[int, ...]) -> bytes:
+    """A short fingerprint of a plane-sized mask given as its tight crop (kept per painted
+    mask instead of the mask)."""
+    if window is None:
+        key = b"empty" + repr(tuple(shape)).encode()
+    else:
+        place = (tuple(shape), window[0].start, window[1].start, crop.shape)
+        key = np.packbits(crop).tobytes() + repr(place).encode()
+    return hashlib.blake2b(key, digest_size=16).digest()
+
+
 def _digest(mask: np.ndarray) -> bytes:
-    """A short fingerprint of a boolean mask (kept per painted mask instead of the mask)."""
-    bits = np.packbits(np.asarray(mask, dtype=bool))
-    return hashlib.blake2b(bits.tobytes() + repr(mask.shape).encode(), digest_size=16).digest()
+    """The fingerprint of a plane-sized boolean mask (see _digest_crop)."""
+    mask = np.asarray(mask, dtype=bool)
+    window = _window(mask)
+    return _digest_crop(window, None if window is None else mask[window], mask.shape)
+
+
+class _Owned:
+    """The pixels the widget wrote for one box on one plane, kept as the crop around them:
+    a whole plane per box cost 4 MB a box on a 2000x2000 image (1 GB for 250 nuclei)."""
+
+    __slots__ = ("window", "crop")
+
+    def __init__(self, window: Window | None, crop: np.ndarray | None):
+        self.window, self.crop = window, crop
+
+    @classmethod
+    def of(cls, mask: np.ndarray) -> _Owned:
+        """From a plane-sized mask."""
+        window = _window(mask)
+        return cls(window, None if window is None else mask[window].copy())
+
+    def equals(self, mask: np.ndarray) -> bool:
+        """Whether the plane-sized ``mask`` holds exactly these pixels."""
+        if self.crop is None:
+            return not mask.any()
+        return int(mask.sum()) == int(self.crop.sum()) and \
+            np.array_equal(mask[self.window], self.crop)
+
+    def discard(self, window: Window, crop: np.ndarray) -> None:
+        """Drop the pixels of the mask ``crop`` at ``window`` (another box took them)."""
+        if self.crop is None:
+            return
+        (rows, cols), (own_rows, own_cols) = window, self.window
+        r0, r1 = max(rows.start, own_rows.start), min(rows.stop, own_rows.stop)
+        c0, c1 = max(cols.start, own_cols.start), min(cols.stop, own_cols.stop)
+        if r0 < r1 and c0 < c1:
+            self.crop[r0 - own_rows.start:r1 - own_rows.start,
+                      c0 - own_cols.start:c1 - own_cols.start] &= \
+                ~crop[r0 - rows.start:r1 - rows.start, c0 - cols.start:c1 - cols.start]
 
 
 def _summary(head: str, notes: list[tuple[int, str]]) -> str:
@@ -179,8 +248,9 @@ class BoxToMaskWidget(QWidget):
         self._predictor_key: tuple | None = None
         self._bound: Any = None  # the boxes layer whose events we listen to
         self._busy = False
+        self._defer_refresh = False  # while Segment paints many boxes: one redraw at the end
         self._geom: dict[int, tuple] = {}  # box_id -> (plane, x0, y0, x1, y1) last segmented
-        self._written: dict[int, dict[int, np.ndarray]] = {}  # box_id -> plane -> owned pixels
+        self._written: dict[int, dict[int, _Owned]] = {}  # box_id -> plane -> owned pixels
         # Digests of every mask the widget painted, per (box_id, plane): napari's undo and
         # redo bring back earlier ones, which are the widget's work, not hand edits.
         self._painted: dict[tuple[int, int | None], set[bytes]] = {}
@@ -213,6 +283,9 @@ class BoxToMaskWidget(QWidget):
         self.class_combo.addItem(DEFAULT_CATEGORY)
         self.class_combo.setToolTip("Category of new (and selected) boxes; type a name to add one")
         self.class_combo.currentTextChanged.connect(self.set_category)
+        # Picking the class the box already shows changes no text: relabel on the pick too.
+        self.class_combo.activated.connect(
+            lambda index: self.set_category(self.class_combo.itemText(index)))
 
         self.method_combo = QComboBox()
         self.method_combo.addItems([*LEVELSET_SOLVERS, METHOD_MODEL, METHOD_MODEL_REFINED])
@@ -329,7 +402,8 @@ class BoxToMaskWidget(QWidget):
         self.boxes_combo.currentTextChanged.connect(lambda _t: self._bind_boxes())
         self.labels_combo.currentTextChanged.connect(lambda _t: self._switch_masks_layer())
         self.image_combo.currentTextChanged.connect(lambda _t: self._update_enabled())
-        self.image_combo.currentTextChanged.connect(self._match_masks_layer)
+        self.image_combo.currentTextChanged.connect(self._on_image_changed)
+        self._image_ref = _unwrap(self.image_combo.layer())
         self._update_enabled()
 
     def event(self, event: QEvent) -> bool:
@@ -337,6 +411,35 @@ class BoxToMaskWidget(QWidget):
         if closed_by_napari(self, event):
             self.detach()
         return super().event(event)
+
+    def _on_image_changed(self, *_: Any) -> None:
+        """Another image chosen (by hand, or because the old one was closed): take its own
+        boxes and masks layers when it has them. A masks layer of another image is let go
+        (back to a new layer): this image's masks painted there mixed two images' labels,
+        or failed on the other size."""
+        image = self.image_combo.layer()
+        previous, self._image_ref = self._image_ref, _unwrap(image)
+        if image is None or _unwrap(image) is previous:
+            return
+        layers = self.viewer.layers
+        labels = self.labels_combo.layer()
+        if labels is not None and not self._masks_fit(labels, image):
+            self.labels_combo.setCurrentText(NEW_LAYER)
+        self._match_masks_layer()
+        name = f"{image.name} boxes"
+        if name in layers and isinstance(layers[name], napari.layers.Shapes):
+            self.boxes_combo.select(layers[name])
+
+    def _masks_fit(self, labels: Any, image: Any) -> bool:
+        """Whether ``labels`` can hold ``image``'s masks: the same pixel grid, and not named
+        after another image layer ('<other> masks', as this widget and the reader name
+        them)."""
+        shape = image.data.shape[:-1] if image.rgb else image.data.shape
+        if tuple(labels.data.shape) != tuple(shape):
+            return False
+        return not any(labels.name == f"{layer.name} masks" for layer in self.viewer.layers
+                       if isinstance(layer, napari.layers.Image)
+                       and _unwrap(layer) is not _unwrap(image))
 
     def _match_masks_layer(self, *_: Any) -> None:
         """While 'Masks into' says new layer, take the image's own masks layer when there
@@ -528,7 +631,7 @@ class BoxToMaskWidget(QWidget):
                 continue
             if plane in owned:
                 self._geom[box_id] = self._key(plane, box)
-            self._written[box_id] = owned
+            self._written[box_id] = {p: _Owned.of(m) for p, m in owned.items()}
             for p, m in owned.items():
                 self._painted.setdefault((box_id, p), set()).add(_digest(m))
 
@@ -734,11 +837,19 @@ class BoxToMaskWidget(QWidget):
                 continue
             by_plane.setdefault(item[1], []).append((item[0], box, item))
         outcome = {"painted": 0, "partly": 0, "covered": 0, "nothing": 0, "kept": 0}
-        for plane, items in by_plane.items():
-            masks = self.masks_for(plane, np.stack([b for _, b, _ in items]))
-            for (box_id, _box, item), mask in zip(items, masks):
-                outcome[self._paint(box_id, plane, mask)] += 1
-                self._geom[box_id] = self._key(item[1], item[2])
+        # napari redraws the whole labels plane after each write (20 ms a box at 2000x2000):
+        # a batch of boxes is drawn once, at the end.
+        self._defer_refresh = len(todo) > 1
+        try:
+            for plane, items in by_plane.items():
+                masks = self.masks_for(plane, np.stack([b for _, b, _ in items]))
+                for (box_id, _box, item), mask in zip(items, masks):
+                    outcome[self._paint(box_id, plane, mask)] += 1
+                    self._geom[box_id] = self._key(item[1], item[2])
+        finally:
+            if self._defer_refresh and self.labels_combo.layer() is not None:
+                self.labels_combo.layer().refresh()
+            self._defer_refresh = False
         if skipped:
             show_warning(f"boxlevelset: {skipped} box(es) outside the image or too small")
         self._say(_summary(f"{outcome['painted'] + outcome['partly']} mask(s) updated", [
@@ -770,7 +881,7 @@ class BoxToMaskWidget(QWidget):
         for plane in planes:
             current = self._plane_view(labels, plane) == box_id
             owned = written.get(plane)
-            if current.any() and (owned is None or not np.array_equal(current, owned)) and \
+            if current.any() and (owned is None or not owned.equals(current)) and \
                     _digest(current) not in self._painted.get((box_id, plane), ()):
                 return True
         return False
@@ -794,14 +905,16 @@ class BoxToMaskWidget(QWidget):
         return bool(self.confirm_overwrite(box_id))
 
     def _set_pixels(self, labels: Any, plane: int | None, changed: np.ndarray,
-                    values: np.ndarray) -> None:
-        """Write label values through data_setitem so napari's undo history records it."""
+                    values: np.ndarray, offset: tuple[int, int] = (0, 0)) -> None:
+        """Write label values through data_setitem so napari's undo history records it;
+        ``changed`` may be a crop of the plane whose corner is at ``offset``."""
         idx = np.nonzero(changed)
         if idx[0].size == 0:
             return
+        idx = (idx[0] + offset[0], idx[1] + offset[1])
         if plane is not None and labels.data.ndim == 3:
             idx = (np.full(idx[0].shape, plane, dtype=idx[0].dtype), *idx)
-        labels.data_setitem(idx, values)
+        labels.data_setitem(idx, values, refresh=not self._defer_refresh)
 
     def _paint(self, box_id: int, plane: int | None, mask: np.ndarray) -> str:
         """Replace box `box_id`'s pixels on `plane` by `mask`. Returns "painted", "partly"
@@ -818,26 +931,34 @@ class BoxToMaskWidget(QWidget):
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != view.shape:
             raise ValueError(f"mask shape {mask.shape} does not match labels {view.shape}")
-        old = view == box_id
-        if self.overwrite_check.isChecked():
-            target = mask
-        else:  # existing labels win
-            target = mask & ((view == 0) | old)
-        new_plane = np.where(old & ~target, 0, view)
-        new_plane = np.where(target, box_id, new_plane).astype(view.dtype)
-        changed = new_plane != view
-        self._set_pixels(labels, plane, changed, new_plane[changed])
-        self._written.setdefault(box_id, {})[plane] = target.copy()
-        self._painted.setdefault((box_id, plane), set()).add(_digest(target))
-        if self.overwrite_check.isChecked():  # other boxes lost these pixels on purpose
+        overwrite = self.overwrite_check.isChecked()
+        old = view == box_id  # the whole plane: a hand edit may have put this id anywhere
+        # The rest works on the window of the new mask and the old one: whole-plane work
+        # per box made 200 boxes on a 2000x2000 image take 17 s.
+        window = _window(mask | old)
+        owned, crop = None, None
+        if window is not None:
+            here, new_mask, was = view[window], mask[window], old[window]
+            target = new_mask if overwrite else new_mask & ((here == 0) | was)  # labels win
+            new = np.where(was & ~target, 0, here)
+            new = np.where(target, box_id, new).astype(view.dtype)
+            changed = new != here
+            self._set_pixels(labels, plane, changed, new[changed],
+                             (window[0].start, window[1].start))
+            owned, crop = _tight(window, target)
+        self._written.setdefault(box_id, {})[plane] = _Owned(owned, crop)
+        self._painted.setdefault((box_id, plane), set()).add(
+            _digest_crop(owned, crop, view.shape))
+        if overwrite and owned is not None:  # other boxes lost these pixels on purpose
             for other, planes in self._written.items():
                 if other != box_id and plane in planes:
-                    planes[plane] &= ~target
-        if not mask.any():
+                    planes[plane].discard(owned, crop)
+        wanted = int(mask.sum())
+        if not wanted:
             return "nothing"
-        if not target.any():
+        if crop is None:
             return "covered"
-        return "partly" if 2 * int(target.sum()) < int(mask.sum()) else "painted"
+        return "partly" if 2 * int(crop.sum()) < wanted else "painted"
 
     def _remove_box(self, box_id: int) -> None:
         written = self._written.pop(box_id, {})

@@ -289,13 +289,21 @@ class FineTuneWidget(QWidget):
         self.events.append(event)
         losses = dict(event.losses or {})
         total = losses.get("loss", sum(v for k, v in losses.items() if k.startswith("loss_")))
-        if self._progress is None:
-            self._progress = progress(total=int(event.max_iterations), desc="fine-tune")
-        self._progress.n = int(event.iteration)
         eta = int(event.eta_seconds) if math.isfinite(event.eta_seconds) else 0
-        self._progress.set_description(f"fine-tune loss {total:.3f} ETA {eta}s")
-        self._progress.refresh()
+        # napari's progress bar runs Qt's event loop when it updates: the run's "finished"
+        # can be handled in there and close the bar, and a late event must not open a new one.
+        if self._progress is None and self.worker is not None:
+            self._progress = progress(total=int(event.max_iterations), desc="fine-tune")
+            if self.worker is None:  # the run finished while the bar was being added
+                self._progress.close()
+                self._progress = None
+        bar = self._progress
+        if bar is not None:
+            bar.update(int(event.iteration) - bar.n)  # emits the value napari's bar shows
+            bar.set_description(f"fine-tune loss {total:.3f} ETA {eta}s")  # also refreshes
         self.plot.add(float(total))
+        if self.worker is None:  # finished meanwhile: its closing message stays
+            return
         self.status.setText(
             f"iteration {event.iteration}/{event.max_iterations}  epoch {event.epoch}  "
             f"loss {total:.4f}  lr {event.lr:.2e}  ETA {eta} s")
