@@ -36,6 +36,24 @@ from ._train_process import train_in_subprocess
 
 SOURCE_FOLDER = "Box-labeled folder"
 SOURCE_VIEWER = "Boxes in this viewer"
+# What a training run writes into its output folder; a folder holding any of them holds a run.
+RUN_FILES = ("model.pth", "last.pth", "log.csv", "log.jsonl")
+
+
+def holds_run(folder: Path) -> bool:
+    """True when `folder` holds a training run's model, checkpoint or loss log."""
+    return any((folder / name).is_file() for name in RUN_FILES)
+
+
+def fresh_run_folder(chosen: Path) -> Path:
+    """`chosen` itself, unless it holds an earlier run: then the first `<chosen>-N` (N >= 2)
+    that does not exist yet, so a new fine-tune never replaces an earlier model or log."""
+    if not holds_run(chosen):
+        return chosen
+    n = 2
+    while (candidate := chosen.with_name(f"{chosen.name}-{n}")).exists():
+        n += 1
+    return candidate
 
 
 class _Bridge(QObject):
@@ -114,6 +132,8 @@ class FineTuneWidget(QWidget):
         self.error: BaseException | None = None
         # Extra TrainConfig fields (e.g. a smaller model for a quick run); set by scripts/tests.
         self.config_overrides: dict[str, Any] = {}
+        # Set when the chosen output folder held an earlier run and this one went elsewhere.
+        self.output_note = ""
         self._progress: Any = None
         self._closed = False
         self._bridge = _Bridge()
@@ -227,8 +247,14 @@ class FineTuneWidget(QWidget):
         return TrainConfig(**values, stop_event=threading.Event())
 
     def _config_values(self) -> dict[str, Any]:
-
-        output_dir = Path(self.output_edit.text().strip() or "boxlevelset_runs/finetune")
+        chosen = Path(self.config_overrides.get("output_dir")
+                      or self.output_edit.text().strip() or "boxlevelset_runs/finetune")
+        # Training writes model.pth, last.pth and log.csv into its folder: a second run into
+        # the same folder would silently replace the first's, so it goes to a fresh sibling
+        # (a resume, which scripts may ask for, continues in the folder it names).
+        output_dir = chosen if self.config_overrides.get("resume") else fresh_run_folder(chosen)
+        self.output_note = "" if output_dir == chosen else (
+            f"{chosen} holds an earlier run (kept); this one writes to {output_dir}")
         values: dict[str, Any] = dict(
             data=str(self._data_folder(output_dir)),
             preset=self.preset_combo.currentText(),
@@ -239,6 +265,7 @@ class FineTuneWidget(QWidget):
         if self.init_edit.text().strip():
             values["init_checkpoint"] = self.init_edit.text().strip()
         values.update(self.config_overrides)
+        values["output_dir"] = str(output_dir)
         return values
 
     def start(self) -> Any:
@@ -274,7 +301,9 @@ class FineTuneWidget(QWidget):
             "finished": self._on_finished})
         self.start_btn.setEnabled(False)
         self.stop_btn.setEnabled(True)
-        self.status.setText("starting…")
+        self.status.setText(f"starting… {self.output_note}".strip())
+        if self.output_note:
+            show_info(f"boxlevelset: {self.output_note}")
         return self.worker
 
     def stop(self) -> None:
@@ -326,7 +355,8 @@ class FineTuneWidget(QWidget):
                 widget.set_model(self.model, str(self.checkpoint))
                 loaded += 1
         where = " and loaded into Box to mask" if loaded else ""
-        self.status.setText(f"done: {self.checkpoint}{where}")
+        kept = f" ({self.output_note})" if self.output_note else ""
+        self.status.setText(f"done: {self.checkpoint}{where}{kept}")
         show_info(f"boxlevelset: fine-tuned model saved to {self.checkpoint}{where}")
 
     def _on_errored(self, err: BaseException) -> None:

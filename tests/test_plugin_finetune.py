@@ -135,6 +135,38 @@ def test_stop_keeps_checkpoint_and_errors_are_shown(tmp_path, tiny_box_folder, q
     assert np.allclose(folder.records[0].boxes, [[12, 10, 28, 30]])
 
 
+def test_a_second_finetune_keeps_the_first_run(tmp_path, tiny_box_folder, qtbot,
+                                               make_napari_viewer_proxy):
+    """Fine-tune twice with the same output folder: the second run had replaced the first's
+    model.pth, last.pth and log.csv. It now writes to a fresh sibling folder, says so in the
+    status line, and its own model is the one loaded into Box to mask."""
+    viewer = make_napari_viewer_proxy()
+    box_widget = BoxToMaskWidget(viewer)
+    tune = FineTuneWidget(viewer)
+    tune.folder_edit.setText(str(tiny_box_folder))
+    tune.output_edit.setText(str(tmp_path / "run"))
+    tune.device_combo.setCurrentText("cpu")
+    tune.process_check.setChecked(False)
+    tune.config_overrides = dict(TINY, max_iterations=1)
+    with qtbot.waitSignal(tune.finished, timeout=120_000):
+        tune.start()
+    assert tune.error is None, tune.error
+    first = tmp_path / "run"
+    assert tune.checkpoint == first / "model.pth" and "earlier run" not in tune.status.text()
+    kept = {name: (first / name).read_bytes() for name in ("model.pth", "last.pth", "log.csv")}
+
+    for n in (2, 3):  # the widget unchanged, Fine-tune pressed again (and again)
+        with qtbot.waitSignal(tune.finished, timeout=120_000):
+            tune.start()
+        assert tune.error is None, tune.error
+        fresh = tmp_path / f"run-{n}"
+        assert tune.checkpoint == fresh / "model.pth" and tune.checkpoint.is_file()
+        assert f"run-{n}" in tune.status.text() and "earlier run" in tune.status.text()
+        assert box_widget.model is tune.model and box_widget.model_path == str(tune.checkpoint)
+    assert {name: (first / name).read_bytes() for name in kept} == kept
+    assert tune.output_edit.text() == str(first)  # the user's choice is left as it was
+
+
 def test_in_thread_training_moves_to_a_process_before_triton_first_loads(
         tmp_path, tiny_box_folder, qtbot, make_napari_viewer_proxy, monkeypatch):
     import importlib.util

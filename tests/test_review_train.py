@@ -162,3 +162,53 @@ def test_predict_and_evaluate_window_ct_as_the_model_was_trained(tmp_path, monke
     assert seen[-1] == "lung"
     # A model without a training record (built in code) keeps the old default.
     assert P.resolve_window(SOLOv2(config, pretrained=False), P.TRAINED_WINDOW) == "abdomen"
+
+
+def test_resume_keeps_the_ct_window_of_the_run_it_continues(tiny_box_folder, tmp_path,
+                                                            monkeypatch):
+    """`train CT --window lung`, then `train CT --resume auto`: the resumed run had gone on
+    with abdomen-windowed slices (the default was indistinguishable from a choice)."""
+    import boxlevelset.data
+
+    real = boxlevelset.data.load_box_folder
+    windows = []
+
+    def spy(path, window="abdomen"):
+        windows.append(window)  # the window training reads the CT slices with
+        return real(path, window=window)
+
+    monkeypatch.setattr(boxlevelset.data, "load_box_folder", spy)
+    out = tmp_path / "run"
+    assert T.run_train(_cli_args(tiny_box_folder, out, "--window", "lung",
+                                 "--iterations", "1")) == 0
+    assert T.run_train(_cli_args(tiny_box_folder, out, "--resume", "auto",
+                                 "--iterations", "2")) == 0
+    assert windows == ["lung", "lung"]
+    saved = torch.load(out / "last.pth", weights_only=False)
+    assert saved["iteration"] == 2 and saved["train_config"]["window"] == "lung"
+    # A window given on resume wins; a new run without one still gets abdomen.
+    assert T.run_train(_cli_args(tiny_box_folder, out, "--resume", "auto", "--iterations", "3",
+                                 "--window", "bone")) == 0
+    assert windows[-1] == "bone"
+    fresh = TrainConfig(data=tiny_box_folder, preset="lite")
+    assert fresh.window == "abdomen" and "window" not in fresh.given
+
+
+def test_images_without_boxes_are_reported_by_default(tiny_box_folder, tmp_path, caplog):
+    """Images without boxes were left out of training with an info message that only -v
+    shows; a user who expected them to count had no notice."""
+    import logging
+
+    coco = json.loads((tiny_box_folder / "annotations.json").read_text())
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] != 3]
+    (tiny_box_folder / "annotations.json").write_text(json.dumps(coco))
+    with caplog.at_level(logging.INFO, logger="boxlevelset.train"):
+        train(TrainConfig(data=tiny_box_folder, preset="lite", output_dir=tmp_path / "run",
+                          max_iterations=1, batch_size=2, min_size=(64, 80), max_size=96,
+                          warmup_iters=1, pretrained=False, model=dict(TINY_MODEL)))
+    notes = [r for r in caplog.records if "without boxes" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].levelno == logging.WARNING
+    assert notes[0].getMessage() == "1 image without boxes is not used for training: tiny_2.png"
+    # Many such images: counted, not listed.
+    many = T._skipped_empty_message([f"img_{i}.png" for i in range(7)])
+    assert many == "7 images without boxes are not used for training"

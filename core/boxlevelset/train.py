@@ -90,6 +90,9 @@ _BASE_DEFAULTS: dict[str, Any] = dict(
     lr_steps=(8 / 12, 11 / 12), min_size=(640, 800), max_size=1333,
     weight_decay=0.1, warmup_factor=0.001, lr_gamma=0.1, grad_clip=1.0, flip_prob=0.5,
     seed=0, supervision="box",
+    # CT window for volume slices: a default here (not in the field) so a resumed run can
+    # tell an explicit window from an unset one and keep its checkpoint's.
+    window="abdomen",
 )
 
 # What a resumed run takes from its checkpoint unless the caller sets it: the schedule (its
@@ -134,7 +137,7 @@ class TrainConfig:
     num_workers: int = 0
     seed: int | None = None  # 0
     supervision: str | None = None  # "box" (the paper, default) or "mask" (the ceiling)
-    window: str | tuple[float, float] | None = "abdomen"  # CT window for volume slices
+    window: str | tuple[float, float] | None = None  # CT window for volume slices ("abdomen")
     class_names: list[str] | None = None  # read from the folder when None
     log_path: str | Path | None = None  # per-iteration losses: .csv (default) or .jsonl
     time_limit: float | None = None  # seconds; stop cleanly (with a checkpoint) when reached
@@ -314,7 +317,10 @@ class BoxDataset(torch.utils.data.Dataset):
         self.with_masks = with_masks
         self.min_box_size = float(min_box_size)
         self.records = [r for r in folder.records if len(r.boxes)]
-        self.skipped_empty = len(folder.records) - len(self.records)
+        # Images without boxes: named in the warning train() gives (a box-only run cannot
+        # use them, but a user may have meant them to count, e.g. as negatives).
+        self.empty_names = [_record_name(r) for r in folder.records if not len(r.boxes)]
+        self.skipped_empty = len(self.empty_names)
         self._unreadable: set[Path] = set()
         self.dropped_boxes = 0
         if with_masks:
@@ -370,6 +376,21 @@ class BoxDataset(torch.utils.data.Dataset):
                     self._unreadable.add(record.path)
                     logger.warning("skipping unreadable image in training: %s", err)
         raise ImageReadError(f"{self.folder.root}: no image of the folder can be read")
+
+
+def _record_name(record: Any) -> str:
+    """A record's file name, with the slice for a CT entry (volume slices share a file)."""
+    if record.slice_index is None:
+        return str(record.file_name)
+    return f"{record.file_name}[{record.slice_index}]"
+
+
+def _skipped_empty_message(names: Sequence[str], listed: int = 5) -> str:
+    """How many images have no boxes (so training leaves them out), naming them when few."""
+    n = len(names)
+    text = f"{n} image{'s' if n != 1 else ''} without boxes {'are' if n != 1 else 'is'} " \
+           "not used for training"
+    return text + (f": {', '.join(names)}" if n <= listed else "")
 
 
 def collate(samples: list[dict[str, Any]], divisor: int = 32) -> tuple[torch.Tensor, list[dict]]:
@@ -727,7 +748,8 @@ def train(
         if len(dataset) == 0:
             raise ValueError(f"{config.data}: no image has a box annotation to train on")
         if is_main and dataset.skipped_empty:
-            logger.info("%d images without boxes are not used for training", dataset.skipped_empty)
+            # A warning, not info: shown by default, as skipped unreadable images are.
+            logger.warning("%s", _skipped_empty_message(dataset.empty_names))
 
         per_rank_batch = max(1, int(config.batch_size) // world)
         if distributed and int(config.batch_size) % world:
@@ -941,8 +963,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--workers", type=int, default=0, help="data-loading processes")
     p.add_argument("--seed", type=int, help="shuffling and augmentation seed (default 0)")
-    p.add_argument("--window", default="abdomen",
-                   help="CT window for volume slices: a preset or level,width")
+    p.add_argument("--window",
+                   help="CT window for volume slices: a preset or level,width (default: "
+                        "abdomen, or on --resume the resumed run's)")
     p.add_argument("--no-pretrained", action="store_true", help="random backbone init")
     p.add_argument("--model", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="ModelConfig override, e.g. --model fpn_channels=64 (repeatable)")
