@@ -144,8 +144,16 @@ def grabcut(img01: np.ndarray, boxes: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def _ours(**options: Any) -> Callable[[np.ndarray, np.ndarray], list[np.ndarray]]:
-    return lambda img, boxes: segment_boxes(img, boxes, **options)
+class _Ours:
+    """segment_boxes with fixed options. CT slices are handed over as users hand them: in
+    Hounsfield units with the window, so that segment_boxes picks its CT solver itself."""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+    def __call__(self, img: np.ndarray, boxes: np.ndarray,
+                 window: Any = None) -> list[np.ndarray]:
+        return segment_boxes(img, boxes, window=window, **self.options)
 
 
 # segment_boxes picks "evolve" for images and "cut" for CT (when given a window); both run
@@ -153,11 +161,11 @@ def _ours(**options: Any) -> Callable[[np.ndarray, np.ndarray], list[np.ndarray]
 OURS: dict[str, dict[str, Any]] = {
     "ours (evolve)": {"solver": "evolve"},
     "ours (cut)": {"solver": "cut"},
-    "ours (paper energy)": dict(PAPER_ENERGY),
-    "ours (loose boxes)": dict(LOOSE_BOXES),  # the option set for hand-drawn boxes
+    "ours (paper energy)": {**PAPER_ENERGY, "solver": "evolve"},
+    "ours (loose boxes)": dict(LOOSE_BOXES),  # hand-drawn boxes: the cut on CT, as users get
 }
 METHODS: dict[str, Callable[[np.ndarray, np.ndarray], list[np.ndarray]]] = {
-    **{name: _ours(**options) for name, options in OURS.items()},
+    **{name: _Ours(**options) for name, options in OURS.items()},
     "filled box": filled_box,
     "Otsu in box": otsu,
     "morph. Chan-Vese": morph_chan_vese,
@@ -196,10 +204,11 @@ def run_folder(path: Path, methods: list[str], max_images: int | None,
         fn = METHODS[name]
         ious, results, per_box_ms = [], [], []
         for rec in records:
-            img = _image_for(folder, rec)
+            ct = isinstance(fn, _Ours) and rec.slice_index is not None
+            img = folder.slice_hu(rec) if ct else _image_for(folder, rec)
             gt_masks = folder.gt_masks(rec)
             t0 = time.perf_counter()
-            pred = fn(img, boxes[rec.image_id])
+            pred = fn(img, boxes[rec.image_id], CT_WINDOW) if ct else fn(img, boxes[rec.image_id])
             dt = (time.perf_counter() - t0) * 1000
             per_box_ms.append(dt / len(rec.boxes))
             ious.extend(mask_iou(p, g) for p, g in zip(pred, gt_masks))
@@ -276,7 +285,7 @@ def main() -> int:
         except json.JSONDecodeError:
             extra[key] = value
     for name, options in OURS.items():
-        METHODS[name] = _ours(**{**options, **extra})
+        METHODS[name] = _Ours(**{**options, **extra})
     folders = args.folders or [DATA / n for n in ("coco128-dev", "dsb2018-dev", "ct3slice-dev")]
     methods = [m.strip() for m in args.methods.split(",")]
     unknown = [m for m in methods if m not in METHODS]

@@ -312,7 +312,8 @@ class BoxToMaskWidget(QWidget):
         self.loose_check = QCheckBox("Loose boxes")
         self.loose_check.setToolTip(
             "The level set takes each box to touch its object on all four sides; tick this "
-            "for boxes drawn loosely (no box projection, no background ring, evolution only)")
+            "for boxes drawn loosely (no box projection, no background ring, and the mask "
+            "pays for running along the box's edge)")
         self.hand_combo = QComboBox()
         self.hand_combo.addItems(HAND_EDIT_POLICIES)
         self.segment_btn = QPushButton("Segment boxes (Shift-S)")

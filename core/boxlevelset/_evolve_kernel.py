@@ -60,7 +60,7 @@ def _projection_grad(p, slot, owner, sizes, alpha, n, gp):  # pragma: no cover
 @njit(cache=True)
 def _gradient(
     phi, feats, bins, ring, hist_weight, wr, wd, inst, lx, ly, widths, heights, col_slot, row_slot,
-    col_owner, row_owner, gamma, alpha, grad,
+    col_owner, row_owner, gamma, alpha, border, grad,
 ):  # pragma: no cover
     n_pix, n_ch = feats.shape
     n = widths.shape[0]
@@ -123,6 +123,9 @@ def _gradient(
             s = np.sign(p[k + w] - p[k]) * g * wd[k]
             gp[k + w] += s
             gp[k] -= s
+        # Box edge: p against the background beyond it, a link of weight border per side.
+        sides = (lx[k] == 0) + (lx[k] == w - 1) + (ly[k] == 0) + (ly[k] == heights[i] - 1)
+        gp[k] += g * border * sides
     _projection_grad(p, col_slot, col_owner, widths.astype(np.float64), alpha, n, gp)
     _projection_grad(p, row_slot, row_owner, heights.astype(np.float64), alpha, n, gp)
     for k in range(n_pix):
@@ -130,14 +133,14 @@ def _gradient(
 
 
 @njit(cache=True)
-def _adam(phi, feats, args, iterations, lr, gamma, alpha):  # pragma: no cover
+def _adam(phi, feats, args, iterations, lr, gamma, alpha, border):  # pragma: no cover
     n_pix = phi.shape[0]
     grad = np.zeros(n_pix)
     m = np.zeros(n_pix)
     v = np.zeros(n_pix)
     b1, b2, eps = 0.9, 0.999, 1e-8
     for t in range(1, iterations + 1):
-        _gradient(phi, feats, *args, gamma, alpha, grad)
+        _gradient(phi, feats, *args, gamma, alpha, border, grad)
         c1 = 1.0 - b1**t
         c2 = 1.0 - b2**t
         for k in range(n_pix):
@@ -166,19 +169,21 @@ def _kernel_args(feats, inst, lx, ly, widths, heights, hist, edges) -> tuple:
 
 
 def energy_gradient(
-    phi, feats, inst, lx, ly, widths, heights, gamma, alpha, grad, hist=None, edges=None
+    phi, feats, inst, lx, ly, widths, heights, gamma, alpha, grad, hist=None, edges=None,
+    border=0.0,
 ) -> None:
     """Write d(sum of evolution energies)/d phi into grad (float64 arithmetic); hist is
     None or (bins [P, C], ring counts [N, C, bins], weight) for the histogram term, edges
-    None or the (right, down) link weights of the length term."""
+    None or the (right, down) link weights of the length term, border the weight of the
+    length along the box's edge."""
     args = _kernel_args(feats, inst, lx, ly, widths, heights, hist, edges)
-    _gradient(np.asarray(phi, np.float64), feats, *args, gamma, alpha, grad)
+    _gradient(np.asarray(phi, np.float64), feats, *args, gamma, alpha, float(border), grad)
 
 
 def adam_evolve(
     phi, feats, inst, lx, ly, widths, heights, iterations, lr, gamma, alpha, hist=None,
-    edges=None,
+    edges=None, border=0.0,
 ) -> None:
     """Adam (betas 0.9, 0.999, eps 1e-8, as torch.optim.Adam) on phi (float64), in place."""
     args = _kernel_args(feats, inst, lx, ly, widths, heights, hist, edges)
-    _adam(phi, feats, args, iterations, float(lr), float(gamma), float(alpha))
+    _adam(phi, feats, args, iterations, float(lr), float(gamma), float(alpha), float(border))

@@ -5,10 +5,10 @@ box a mask gives is not a box the user drew: it is not tight on the next slice's
 so the energy that assumes tight boxes (box projection, background ring) would fill it
 out to its edges, and each slice's leak would widen the next box until the masks become
 rectangles (seen on the IRCAD volume: a liver box ran into bowel, stomach and muscle).
-Here each slice is segmented with ``LOOSE_BOXES``, started from the previous slice's mask
-(from the inscribed ellipse, objects under ten pixels across were lost), and its mask is
-held within ``band`` pixels of the previous one, so an outline moves at most that far per
-slice.
+Here each slice is segmented with ``SLICE_OPTIONS`` (no box projection, no ring), started
+from the previous slice's mask (from the inscribed ellipse, objects under ten pixels across
+were lost), and its mask is held within ``band`` pixels of the previous one, so an outline
+moves at most that far per slice.
 """
 
 from __future__ import annotations
@@ -34,6 +34,13 @@ BAND = 3
 # HU, windowed or not, and for any image's range.
 MIN_OVERLAP = 0.5
 INTENSITY_TOLERANCE = 0.5
+
+# segment_boxes options for each slice: LOOSE_BOXES' two tight-box terms off, evolved from
+# the previous mask. Not LOOSE_BOXES itself: here the box is the previous mask + band, so
+# the object does reach near its edges, and on ct3slice-dev the box-edge cost of
+# LOOSE_BOXES moved no IoU by more than 0.006 while its cut (the CT default) lost a vertebra
+# (0.842 -> 0.783 from our own start mask; benchmarks/propagate.py).
+SLICE_OPTIONS: dict[str, object] = {"context": 0.0, "alpha": 0.0, "solver": "evolve"}
 
 Segmenter = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
 
@@ -87,8 +94,8 @@ def propagate_mask(
         window: CT (level, width) or preset name, as in ``segment_boxes``.
         band: pixels an outline may move from one slice to the next.
         segment: (slice index, box [4], previous slice's mask) -> HxW mask; default:
-            ``segment_boxes`` on that slice with ``LOOSE_BOXES``, started from the previous
-            mask (a model can be plugged in here).
+            ``segment_boxes`` on that slice with ``SLICE_OPTIONS``, started from the
+            previous mask (a model can be plugged in here).
 
     A slice with NaN/inf pixels around the object (no data) ends that direction of the walk
     with a warning.
@@ -97,7 +104,7 @@ def propagate_mask(
         ValueError: an empty mask, a mask or slice that does not fit the volume, a negative
             band, or a mask of the wrong shape from the segmenter or sent back.
     """
-    from boxlevelset.levelset import LOOSE_BOXES, segment_boxes
+    from boxlevelset.levelset import segment_boxes
 
     volume = volume if hasattr(volume, "shape") else np.asarray(volume)  # dask stays lazy
     start = np.asarray(mask, dtype=bool)
@@ -144,7 +151,7 @@ def propagate_mask(
                 break
             else:
                 found = segment_boxes(pixels, box[None], window=window,
-                                      init_masks=[previous], **LOOSE_BOXES)[0]
+                                      init_masks=[previous], **SLICE_OPTIONS)[0]
             if found.shape != start.shape:
                 raise ValueError(f"slice {z}: the segmenter gave a mask of shape "
                                  f"{found.shape}, not {start.shape}")
