@@ -20,6 +20,16 @@ from pycocotools import mask as mask_utils
 TINY_CATEGORIES = [{"id": 1, "name": "blob"}, {"id": 2, "name": "block"}]
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors gain nothing from threads; on a shared 2-core box they spin and crawl.
+    Modules of training tests use it with pytest.mark.usefixtures."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _tiny_scene(seed: int, size: int = 64) -> tuple[np.ndarray, list[np.ndarray], list[int]]:
     """One dark RGB image with 2-3 bright, non-overlapping ellipses (cat 1) / rectangles (cat 2)."""
     rng = np.random.default_rng(seed)

@@ -19,7 +19,7 @@ from boxlevelset_napari._box_to_mask import (
 from boxlevelset_napari._finetune import SOURCE_VIEWER, FineTuneWidget
 from boxlevelset_napari._layers import boxes_to_rectangles
 
-pytestmark = pytest.mark.plugin
+pytestmark = [pytest.mark.plugin, pytest.mark.usefixtures("one_torch_thread")]
 
 TINY = dict(
     pretrained=False, min_size=(64, 80), max_size=96, batch_size=2, warmup_iters=2,
@@ -29,13 +29,6 @@ TINY = dict(
                feature_guide_channels=3, tree_filter_max_side=32, score_threshold=0.01),
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_finetune_progress_reload_and_model_mode(tmp_path, tiny_box_folder, qtbot,

@@ -14,19 +14,14 @@ import torch
 import boxlevelset.train as T
 from boxlevelset.train import TrainConfig, add_train_arguments, train
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TINY_MODEL = dict(
     fpn_channels=16, head_channels=16, stacked_convs=1, mask_feature_channels=16,
     mask_feature_mid_channels=16, num_grids=(12, 10, 8, 6, 4), feature_guide_channels=3,
     tree_filter_max_side=32, score_threshold=0.01,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _cli_args(data: Path, out: Path, *extra: str):

@@ -27,6 +27,8 @@ from boxlevelset.train import (
     train,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # A model small enough for a few CPU iterations in about a second each.
 TINY_MODEL = dict(
     fpn_channels=16, head_channels=16, stacked_convs=1, mask_feature_channels=16,
@@ -34,14 +36,6 @@ TINY_MODEL = dict(
     tree_filter_max_side=32, score_threshold=0.01,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads; on a shared 2-core box they spin and crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_config(data: Path, out: Path, **overrides) -> TrainConfig:
