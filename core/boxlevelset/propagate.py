@@ -38,7 +38,7 @@ INTENSITY_TOLERANCE = 0.5
 # segment_boxes options for each slice: LOOSE_BOXES' two tight-box terms off, evolved from
 # the previous mask. Not LOOSE_BOXES itself: here the box is the previous mask + band, so
 # the object does reach near its edges, and on ct3slice-dev the box-edge cost of
-# LOOSE_BOXES moved no IoU by more than 0.006 while its cut (the CT default) lost a vertebra
+# LOOSE_BOXES moved no IoU by more than 0.01 while its cut (the CT default) lost a vertebra
 # (0.842 -> 0.783 from our own start mask; benchmarks/propagate.py).
 SLICE_OPTIONS: dict[str, object] = {"context": 0.0, "alpha": 0.0, "solver": "evolve"}
 
