@@ -16,6 +16,7 @@ from napari.layers import Layer
 from boxlevelset.data import load_box_folder, read_volume
 from boxlevelset.export import read_coco_masks
 from boxlevelset_napari._box_to_mask import BoxToMaskWidget
+from boxlevelset_napari._layers import boxes_to_rectangles
 from boxlevelset_napari._reader import napari_get_reader
 from boxlevelset_napari._sample_data import make_sample_ct, make_sample_nuclei
 from boxlevelset_napari._writer import write_labels
@@ -299,3 +300,34 @@ def test_a_two_stain_tiff_opens_as_one_layer_per_channel(tmp_path):
     layers = napari_get_reader(path)(path)
     assert [(d.shape, k["name"], k["rgb"]) for d, k, _ in layers] == [
         ((5, 16, 20), "stains [0]", False), ((5, 16, 20), "stains [1]", False)]
+
+
+def test_loose_boxes_follow_the_image_kind_until_the_user_sets_them(make_napari_viewer_proxy):
+    """CT boxes drawn by hand get the loose-box energy by default (on CT it holds its masks
+    at any looseness); photos and microscopy keep the tight-box energy; a user's own choice
+    stays."""
+    from boxlevelset import segment_boxes
+    from boxlevelset.levelset import LOOSE_BOXES
+
+    viewer = make_napari_viewer_proxy()
+    nuclei = _layers(make_sample_nuclei())
+    ct = _layers(make_sample_ct())
+    for layer in nuclei + ct:
+        viewer.add_layer(layer)
+    widget = BoxToMaskWidget(viewer)
+    widget.image_combo.select(ct[0])
+    assert widget.loose_check.isChecked()
+    widget.image_combo.select(nuclei[0])
+    assert not widget.loose_check.isChecked()
+    widget.image_combo.select(ct[0])
+    boxes = widget.new_boxes_layer()
+    box = np.array([[200.0, 320.0, 310.0, 450.0]])  # a vertebra, a hand's loose box
+    boxes.add_rectangles(boxes_to_rectangles(box, plane=0))
+    hu = np.asarray(ct[0].data[0])
+    want = segment_boxes(hu, box, window=(40.0, 400.0), **LOOSE_BOXES)[0]
+    got = widget.labels_layer(create=False).data[0] == int(boxes.features["box_id"][0])
+    assert np.array_equal(got, want)
+    widget.loose_check.click()  # the user unticks it: that stays, whatever image is chosen
+    widget.image_combo.select(nuclei[0])
+    widget.image_combo.select(ct[0])
+    assert not widget.loose_check.isChecked()
