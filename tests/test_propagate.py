@@ -39,8 +39,9 @@ def test_a_shrinking_object_is_followed_and_each_outline_moves_at_most_band():
 
 
 def test_the_tight_box_energy_on_the_same_walk_fills_its_loose_boxes():
-    """Why propagation uses LOOSE_BOXES: the box a mask gives on the next slice is loose,
-    and the default energy (box projection, ring) stretches the mask to its edges."""
+    """Why propagation turns the tight-box terms off: the box a mask gives on the next
+    slice is loose, and the default energy (box projection, ring) stretches the mask to its
+    edges."""
     from boxlevelset import segment_boxes
 
     volume, discs = _cone_volume()
