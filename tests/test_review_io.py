@@ -222,3 +222,13 @@ def test_flat_polygon_is_a_clear_error(tmp_path: Path) -> None:
                                             "height": 50}], [ann])
     with pytest.raises(ValueError, match=r"f.png: annotation 0: .*list of polygons"):
         load_box_folder(root).to_coco_gt()
+
+
+def test_an_input_that_per_file_boxes_do_not_name_is_warned_about(tmp_path: Path) -> None:
+    for name in ("a.png", "b.png"):
+        cv2.imwrite(str(tmp_path / name), np.full((20, 30), 90, np.uint8))
+    boxes = json.dumps({"a.png": [[2, 2, 12, 12]]})
+    with pytest.warns(UserWarning, match=r"no boxes for .*b\.png; it gets no masks"):
+        rc = main(["segment", str(tmp_path / "a.png"), str(tmp_path / "b.png"),
+                   "--boxes", boxes, "-o", str(tmp_path / "out")])
+    assert rc == 0

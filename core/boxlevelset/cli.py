@@ -129,7 +129,8 @@ def _boxes_per_input(boxes: dict[str, np.ndarray], inputs: Sequence[Path | str],
                      source: Any) -> list[np.ndarray]:
     """The boxes of each input from {file name: boxes}: a key names the input whose path
     ends with it ("img.png", or "a/img.png" to tell a/img.png from b/img.png); the longest
-    match wins. ValueError for a key that names no input, or several."""
+    match wins. ValueError for a key that names no input, or several; a warning for an
+    input no key names."""
     paths = [Path(p).absolute().parts for p in inputs]
     best: list[tuple[int, np.ndarray]] = [(0, np.zeros((0, 4)))] * len(paths)
     for key, value in boxes.items():
@@ -147,6 +148,10 @@ def _boxes_per_input(boxes: dict[str, np.ndarray], inputs: Sequence[Path | str],
                              "with the folder in the name (e.g. a/img.png)")
         if len(parts) > best[hits[0]][0]:
             best[hits[0]] = (len(parts), value)
+    unnamed = [str(inputs[i]) for i, (matched, _) in enumerate(best) if not matched]
+    if unnamed:  # most likely a typo in a key: say so rather than write empty masks quietly
+        warnings.warn(f"{source}: no boxes for {', '.join(unnamed)}; "
+                      f"{'it gets' if len(unnamed) == 1 else 'they get'} no masks", stacklevel=3)
     return [value for _, value in best]
 
 
