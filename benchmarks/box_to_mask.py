@@ -161,7 +161,7 @@ class _Ours:
 OURS: dict[str, dict[str, Any]] = {
     "ours (evolve)": {"solver": "evolve"},
     "ours (cut)": {"solver": "cut"},
-    "ours (paper energy)": {**PAPER_ENERGY, "solver": "evolve"},
+    "ours (paper energy)": dict(PAPER_ENERGY),
     "ours (loose boxes)": dict(LOOSE_BOXES),  # hand-drawn boxes: the cut on CT, as users get
 }
 METHODS: dict[str, Callable[[np.ndarray, np.ndarray], list[np.ndarray]]] = {

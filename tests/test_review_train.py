@@ -207,3 +207,17 @@ def test_images_without_boxes_are_reported_by_default(tiny_box_folder, tmp_path,
     # Many such images: counted, not listed.
     many = T._skipped_empty_message([f"img_{i}.png" for i in range(7)])
     assert many == "7 images without boxes are not used for training"
+
+
+def test_resume_with_a_new_lr_and_weight_decay_uses_them(tiny_box_folder, tmp_path):
+    """The optimizer's saved state had brought back the old lr and weight decay, whatever
+    the resumed run was given."""
+    common = dict(data=tiny_box_folder, output_dir=tmp_path, pretrained=False, min_size=(64, 64),
+                  max_size=64, batch_size=1, warmup_iters=0, lr_steps=(), model=TINY_MODEL)
+    train(TrainConfig(**common, max_iterations=1, lr=0.01, weight_decay=0.1))
+    seen = []
+    train(TrainConfig(**common, max_iterations=2, lr=0.002, weight_decay=0.0, resume="auto"),
+          callbacks=[lambda event: seen.append(event.lr)])
+    assert seen and all(lr == pytest.approx(0.002) for lr in seen)
+    groups = torch.load(tmp_path / "last.pth", weights_only=False)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.0]

@@ -40,7 +40,8 @@ def region_derivative(
 ) -> np.ndarray:
     """dE/dp of one box's region term (Eq. 3-4) + hist_weight x histogram term at the
     binary mask u [P], times the box's pixel count (so O(1) per pixel). feats [P, C]; bins
-    [P, C] and ring_counts [C, bins] as ``levelset._histograms`` gives them."""
+    [P, C] and ring_counts [C, bins] (this box's row of what ``levelset._histograms``
+    gives)."""
     n_ch = feats.shape[1]
     inside = u.astype(bool)
     c1 = feats[inside].mean(0) if inside.any() else feats.mean(0)

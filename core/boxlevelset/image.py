@@ -34,7 +34,11 @@ def resolve_window(window: Window) -> tuple[float, float] | None:
                 f"unknown window preset {window!r}; choose one of {sorted(WINDOW_PRESETS)} "
                 "or give level,width (e.g. 40,400)"
             ) from None
-    level, width = (float(v) for v in window)
+    try:
+        level, width = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise ValueError(f"window must be (level, width) or a preset name, got {window!r}") \
+            from None
     if not (np.isfinite(level) and np.isfinite(width)):
         raise ValueError(f"window level and width must be finite numbers, got {window!r}")
     if width <= 0:
@@ -56,8 +60,8 @@ def as_float_image(image: np.ndarray, window: Window = None,
                    allow_nonfinite: bool = False) -> np.ndarray:
     """Return an HxWxC float32 image in [0, 1].
 
-    uint8 is divided by 255, uint16 by 65535 then stretched to its own range (microscopy
-    rarely fills 16 bits), floats are min-max scaled unless already in [0, 1]. With a
+    uint8 is divided by 255; other integer types are stretched to the image's own range
+    (microscopy rarely fills 16 bits), floats too unless already in [0, 1]. With a
     window, values are treated as Hounsfield units and windowed first. Raises ValueError
     for wrong dimensions, and for non-finite values unless ``allow_nonfinite`` (they are
     then NaN in the result and left out of the scaling).

@@ -322,7 +322,6 @@ class BoxDataset(torch.utils.data.Dataset):
         self.empty_names = [_record_name(r) for r in folder.records if not len(r.boxes)]
         self.skipped_empty = len(self.empty_names)
         self._unreadable: set[Path] = set()
-        self.dropped_boxes = 0
         if with_masks:
             for r in self.records:
                 if any(s is None for s in r.segmentations):
@@ -460,6 +459,22 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+
+
+def _apply_given_optimizer_settings(config: TrainConfig, optimizer: torch.optim.Optimizer,
+                                    scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """A resumed run's optimizer state brings back the saved lr and weight decay; those the
+    caller gave for this run replace them (the schedule's factors still apply to the lr)."""
+    if "lr" in config.given:
+        factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+        scheduler.base_lrs = [float(config.lr)] * len(optimizer.param_groups)
+        for group in optimizer.param_groups:
+            group["initial_lr"] = float(config.lr)
+            group["lr"] = float(config.lr) * factor
+    if "weight_decay" in config.given:
+        for group in optimizer.param_groups:  # the decaying group holds the weight matrices
+            if any(p.ndim > 1 for p in group["params"]):
+                group["weight_decay"] = float(config.weight_decay)
 
 
 def lr_factor(iteration: int, max_iterations: int, warmup_iters: int, warmup_factor: float,
@@ -780,6 +795,7 @@ def train(
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
+            _apply_given_optimizer_settings(config, optimizer, scheduler)
             if ckpt.get("scaler") and scaler.is_enabled():
                 scaler.load_state_dict(ckpt["scaler"])
             start_iter = int(ckpt["iteration"])
