@@ -544,3 +544,19 @@ def test_a_box_without_contrast_gets_an_empty_mask():
         assert obj.sum() > 150 and not blank.any(), options
         whole, = L.segment_boxes(img, fitted, **options)
         assert whole.sum() == 15 * 15, options
+
+
+def test_a_cut_that_keeps_nothing_gives_way_to_the_evolution(monkeypatch):
+    """A faint disc (contrast = noise) in a loose box: its whole outline costs the cut more
+    than its region gains, and the cut's global minimum is the empty mask (an aorta on CT
+    got none). A box holds an object: the evolution from the ellipse finds it."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(50, 20, (80, 80)).astype(np.float32)
+    yy, xx = np.mgrid[:80, :80]
+    disc = (yy - 40) ** 2 + (xx - 40) ** 2 < 12 ** 2
+    image[disc] += 20
+    box = np.array([[23.2, 23.2, 56.8, 56.8]])
+    options = dict(L.LOOSE_BOXES, solver="cut")
+    assert _iou(L.segment_boxes(image, box, **options)[0], disc) > 0.7
+    monkeypatch.setattr(L, "MIN_CUT_SHARE", 0.0)  # the cut's own answer
+    assert L.segment_boxes(image, box, **options)[0].sum() < 0.05 * disc.sum()

@@ -34,7 +34,11 @@ __all__ = [
     "length_energy",
     "box_projection_loss",
     "levelset_energy",
+    "evolution_energy",
     "segment_boxes",
+    "clean_mask",
+    "PAPER_ENERGY",
+    "LOOSE_BOXES",
 ]
 
 _EPS = 1e-5
@@ -262,7 +266,7 @@ def levelset_energy(
 
 # segment_boxes options that leave the paper's energy alone (region + plain length + box
 # projection, the defaults before the histogram and edge terms), for comparisons.
-PAPER_ENERGY: dict[str, float] = {"histogram": 0.0, "edge": 0.0, "gamma": 0.15}
+PAPER_ENERGY: dict[str, Any] = {"histogram": 0.0, "edge": 0.0, "gamma": 0.15, "solver": "evolve"}
 
 # segment_boxes options for boxes drawn loosely around their objects. Two terms of the
 # default energy take the box to be tight: the box projection (each side touches the
@@ -619,13 +623,16 @@ def segment_boxes(
         image: HxW or HxWxC array (uint8, uint16, float; CT in Hounsfield units with window).
             Without a model, NaN/inf (no data) may appear outside the boxes.
         boxes: Nx4 array of (x0, y0, x1, y1) in pixels; clipped to the image.
-        model: optional trained model, or a ``Predictor`` already holding this image
-            (interactive use: the backbone then runs once per image, not per call).
+        model: optional trained model, or a ``Predictor`` already holding this very image,
+            set with the same window (interactive use: the backbone then runs once per
+            image, not per call; one holding an image of another size is an error).
         window: CT (level, width) or a preset name ("abdomen", "liver", "lung", "bone").
-        iterations: gradient steps of the evolution.
+        iterations: gradient steps of the evolution (after the cut, ``polish`` steps are
+            taken instead).
         step_size: Adam step on phi.
-        gamma: weight of the length term (perimeter relative to box size).
-        alpha: weight of the box projection term.
+        gamma: weight of the evolution's length term (perimeter relative to box size); the
+            cut weighs its boundary with ``CUT_GAMMA``.
+        alpha: weight of the box projection term (evolution only: the cut has none).
         max_side: boxes with a longer side are evolved at this resolution, then upsampled.
         smooth: Gaussian sigma (pixels at evolution resolution) applied to each crop.
         lab: measure colour images in CIE Lab (closer to perceived contrast than RGB).
@@ -661,12 +668,15 @@ def segment_boxes(
 
     Raises:
         ValueError: wrong image or box shape, NaN/inf values (inside a box, or anywhere
-            with a model), a box with zero area, an unknown solver.
+            with a model), a box with zero area, an unknown solver, a negative ``refine``,
+            a ``Predictor`` holding an image of another size.
     """
     if solver is None:
         solver = "evolve" if window is None else "cut"
     if solver not in ("evolve", "cut"):
         raise ValueError(f"solver must be 'evolve' or 'cut', got {solver!r}")
+    if refine < 0:
+        raise ValueError(f"refine must be >= 0 level-set steps, got {refine}")
     img = _grey_as_one_channel(as_float_image(image, window, allow_nonfinite=model is None))
     height, width = img.shape[:2]
     box_arr = as_boxes(boxes)
@@ -681,6 +691,11 @@ def segment_boxes(
 
         if isinstance(model, Predictor):  # features of this image already cached
             predictor = model
+            if predictor.image_size not in (None, (height, width)):
+                raise ValueError(
+                    f"the Predictor holds an image of {predictor.image_size[1]}x"
+                    f"{predictor.image_size[0]} pixels, not this {width}x{height} one: call "
+                    "its set_image with this image first")
         else:
             predictor = Predictor(model)
             predictor.set_image(image, window=window)
@@ -708,13 +723,27 @@ def segment_boxes(
     if histogram > 0:
         bins, ring_counts = _histograms(crops, rings)
         hist = (bins, ring_counts, float(histogram))
+    evolve_border = 0.0 if border is None else border
     if predictor is None and solver == "cut":
         start = None if init is None else [phi > 0 for phi in init]
-        init = [np.where(u, 2.0, -2.0) for u in _cut(
-            crops, hist, edge, border=CUT_BORDER if border is None else border, start=start)]
-        iterations = polish
-    phis = _evolve(crops, iterations, step_size, gamma, alpha, init, hist, edge,
-                   0.0 if border is None else border)
+        cut = _cut(crops, hist, edge, border=CUT_BORDER if border is None else border,
+                   start=start)
+        phis = _evolve(crops, polish, step_size, gamma, alpha,
+                       [np.where(u, 2.0, -2.0) for u in cut], hist, edge, evolve_border)
+        # A box holds an object, so a cut that keeps (almost) nothing is the energy's trivial
+        # minimum, not the object: a small low-contrast object in a loose box, whose whole
+        # outline costs more than its region gains (an aorta on CT). The evolution from the
+        # start mask or the inscribed ellipse finds its local minimum instead.
+        lost = [i for i, u in enumerate(cut) if u.sum() < MIN_CUT_SHARE * u.size]
+        if lost:
+            again = _evolve([crops[i] for i in lost], iterations, step_size, gamma, alpha,
+                            None if init is None else [init[i] for i in lost],
+                            _hist_subset(hist, crops, lost), edge, evolve_border)
+            for i, phi in zip(lost, again):
+                phis[i] = phi
+    else:
+        phis = _evolve(crops, iterations, step_size, gamma, alpha, init, hist, edge,
+                       evolve_border)
 
     masks = []
     for (x0, y0, x1, y1), phi in zip(bounds, phis):
@@ -730,6 +759,22 @@ def segment_boxes(
             phi = cv2.resize(phi, (bw, bh), interpolation=cv2.INTER_LINEAR)
         mask[y0:y1, x0:x1] = clean_mask(phi > 0, fill_holes, largest_component)
     return masks
+
+
+# A cut mask under this share of its box's pixels is taken for the trivial empty minimum
+# (see segment_boxes): a box the user drew around an object does not hold only a speck.
+MIN_CUT_SHARE = 0.05
+
+
+def _hist_subset(hist: tuple[np.ndarray, np.ndarray, float] | None, crops: list[np.ndarray],
+                 keep: list[int]) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """The histogram term's data (bins per pixel of all crops, ring counts per box) of the
+    crops ``keep`` only."""
+    if hist is None:
+        return None
+    bins, ring_counts, weight = hist
+    parts = np.split(bins, np.cumsum([c.shape[0] * c.shape[1] for c in crops])[:-1])
+    return np.concatenate([parts[i] for i in keep]), ring_counts[keep], weight
 
 
 # A box whose pixels vary less than this (standard deviation, image scaled to [0, 1]: under

@@ -440,6 +440,8 @@ class SOLOv2(nn.Module):
         """Mask probabilities at stride 4 [N, h4, w4], labels [N] and scores [N] for image b."""
         cfg = self.config
         thr = cfg.score_threshold if score_threshold is None else float(score_threshold)
+        if not 0.0 <= thr <= 1.0:  # NaN too: a score of 50 (percent?) silently kept nothing
+            raise ValueError(f"score_threshold must lie in [0, 1], got {score_threshold}")
         cates = torch.cat(
             [points_nms(c[b : b + 1].sigmoid())[0].flatten(1).T for c in feats.cates]
         )  # [cells, K]
@@ -504,6 +506,11 @@ class SOLOv2(nn.Module):
         import cv2
 
         img = as_float_image(image, window)
+        if img.shape[2] > 3:  # as_float_image keeps any channel count but RGBA's alpha
+            raise ValueError(
+                f"the model takes grey, two-channel or RGB(A) images; got {img.shape[2]} "
+                f"channels (shape {np.shape(image)}): pick up to 3 channels first"
+            )
         if img.shape[2] == 1:
             img = np.repeat(img, 3, axis=2)
         elif img.shape[2] == 2:  # two-channel microscopy: show as R, G with an empty B
@@ -534,6 +541,34 @@ def _resized(probs: Tensor, padded: tuple[int, int], valid: tuple[int, int],
     return p[:, 0]
 
 
+def _linear_matrix(n_in: int, n_out: int) -> Tensor:
+    """[n_out, n_in] float64 weights of a 1D linear resize as F.interpolate(mode="bilinear",
+    align_corners=False, size=...) computes it (source index clamped at 0, no antialias)."""
+    scale = n_in / n_out
+    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    frac = src - i0
+    weights = torch.zeros(n_out, n_in, dtype=torch.float64)
+    rows = torch.arange(n_out)
+    weights.index_put_((rows, i0), 1 - frac, accumulate=True)
+    weights.index_put_((rows, i1), frac, accumulate=True)
+    return weights
+
+
+def _resize_matrices(size: tuple[int, int], padded: tuple[int, int], valid: tuple[int, int],
+                     out: tuple[int, int], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Row [out_h, h] and column [out_w, w] matrices M with M_r @ p @ M_c.T equal to
+    ``_resized(p)`` for a stride-4 map p of ``size``."""
+    mats = []
+    for n, pad, val, o in zip(size, padded, valid, out):
+        m = _linear_matrix(n, pad)[:val]
+        if val != o:
+            m = _linear_matrix(val, o) @ m
+        mats.append(m.to(device=device, dtype=torch.float32))
+    return mats[0], mats[1]
+
+
 def _threshold_resized(
     probs: Tensor,
     padded: tuple[int, int],
@@ -560,6 +595,11 @@ class Predictor:
     kernel lookup and one 1x1 dynamic conv."""
 
     def __init__(self, model: SOLOv2) -> None:
+        if not all(hasattr(model, a) for a in ("preprocess", "features", "dynamic_masks")):
+            hint = (" (a checkpoint path: load it first with boxlevelset.load_model(path))"
+                    if isinstance(model, (str, os.PathLike)) else "")
+            raise TypeError(f"Predictor needs a SOLOv2 model, got {type(model).__name__}"
+                            f"{hint}")
         self.model = model
         self._feats: _Features | None = None
         self._orig: tuple[int, int] = (0, 0)
@@ -569,6 +609,12 @@ class Predictor:
     @property
     def is_image_set(self) -> bool:
         return self._feats is not None
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """(H, W) of the image given to ``set_image`` (None before): the size of every mask
+        this predictor returns, whatever image a caller has in mind."""
+        return tuple(self._orig) if self._feats is not None else None
 
     @torch.no_grad()
     def set_image(self, image: np.ndarray, window: Window = None) -> Predictor:
@@ -628,8 +674,14 @@ class Predictor:
         feats = self._require()
         cfg = self.model.config
         ph, pw = feats.input_size
+        h0, w0 = self._orig
+        # The part of each box inside the image picks the kernel (level from its size, cell
+        # from its centre), as training clips its boxes and segment_boxes clips before this.
+        arr = as_boxes(boxes).copy()
+        arr[:, [0, 2]] = arr[:, [0, 2]].clip(0, w0)
+        arr[:, [1, 3]] = arr[:, [1, 3]].clip(0, h0)
         kernels = []
-        for x0, y0, x1, y1 in as_boxes(boxes) * self._scale:
+        for x0, y0, x1, y1 in arr * self._scale:
             level = self.level_for_box(np.sqrt(max(x1 - x0, 0) * max(y1 - y0, 0)))
             s = cfg.num_grids[level]
             cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
@@ -654,13 +706,18 @@ class Predictor:
         h0, w0 = self._orig
         if len(arr) == 0:
             return []
-        probs = self.box_logits(arr).sigmoid()
+        probs = self.box_logits(arr).sigmoid().float()
         bounds = pixel_bounds(arr, h0, w0)
+        # The two bilinear resizes of _resized (stride 4 -> padded input, crop the valid part,
+        # -> original size) as one matrix per axis, applied to each box's rows and columns
+        # only: a full-size map per box cost 16 x image size of memory per chunk (GBs on a
+        # large mosaic) and time per box in proportion to the image.
+        rows, cols = _resize_matrices(tuple(probs.shape[-2:]), feats.input_size,
+                                      self._valid, self._orig, probs.device)
         crops = []
-        for i in range(0, len(probs), 16):  # chunks: 16 full-size maps at a time at most
-            full = _resized(probs[i : i + 16], feats.input_size, self._valid, self._orig)
-            for m, (c0, r0, c1, r1) in zip(full.cpu().numpy(), bounds[i : i + 16]):
-                crops.append(m[r0:r1, c0:c1].copy())
+        for prob, (c0, r0, c1, r1) in zip(probs, bounds):
+            crop = rows[r0:r1] @ prob @ cols[c0:c1].T
+            crops.append(crop.cpu().numpy().astype(np.float32, copy=False))
         return crops
 
     @torch.no_grad()
@@ -696,6 +753,12 @@ def save_checkpoint(path: str | os.PathLike, model: SOLOv2, **extra: Any) -> Pat
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by ``save_checkpoint``; clear errors for wrong files."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.pth"))
+        raise IsADirectoryError(
+            f"{str(path)!r} is a folder, not a checkpoint file; pass the file itself"
+            + (f" ({', '.join(str(path / n) for n in inside)})" if inside else
+               " (a training run writes model.pth and last.pth)"))
     if not path.is_file():
         hint = ("; models are loaded from checkpoint files (none ship with the package: "
                 "train one with `boxlevelset train` or the plugin's fine-tune)"
@@ -730,9 +793,10 @@ def parse_device(device: str | torch.device) -> torch.device:
 
 
 def load_model(path_or_name: str | os.PathLike, device: str | torch.device | None = None) -> SOLOv2:
-    """SOLOv2 from a checkpoint path, on ``device`` (default: CUDA if available), in eval mode."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    """SOLOv2 from a checkpoint path, on ``device`` ("cpu", "cuda", "cuda:N"; None or "auto":
+    CUDA if available), in eval mode."""
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # as train's device="auto"
     device = parse_device(device)
     state = load_checkpoint(path_or_name, "cpu")
     config = ModelConfig.from_dict(dict(state["config"]))
