@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch  # noqa: F401  -- torch must be imported before the Qt application exists
 
+import contextlib
 import hashlib
 import time
 import weakref
@@ -857,12 +858,16 @@ class BoxToMaskWidget(QWidget):
         # napari redraws the whole labels plane after each write (20 ms a box at 2000x2000):
         # a batch of boxes is drawn once, at the end.
         self._defer_refresh = len(todo) > 1
+        # One press of Segment (e.g. after a new window redid every box) is one undo step,
+        # as a propagated walk is: napari recorded one step per box painted.
+        labels = self.labels_layer(create=True) if by_plane else None
         try:
-            for plane, items in by_plane.items():
-                masks = self.masks_for(plane, np.stack([b for _, b, _ in items]))
-                for (box_id, _box, item), mask in zip(items, masks):
-                    outcome[self._paint(box_id, plane, mask)] += 1
-                    self._geom[box_id] = self._key(item[1], item[2])
+            with labels.block_history() if labels is not None else contextlib.nullcontext():
+                for plane, items in by_plane.items():
+                    masks = self.masks_for(plane, np.stack([b for _, b, _ in items]))
+                    for (box_id, _box, item), mask in zip(items, masks):
+                        outcome[self._paint(box_id, plane, mask)] += 1
+                        self._geom[box_id] = self._key(item[1], item[2])
         finally:
             if self._defer_refresh and self.labels_combo.layer() is not None:
                 self.labels_combo.layer().refresh()

@@ -1,0 +1,46 @@
+"""Review of the CT workflow (loose boxes drawn by hand on the shipped CT slice): a new
+window applied with one press of Segment is taken back by one undo."""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  -- before Qt (napari) is imported
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import boxlevelset
+from boxlevelset_napari._box_to_mask import BoxToMaskWidget
+from boxlevelset_napari._layers import boxes_to_rectangles
+
+pytestmark = pytest.mark.plugin
+CT_SLICE = Path(boxlevelset.__file__).parent / "samples" / "ct_slice.nii.gz"
+# The sample's liver and spine boxes, each side pushed out by hand-drawn slack.
+LOOSE = [(66.0, 130.0, 364.0, 382.0), (208.0, 327.0, 306.0, 446.0)]
+
+
+@pytest.fixture
+def ct_widget(make_napari_viewer):
+    viewer = make_napari_viewer()
+    image = viewer.open(str(CT_SLICE), plugin="boxlevelset-napari")[0]
+    widget = BoxToMaskWidget(viewer)
+    boxes = widget.new_boxes_layer()
+    plane = 0 if image.data.ndim == 3 else None
+    for box in LOOSE:  # drawn one by one, Live: one mask each
+        boxes.add_rectangles(boxes_to_rectangles(np.asarray([box]), plane=plane))
+    return viewer, widget, image, widget.labels_layer(create=False)
+
+
+def test_one_undo_takes_back_a_segment_press_that_redid_every_box(ct_widget):
+    _viewer, widget, image, labels = ct_widget
+    assert widget.loose_check.isChecked()  # ticked by itself on CT
+    before = np.asarray(labels.data).copy()
+    assert len(np.unique(before)) == 3  # background, liver, spine
+    image.contrast_limits = (-60.0, 190.0)  # a narrower window, then Segment
+    widget.segment()
+    after = np.asarray(labels.data).copy()
+    for box_id in (1, 2):  # both masks were redone with the new window
+        assert not np.array_equal(before == box_id, after == box_id)
+    labels.undo()  # one step back: the masks as they were before the press
+    np.testing.assert_array_equal(np.asarray(labels.data), before)
