@@ -157,3 +157,16 @@ def test_segment_boxes_refuses_a_predictor_holding_another_image(model):
     with pytest.raises(ValueError, match="refine must be >= 0"):
         boxlevelset.segment_boxes(_image(96), [[10, 10, 50, 50]], model=p, refine=-3)
     assert boxlevelset.segment_boxes(_image(96), [[10, 10, 50, 50]], model=p)[0].shape == (96, 96)
+
+
+class _Payload:
+    """Stands for any Python object a foreign pickle may carry (unpickling runs its code)."""
+
+
+def test_a_checkpoint_holding_python_objects_is_not_unpickled(tmp_path):
+    from boxlevelset.model import load_checkpoint
+
+    path = tmp_path / "foreign.pth"
+    torch.save({"model": {}, "config": {}, "extra": _Payload()}, path)
+    with pytest.raises(ValueError, match="tensors and plain data only"):
+        load_checkpoint(path)

@@ -765,12 +765,13 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
                 if not path.suffix and len(path.parts) == 1 else "")
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist{hint}")
     try:
+        # Tensors and plain data only: a full unpickle runs whatever code the file holds,
+        # and users open checkpoints from anywhere (the plugin's file picker). Ours hold
+        # nothing else (TrainConfig.to_dict stores paths as str).
         state = torch.load(path, map_location=device, weights_only=True)
-    except Exception:
-        try:  # checkpoints with extra Python objects (e.g. a TrainConfig holding Paths)
-            state = torch.load(path, map_location=device, weights_only=False)
-        except Exception as exc:
-            raise ValueError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable boxlevelset checkpoint (it must hold tensors "
+                         f"and plain data only; {type(exc).__name__}: {exc})") from exc
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{path}: not a boxlevelset checkpoint (needs 'model' and 'config')")
     return state
