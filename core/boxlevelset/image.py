@@ -46,6 +46,22 @@ def resolve_window(window: Window) -> tuple[float, float] | None:
     return level, width
 
 
+def as_rgb(image: np.ndarray, window: Window = None) -> np.ndarray:
+    """HxWx3 float32 RGB in [0, 1] from any image ``as_float_image`` takes: grey repeated,
+    two channels (microscopy) as red and green with an empty blue. ValueError for more
+    than three channels after RGBA's alpha is dropped: which three to show is the user's
+    choice."""
+    arr = as_float_image(image, window)
+    if arr.shape[2] > 3:
+        raise ValueError(f"expected a grey, two-channel or RGB(A) image; got {arr.shape[2]} "
+                         f"channels (shape {np.shape(image)}): pick up to 3 channels first")
+    if arr.shape[2] == 1:
+        return np.repeat(arr, 3, axis=2)
+    if arr.shape[2] == 2:
+        return np.concatenate([arr, np.zeros_like(arr[..., :1])], axis=2)
+    return arr
+
+
 def apply_window(image: np.ndarray, window: Window) -> np.ndarray:
     """Map Hounsfield units to [0, 1] through a (level, width) window or a preset name."""
     resolved = resolve_window(window)

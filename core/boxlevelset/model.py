@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from boxlevelset.heads import FPN, GridHead, MaskFeatureHead
-from boxlevelset.image import Window, as_boxes, as_float_image, pixel_bounds
+from boxlevelset.image import Window, as_boxes, as_rgb, pixel_bounds
 from boxlevelset.losses import (
     LevelSetWeights,
     dice_loss,
@@ -505,16 +505,7 @@ class SOLOv2(nn.Module):
         RGB padded to /32 on the model's device, scale from original to network pixels)."""
         import cv2
 
-        img = as_float_image(image, window)
-        if img.shape[2] > 3:  # as_float_image keeps any channel count but RGBA's alpha
-            raise ValueError(
-                f"the model takes grey, two-channel or RGB(A) images; got {img.shape[2]} "
-                f"channels (shape {np.shape(image)}): pick up to 3 channels first"
-            )
-        if img.shape[2] == 1:
-            img = np.repeat(img, 3, axis=2)
-        elif img.shape[2] == 2:  # two-channel microscopy: show as R, G with an empty B
-            img = np.concatenate([img, np.zeros_like(img[..., :1])], axis=2)
+        img = as_rgb(image, window)
         (nh, nw), scale = self.resized_size(*img.shape[:2])
         interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
         img = cv2.resize(img, (nw, nh), interpolation=interp)

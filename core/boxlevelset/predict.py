@@ -125,9 +125,9 @@ def overlay_image(image: np.ndarray, masks: np.ndarray, alpha: float = 0.45) -> 
     """RGB uint8 picture of `image` with each mask tinted and outlined in its own colour."""
     import cv2
 
-    from boxlevelset.train import to_rgb255
+    from boxlevelset.image import as_rgb
 
-    rgb = to_rgb255(image).round().clip(0, 255).astype(np.uint8)
+    rgb = (as_rgb(image) * 255.0).round().clip(0, 255).astype(np.uint8)
     if len(masks) == 0:
         return rgb
     out = rgb.astype(np.float32)

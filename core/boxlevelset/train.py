@@ -239,14 +239,9 @@ class StopTraining(Exception):
 
 def to_rgb255(image: np.ndarray, window: Any = None) -> np.ndarray:
     """Any HxW / HxWxC image -> HxWx3 float32 RGB in [0, 255] (what SOLOv2.forward expects)."""
-    from boxlevelset.image import as_float_image
+    from boxlevelset.image import as_rgb
 
-    arr = as_float_image(image, window=window)
-    if arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    elif arr.shape[2] == 2:  # two-channel microscopy: R, G and an empty B (as SOLOv2.preprocess)
-        arr = np.concatenate([arr, np.zeros_like(arr[..., :1])], axis=2)
-    return np.ascontiguousarray(arr * 255.0, dtype=np.float32)
+    return np.ascontiguousarray(as_rgb(image, window) * 255.0, dtype=np.float32)
 
 
 class ResizeFlip:
