@@ -232,3 +232,20 @@ def test_an_input_that_per_file_boxes_do_not_name_is_warned_about(tmp_path: Path
         rc = main(["segment", str(tmp_path / "a.png"), str(tmp_path / "b.png"),
                    "--boxes", boxes, "-o", str(tmp_path / "out")])
     assert rc == 0
+
+
+@pytest.mark.parametrize("broken, field", [
+    ({"annotations": [{"id": 1, "image_id": 1, "bbox": [1, 1, 5, 5]}]}, "category_id"),
+    ({"images": [{"id": 1, "width": 20, "height": 20}]}, "file_name"),
+    ({"annotations": [{"id": 1, "image_id": 1, "category_id": 1,
+                       "bbox": ["a", 1, 5, 5]}]}, "could not convert"),
+])
+def test_a_malformed_coco_entry_is_an_error_naming_the_file(tmp_path: Path, broken, field):
+    """A missing field had ended the command line in a KeyError traceback."""
+    cv2.imwrite(str(tmp_path / "a.png"), np.full((20, 20), 90, np.uint8))
+    coco = {"images": [{"id": 1, "file_name": "a.png", "width": 20, "height": 20}],
+            "annotations": [], "categories": [{"id": 1, "name": "x"}], **broken}
+    (tmp_path / "annotations.json").write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match=f"annotations.json: .*{field}"):
+        load_box_folder(tmp_path)
+    assert main(["segment", str(tmp_path), "-o", str(tmp_path / "out")]) == 2

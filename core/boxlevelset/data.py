@@ -13,7 +13,7 @@ import logging
 import os
 import warnings
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -506,12 +506,28 @@ def load_box_folder(path: str | os.PathLike, window: Window = "abdomen") -> BoxF
     if path.is_file():
         if path.suffix.lower() != ".json":
             raise ValueError(f"{path}: expected a folder or a COCO .json file")
-        return _load_coco(path, path.parent, window)
+        return _naming_the_file(path, lambda: _load_coco(path, path.parent, window))
     if (path / "annotations.json").is_file():
-        return _load_coco(path / "annotations.json", path, window)
+        json_path = path / "annotations.json"
+        return _naming_the_file(json_path, lambda: _load_coco(json_path, path, window))
     if (path / "Annotations").is_dir():
-        return _load_voc(path, window)
+        return _naming_the_file(path / "Annotations", lambda: _load_voc(path, window))
     return _load_plain(path, window)
+
+
+def _naming_the_file(path: Path, load: Callable[[], BoxFolder]) -> BoxFolder:
+    """``load()``, with a malformed entry (a missing field, a value of the wrong type, text
+    where a number belongs) reported as a ValueError that names the annotation file."""
+    try:
+        return load()
+    except KeyError as err:
+        raise ValueError(f"{path}: an entry has no {err} field") from None
+    except TypeError as err:
+        raise ValueError(f"{path}: an entry has a value of the wrong type ({err})") from None
+    except ValueError as err:
+        if str(path) in str(err) or str(path.parent) in str(err):
+            raise
+        raise ValueError(f"{path}: {err}") from None
 
 
 def _resolve_file(root: Path, file_name: str) -> Path:
