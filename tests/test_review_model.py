@@ -16,12 +16,7 @@ TINY = dict(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +165,26 @@ def test_a_checkpoint_holding_python_objects_is_not_unpickled(tmp_path):
     torch.save({"model": {}, "config": {}, "extra": _Payload()}, path)
     with pytest.raises(ValueError, match="tensors and plain data only"):
         load_checkpoint(path)
+
+
+def test_building_a_model_leaves_the_callers_config_as_given():
+    """SOLOv2 filled the backbone's pixel mean and std into the caller's ModelConfig, so a
+    config reused for another backbone normalised with the first one's statistics."""
+    cfg = ModelConfig.lite(num_classes=2, class_names=("a", "b"), **TINY)
+    model = SOLOv2(cfg, pretrained=False)
+    assert cfg.pixel_mean is None and cfg.pixel_std is None
+    assert model.config.pixel_mean is not None
+
+
+def test_evaluate_leaves_out_an_image_cut_short(model, tiny_box_folder):
+    """One damaged file had stopped the whole evaluation (the folder check reads headers
+    only); now it is skipped with a warning and its ground truth is not scored."""
+    from boxlevelset.data import load_box_folder
+    from boxlevelset.predict import evaluate_model
+
+    folder = load_box_folder(tiny_box_folder)
+    damaged = tiny_box_folder / "images" / "tiny_1.png"  # cut short after the folder loaded
+    damaged.write_bytes(damaged.read_bytes()[:120])
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        out = evaluate_model(model, folder, class_agnostic=True)
+    assert out["images"] == 2 and out["instances"] > 0

@@ -9,6 +9,7 @@ output average-pooled) unless ``per_level_mask_stride`` is off (then all at stri
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Sequence
@@ -198,6 +199,9 @@ class SOLOv2(nn.Module):
         super().__init__()
         from boxlevelset.backbone import build_backbone
 
+        # The backbone's normalisation fills a copy: the caller's config stays as given (a
+        # config reused for another backbone must not carry this one's mean and std).
+        config = dataclasses.replace(config)
         self.config = config
         # The TrainConfig (as a dict) the weights were trained with, when loaded from a
         # checkpoint that has one: e.g. its CT window, which inference should repeat.

@@ -352,8 +352,9 @@ def evaluate_model(
     if progress:
         from tqdm import tqdm
         iterator = tqdm(records, desc="evaluate", unit="image")
-    for record in iterator:
-        image = folder.load_image(record)
+    scored: set[int] = set()
+    for record, image in folder.readable(iterator):  # an unreadable image: warned, left out
+        scored.add(record.image_id)
         t0 = time.perf_counter()
         if predictor is not None:  # one backbone pass serves both evaluations
             inst = predictor.set_image(image).predict(score_threshold=None)
@@ -384,6 +385,13 @@ def evaluate_model(
                        else np.asarray(record.category_ids, np.int64))
             prompted += coco_results(record.image_id, box_masks, np.ones(len(box_masks)),
                                      gt_cats)
+    if not scored:
+        raise ValueError(f"{folder.root}: no image could be read")
+    if len(scored) < len(records):  # its ground truth is not held against the model
+        gt = dict(gt, images=[i for i in gt["images"] if i["id"] in scored],
+                  annotations=[a for a in gt["annotations"] if a["image_id"] in scored])
+        records = [r for r in records if r.image_id in scored]
+        n_prompted = max(1, sum(1 for r in records if len(r.boxes)))
     out: dict[str, float] = {}
     out.update(_ap(coco_mask_ap, gt, results, max_dets))
     for key, value in voc_mask_ap(gt, results).items():

@@ -93,6 +93,12 @@ def propagate_mask(
         mask: HxW boolean mask of the object on that slice.
         window: CT (level, width) or preset name, as in ``segment_boxes``.
         band: pixels an outline may move from one slice to the next.
+        min_overlap: the walk stops at a slice whose mask overlaps the previous one less
+            than this (IoU).
+        intensity_tolerance: the walk stops at a slice whose mean intensity moves from the
+            start mask's by more than this share of the start slice's object-to-ring
+            contrast.
+        max_slices: at most this many slices each way (None: to the volume's ends).
         segment: (slice index, box [4], previous slice's mask) -> HxW mask; default:
             ``segment_boxes`` on that slice with ``SLICE_OPTIONS``, started from the
             previous mask (a model can be plugged in here).
