@@ -249,3 +249,21 @@ def test_a_malformed_coco_entry_is_an_error_naming_the_file(tmp_path: Path, brok
     with pytest.raises(ValueError, match=f"annotations.json: .*{field}"):
         load_box_folder(tmp_path)
     assert main(["segment", str(tmp_path), "-o", str(tmp_path / "out")]) == 2
+
+
+def test_bad_boxes_for_one_file_name_that_file(tmp_path: Path, capsys) -> None:
+    cv2.imwrite(str(tmp_path / "a.png"), np.full((20, 30), 90, np.uint8))
+    boxes = json.dumps({"a.png": [[1, 2, 3]]})
+    assert main(["segment", str(tmp_path / "a.png"), "--boxes", boxes,
+                 "-o", str(tmp_path / "out")]) == 2
+    assert "boxes for a.png" in capsys.readouterr().err
+
+
+def test_a_list_model_option_without_json_brackets_says_how() -> None:
+    import argparse
+
+    from boxlevelset.train import _key_value
+
+    with pytest.raises(argparse.ArgumentTypeError, match=r"num_grids=\[12,10,8\]"):
+        _key_value("num_grids=12,10,8")
+    assert _key_value("num_grids=[12,10,8]") == ("num_grids", (12, 10, 8))

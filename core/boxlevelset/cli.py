@@ -52,10 +52,16 @@ def _boxes_from_json(
     elif isinstance(data, dict) and "categories" in data:
         raise ValueError(f"{path}: 'categories' go with 'boxes_xyxy' (a list of boxes), not "
                          "with boxes per file name")
+    if isinstance(data, dict):
+        # Keys as given: "a/img.png" and "b/img.png" are two images (see _boxes_per_input).
+        per_file = {}
+        for key, value in data.items():
+            try:
+                per_file[key] = as_boxes(value)
+            except ValueError as exc:
+                raise ValueError(f"{path}: boxes for {key}: {exc}") from None
+        return per_file, None
     try:
-        if isinstance(data, dict):
-            # Keys as given: "a/img.png" and "b/img.png" are two images (see _boxes_per_input).
-            return {k: as_boxes(v) for k, v in data.items()}, None
         boxes = as_boxes(data)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None

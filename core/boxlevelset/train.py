@@ -934,6 +934,9 @@ def _key_value(text: str) -> tuple[str, Any]:
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError:
+        if "," in value:  # 12,10,8 reads as text and fails later, far from the cause
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: a list is given as JSON, e.g. {key.strip()}=[{value}]") from None
         parsed = value
     if isinstance(parsed, list):
         parsed = tuple(tuple(p) if isinstance(p, list) else p for p in parsed)
