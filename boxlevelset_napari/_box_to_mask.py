@@ -277,8 +277,9 @@ class BoxToMaskWidget(QWidget):
         self.new_boxes_btn = QPushButton("New")
         self.new_boxes_btn.clicked.connect(self.new_boxes_layer)
         self.new_boxes_btn.setToolTip(
-            "New boxes layer. Draw each box tight around one object (or tick 'Loose boxes'): "
-            "the level set takes the box's sides as the object's extent")
+            "New boxes layer. Draw each box around one object: tight, and the level set takes "
+            "the box's sides as the object's extent; loosely, with 'Loose boxes' ticked "
+            "(on CT images it is ticked by itself)")
         self.class_combo = QComboBox()
         self.class_combo.setEditable(True)
         self.class_combo.addItem(DEFAULT_CATEGORY)
