@@ -281,6 +281,13 @@ class SOLOv2(nn.Module):
     def losses(
         self, images: Tensor, feats: _Features, targets: list[dict[str, Tensor]]
     ) -> dict[str, Tensor]:
+        """The training losses of a padded batch (``forward`` in training mode), as weighted
+        scalars whose sum is the loss: ``loss_category`` (focal loss over every grid cell,
+        divided by the positives + 1), and per positive cell either ``loss_dice`` against its
+        ground-truth mask (``supervision="mask"``) or, from its box alone,
+        ``loss_box_projection`` and the level-set energies ``loss_levelset_image`` and
+        ``loss_levelset_feature`` (each averaged over the positives). ``targets`` as in
+        ``forward``; boxes are clipped to the input."""
         cfg = self.config
         height, width = images.shape[-2:]
         mask_strides = cfg.mask_strides
