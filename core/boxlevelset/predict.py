@@ -20,9 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from boxlevelset.data import IMAGE_SUFFIXES, VOLUME_SUFFIXES
+from boxlevelset.export import lower_suffix
+
 logger = logging.getLogger(__name__)
 
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,7 +68,7 @@ def _load_source(source: str | Path | Any, window: Any) -> Any:
     if isinstance(source, BoxFolder):
         return source
     path = Path(source)
-    if path.is_file() and path.suffix.lower() in _IMAGE_SUFFIXES:
+    if path.is_file() and lower_suffix(path) in IMAGE_SUFFIXES:
         image = read_image(path)
         record = Record(image_id=1, file_name=path.name, path=path, width=image.shape[1],
                         height=image.shape[0])
@@ -77,13 +79,7 @@ def _load_source(source: str | Path | Any, window: Any) -> Any:
 def output_stem(record: Any) -> str:
     """File stem for a record's outputs: the image name without its (volume) suffix, plus
     ``_zNNNN`` for a CT slice, so slices of one volume do not overwrite each other."""
-    stem = Path(record.file_name).name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
-        if stem.lower().endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
-    else:
-        stem = Path(stem).stem
+    stem = _file_stem(record.file_name)
     if record.slice_index is not None:
         stem = f"{stem}_z{int(record.slice_index):04d}"
     return stem
@@ -225,11 +221,14 @@ def predict_folder(
     return path
 
 
-def _is_volume_file(path: Path) -> bool:
-    from boxlevelset.data import VOLUME_SUFFIXES
+def _file_stem(file_name: str) -> str:
+    """A file's name without its suffix, whole for multi-part ones (ct.nii.gz -> ct)."""
+    name = Path(file_name).name
+    return name[: len(name) - len(lower_suffix(Path(name)))]
 
-    name = path.name.lower()
-    return path.is_file() and any(name.endswith(s) for s in VOLUME_SUFFIXES)
+
+def _is_volume_file(path: Path) -> bool:
+    return path.is_file() and lower_suffix(path) in VOLUME_SUFFIXES
 
 
 def predict_volume(
@@ -274,7 +273,7 @@ def predict_volume(
         annotations.append({"image_id": image_id, "masks": masks, "category_ids": labs + 1,
                             "scores": scores})
     if labels:
-        stem = output_stem(argparse.Namespace(file_name=name, slice_index=None))
+        stem = _file_stem(name)
         write_label_volume(out_dir / f"{stem}_labels.nii.gz", label_volume, like=volume)
     categories = [{"id": i + 1, "name": n} for i, n in enumerate(_class_names(model))]
     return write_coco(out_dir / "predictions.json", images, annotations, categories)
