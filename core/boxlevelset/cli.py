@@ -185,7 +185,8 @@ def run_segment(args: argparse.Namespace) -> int:
 
     from boxlevelset.export import masks_to_labels, write_coco, write_label_image
     from boxlevelset.levelset import LOOSE_BOXES, segment_boxes
-    from boxlevelset.predict import OutputStems, coco_image_entry, overlay_image, write_png
+    from boxlevelset.data import coco_image_entry
+    from boxlevelset.predict import OutputStems, overlay_image, write_png
 
     if args.refine and not args.model:
         raise ValueError("--refine refines a model's masks: give --model too")

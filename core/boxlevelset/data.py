@@ -348,6 +348,15 @@ class Record:
     areas: list = field(default_factory=list)
 
 
+def coco_image_entry(record: Record) -> dict:
+    """The COCO ``images`` entry of a record (with ``slice_index`` for CT slices)."""
+    entry = {"id": int(record.image_id), "file_name": record.file_name,
+             "height": int(record.height), "width": int(record.width)}
+    if record.slice_index is not None:
+        entry["slice_index"] = int(record.slice_index)
+    return entry
+
+
 class BoxFolder:
     """A loaded box-labeled folder: categories, records and image/mask access."""
 
@@ -449,11 +458,7 @@ class BoxFolder:
         """
         images, annotations = [], []
         for rec in self.records:
-            image = {"id": rec.image_id, "file_name": rec.file_name,
-                     "width": rec.width, "height": rec.height}
-            if rec.slice_index is not None:
-                image["slice_index"] = rec.slice_index
-            images.append(image)
+            images.append(coco_image_entry(rec))
             rles = self._gt_rles(rec)
             # The file's own areas where every box has one (a list out of step with the
             # boxes, after someone filtered them, is not trusted).

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from boxlevelset.data import IMAGE_SUFFIXES, VOLUME_SUFFIXES
+from boxlevelset.data import IMAGE_SUFFIXES, VOLUME_SUFFIXES, coco_image_entry
 from boxlevelset.export import lower_suffix
 
 logger = logging.getLogger(__name__)
@@ -154,15 +154,6 @@ def _sorted_instances(inst: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     order = np.argsort(-np.asarray(inst.scores), kind="stable")
     masks = np.asarray(inst.masks, dtype=bool)[order]
     return masks, np.asarray(inst.labels, np.int64)[order], np.asarray(inst.scores)[order]
-
-
-def coco_image_entry(record: Any) -> dict:
-    """The COCO ``images`` entry of a record (with ``slice_index`` for CT slices)."""
-    entry = {"id": int(record.image_id), "file_name": record.file_name,
-             "height": int(record.height), "width": int(record.width)}
-    if record.slice_index is not None:
-        entry["slice_index"] = int(record.slice_index)
-    return entry
 
 
 # ---------------------------------------------------------------------------------------------
