@@ -60,13 +60,13 @@ def region_derivative(
 def link_weights(crop: np.ndarray, edge: float) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(pixel, neighbour, weight) per link family of an 8-connected grid on crop [H, W, C]:
     Cauchy-Crofton length x exp(-edge |dI|^2 / (2 mean |dI|^2)), the squared difference
-    per unit distance and the mean over the crop's axis links (``levelset._axis_contrast``,
+    per unit distance and the mean over the crop's axis links (``image.axis_contrast``,
     as the evolution's length term has it)."""
-    from boxlevelset.levelset import _axis_contrast
+    from boxlevelset.image import axis_contrast
 
     h, w = crop.shape[:2]
     idx = np.arange(h * w).reshape(h, w)
-    dx, dy, scale = _axis_contrast(crop, edge)
+    dx, dy, scale = axis_contrast(crop, edge)
     families = [
         (dx, idx[:, :-1], idx[:, 1:], 1.0),
         (dy, idx[:-1], idx[1:], 1.0),

@@ -170,3 +170,12 @@ def bounding_box(mask: np.ndarray, margin: int = 0) -> np.ndarray:
     return np.array([max(xs.min() - margin, 0), max(ys.min() - margin, 0),
                      min(xs.max() + 1 + margin, width), min(ys.max() + 1 + margin, height)],
                     dtype=np.float64)
+
+
+def axis_contrast(crop: np.ndarray, edge: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """|dI|^2 across each right link [H, W-1] and lower link [H-1, W] of a crop, and the
+    scale edge / (2 mean |dI|^2) over those links (GrabCut's pairwise normalisation)."""
+    dx = ((crop[:, 1:] - crop[:, :-1]) ** 2).sum(-1).astype(np.float64)
+    dy = ((crop[1:] - crop[:-1]) ** 2).sum(-1).astype(np.float64)
+    mean = (dx.sum() + dy.sum()) / max(1, dx.size + dy.size)
+    return dx, dy, edge / (2.0 * mean + 1e-12)

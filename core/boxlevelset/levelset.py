@@ -24,7 +24,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from boxlevelset.image import Window, as_boxes, as_float_image, clip_boxes, pixel_bounds
+from boxlevelset.image import (
+    Window,
+    as_boxes,
+    as_float_image,
+    axis_contrast,
+    clip_boxes,
+    pixel_bounds,
+)
 
 __all__ = [
     "BoxPixels",
@@ -422,22 +429,13 @@ def _ragged_layout(crops: list[np.ndarray]) -> tuple[BoxPixels, Tensor]:
     return pix, feats
 
 
-def _axis_contrast(crop: np.ndarray, edge: float) -> tuple[np.ndarray, np.ndarray, float]:
-    """|dI|^2 across each right link [H, W-1] and lower link [H-1, W] of a crop, and the
-    scale edge / (2 mean |dI|^2) over those links (GrabCut's pairwise normalisation)."""
-    dx = ((crop[:, 1:] - crop[:, :-1]) ** 2).sum(-1).astype(np.float64)
-    dy = ((crop[1:] - crop[:-1]) ** 2).sum(-1).astype(np.float64)
-    mean = (dx.sum() + dy.sum()) / max(1, dx.size + dy.size)
-    return dx, dy, edge / (2.0 * mean + 1e-12)
-
-
 def _edge_weights(crops: list[np.ndarray], edge: float) -> tuple[np.ndarray, np.ndarray]:
     """Contrast-sensitive weights of the length term on each pixel's right and lower
     neighbour link, exp(-edge |dI|^2 / (2 mean |dI|^2)) with the mean over the crop (as
     GrabCut's pairwise term): a boundary costs less along the crop's strong edges."""
     right, down = [], []
     for c in crops:
-        dx, dy, scale = _axis_contrast(c, edge)
+        dx, dy, scale = axis_contrast(c, edge)
         wr = np.ones(c.shape[:2])  # the last column and row have no such link
         wd = np.ones(c.shape[:2])
         wr[:, :-1] = np.exp(-scale * dx)
