@@ -40,3 +40,15 @@ def test_torchrun_two_processes_keep_replicas_identical(tiny_box_folder, tmp_pat
     rows = (out / "log.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 3
     assert str(out / "model.pth") in proc.stdout
+
+    # Resumed under DDP: rank 0 decides what "auto" means and both ranks continue from it.
+    again = list(cmd)
+    again[again.index("--iterations") + 1] = "5"
+    again += ["--resume", "auto"]
+    proc = subprocess.run(again, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rank0 = (out / "weights-rank0.sha256").read_text().strip()
+    assert rank0 == (out / "weights-rank1.sha256").read_text().strip()
+    ckpt = torch.load(out / "model.pth", map_location="cpu", weights_only=True)
+    assert ckpt["iteration"] == 5 and weights_digest(ckpt["model"]) == rank0
+    assert len((out / "log.csv").read_text().strip().splitlines()) == 1 + 5

@@ -221,3 +221,58 @@ def test_resume_with_a_new_lr_and_weight_decay_uses_them(tiny_box_folder, tmp_pa
     assert seen and all(lr == pytest.approx(0.002) for lr in seen)
     groups = torch.load(tmp_path / "last.pth", weights_only=False)["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.0, 0.0]
+
+
+def test_fp16_steps_that_all_overflow_end_the_run(tiny_box_folder, tmp_path, monkeypatch):
+    """With fp16 and the GradScaler, non-finite gradients at every step had been skipped
+    silently: the run "finished" and saved a model that never took an optimizer step."""
+    from boxlevelset.model import SOLOv2
+
+    monkeypatch.setattr(T, "_amp_settings", lambda config, device: (True, torch.float16))
+    real_losses = SOLOv2.losses
+
+    def trapped(self, images, feats, targets):
+        losses = real_losses(self, images, feats, targets)
+        # Value 0, gradient 0 x inf = NaN on every weight of the first layer.
+        weight = next(p for p in self.parameters() if p.requires_grad)
+        losses["loss_trap"] = torch.sqrt(0.0 * weight.sum())
+        return losses
+
+    monkeypatch.setattr(SOLOv2, "losses", trapped)
+    monkeypatch.setattr(T, "MAX_SKIPPED_STEPS", 3)  # 24 by default: a short test
+    config = TrainConfig(data=tiny_box_folder, output_dir=tmp_path, pretrained=False,
+                         min_size=(64, 64), max_size=64, batch_size=1, warmup_iters=0,
+                         max_iterations=6, model=TINY_MODEL)
+    with pytest.raises(T.TrainingDiverged, match="steps in a row had non-finite gradients"):
+        train(config)
+    assert not (tmp_path / "model.pth").exists()
+
+
+def test_one_request_sent_twice_still_saves(tiny_box_folder, tmp_path, monkeypatch):
+    """torchrun forwards the SIGTERM a job scheduler also sends to the workers: the second
+    copy, milliseconds later, had aborted the run without saving."""
+    real = T.train
+
+    def terminated(config, callbacks=(), progress=False):
+        def twice(event):
+            if event.iteration == 1 and not event.done:
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(config, callbacks=[twice], progress=progress)
+
+    monkeypatch.setattr(T, "train", terminated)
+    code = T.run_train(_cli_args(tiny_box_folder, tmp_path / "run", "--iterations", "50"))
+    assert code == 143 and (tmp_path / "run" / "last.pth").is_file()
+    monkeypatch.setattr(T._StopOnSignal, "REPEAT_SECONDS", 0.0)  # a second, later request
+    with pytest.raises(KeyboardInterrupt):
+        T.run_train(_cli_args(tiny_box_folder, tmp_path / "again", "--iterations", "50"))
+
+
+def test_one_named_gpu_for_several_processes_is_refused(tiny_box_folder, tmp_path,
+                                                        monkeypatch):
+    """Under torchrun, device="cuda:0" put every rank on that GPU."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="names one GPU, but 2 processes"):
+        train(TrainConfig(data=tiny_box_folder, output_dir=tmp_path, device="cuda:0",
+                          pretrained=False, max_iterations=1, model=TINY_MODEL))

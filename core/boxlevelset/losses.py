@@ -113,7 +113,9 @@ def levelset_instance_loss(
     """
     from boxlevelset.levelset import box_projection_loss, levelset_energy
 
-    probs = mask_logits.sigmoid()
+    # float32 under autocast too: the tree filter returns its input's dtype, and bf16 would
+    # round the filtered masks to 3 digits (the energies' input).
+    probs = mask_logits.float().sigmoid()
     i_f = tree_filtered_masks(probs, batch_index, image_guide, feature_guide, weights)
     e_image = levelset_energy(mask_logits, image_norm, boxes, batch_index, gamma=weights.gamma)
     e_feature = levelset_energy(mask_logits, i_f, boxes, None, gamma=weights.gamma)

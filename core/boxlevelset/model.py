@@ -746,7 +746,10 @@ def save_checkpoint(path: str | os.PathLike, model: SOLOv2, **extra: Any) -> Pat
     from boxlevelset.export import atomic_write  # the usual file permissions, not mkstemp's
 
     path = Path(path)
-    state = {"model": model.state_dict(), "config": asdict(model.config), **extra}
+    # Weights on the CPU: a checkpoint saved from a GPU run loads with a plain torch.load
+    # on a machine without one.
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {"model": weights, "config": asdict(model.config), **extra}
     with atomic_write(path, "wb") as f:
         torch.save(state, f)
     return path

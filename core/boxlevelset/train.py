@@ -690,13 +690,21 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# Consecutive fp16 steps skipped by the GradScaler before the run counts as diverged: each
+# halves the loss scale, and from 2**16 this many leave it far below 1.
+MAX_SKIPPED_STEPS = 24
+
+
 def _amp_settings(config: TrainConfig, device: torch.device) -> tuple[bool, torch.dtype | None]:
     use = device.type == "cuda" if config.amp is None else bool(config.amp)
     if use and device.type != "cuda":
         raise ValueError("amp=True needs a CUDA device (mixed precision is off on CPU)")
     if not use:
         return False, None
-    return True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # Native bf16 only (Ampere on): by default torch also says yes where it is emulated (T4,
+    # V100), slowly; those get fp16 with the GradScaler.
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    return True, torch.bfloat16 if native_bf16 else torch.float16
 
 
 def train(
@@ -715,8 +723,14 @@ def train(
 
     world, rank, local_rank = _dist_env()
     distributed = world > 1
+    if distributed and ":" in str(config.device):
+        # Every rank would take that one GPU (NCCL: "Duplicate GPU"): each takes its own.
+        raise ValueError(f"device {config.device!r} names one GPU, but {world} processes "
+                         "train together: give 'cuda' or 'auto' (each takes cuda:LOCAL_RANK)")
     device = resolve_device(config.device, local_rank)
-    if distributed and not torch.distributed.is_initialized():
+    # A process group the caller set up is the caller's to end; one made here ends here.
+    own_group = distributed and not torch.distributed.is_initialized()
+    if own_group:
         torch.distributed.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo")
     is_main = rank == 0
@@ -731,6 +745,10 @@ def train(
         resume = config.resume
         if resume == "auto":
             resume = last_path if last_path.exists() else None
+            if distributed:  # rank 0 decides: output folders may be local to each node
+                shared = [str(resume) if resume else None]
+                torch.distributed.broadcast_object_list(shared, src=0)
+                resume = Path(shared[0]) if shared[0] else None
         ckpt = None
         if resume:
             from boxlevelset.model import load_checkpoint
@@ -783,7 +801,8 @@ def train(
                                             config.warmup_factor, config.lr_steps,
                                             config.lr_gamma))
         use_amp, amp_dtype = _amp_settings(config, device)
-        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+        scaler = torch.amp.GradScaler(device.type,
+                                      enabled=use_amp and amp_dtype == torch.float16)
 
         start_iter = 0
         if ckpt is not None:
@@ -832,6 +851,7 @@ def train(
         t_start = time.perf_counter()
         iter_times: list[float] = []
         dropped_total = 0
+        skipped_in_a_row = 0  # fp16 steps the GradScaler skipped for non-finite gradients
         epoch = it // iters_per_epoch
         while it < max_iter and not stopped:
             epoch = it // iters_per_epoch
@@ -863,8 +883,20 @@ def train(
                         f"training diverged: non-finite gradient norm at iteration {it + 1}; "
                         f"this state was not saved, last good checkpoint: "
                         f"{last_saved or 'none'}")
+                scale = scaler.get_scale() if scaler.is_enabled() else 0.0
                 scaler.step(optimizer)  # skips the step (fp16 only) if grads overflowed
                 scaler.update()
+                if scaler.is_enabled():
+                    # A skipped step lowers the scale. A few are normal while it settles;
+                    # a run of them means the gradients are non-finite at any scale, and
+                    # the run would "finish" without a single optimizer step.
+                    skipped_in_a_row = skipped_in_a_row + 1 if scaler.get_scale() < scale else 0
+                    if skipped_in_a_row >= MAX_SKIPPED_STEPS:
+                        raise TrainingDiverged(
+                            f"training diverged: {skipped_in_a_row} steps in a row had "
+                            f"non-finite gradients under fp16 (loss scale now "
+                            f"{scaler.get_scale():g}) at iteration {it + 1}; this state was not "
+                            f"saved, last good checkpoint: {last_saved or 'none'}")
                 lr = optimizer.param_groups[0]["lr"]
                 scheduler.step()
                 it += 1
@@ -918,7 +950,7 @@ def train(
             bar.close()
         if log is not None:
             log.close()
-        if distributed and torch.distributed.is_initialized():
+        if own_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
@@ -1021,20 +1053,31 @@ def _earlier_run(config: TrainConfig) -> list[str]:
 class _StopOnSignal:
     """SIGINT (Ctrl-C) and SIGTERM (kill, job schedulers) stop training cleanly: the run
     finishes its iteration and writes last.pth instead of losing everything since the last
-    periodic checkpoint. A second signal aborts at once. Handlers are installed only in the
-    main thread (Python's rule) and restored on exit."""
+    periodic checkpoint. A second signal, sent on purpose later, aborts at once. Handlers are
+    installed only in the main thread (Python's rule) and restored on exit."""
 
     SIGNALS = ("SIGINT", "SIGTERM")
+    # torchrun forwards the signals it gets to its workers, and SLURM signals every process
+    # of a job: a worker gets one request twice within milliseconds. Repeats this soon, and
+    # any repeat under torchrun (which kills its workers itself after its own timeout), are
+    # the same request.
+    REPEAT_SECONDS = 5.0
 
     def __init__(self, event: threading.Event) -> None:
         self.event = event
         self.received: int | None = None
+        self._first = 0.0
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is not None:
+            launched = "TORCHELASTIC_RUN_ID" in os.environ or \
+                int(os.environ.get("WORLD_SIZE", "1")) > 1
+            if launched or time.monotonic() - self._first < self.REPEAT_SECONDS:
+                return
             raise KeyboardInterrupt
         self.received = signum
+        self._first = time.monotonic()
         self.event.set()
         print(f"\n{signal.Signals(signum).name}: stopping after this iteration and saving "
               "last.pth (send it again to abort without saving)", file=sys.stderr, flush=True)
