@@ -261,4 +261,7 @@ def save_annotations(folder: str | os.PathLike, image: Any, boxes: Any, labels: 
                 masks = stack
         items.append((name, pixels, box_arr, cat_ids, masks) if volume is None else
                      (name, volume, box_arr, cat_ids, masks, plane))
-    return Path(save_box_folder(folder, items, cats))
+    # The window the annotator worked in comes back with the folder (the reader sets it).
+    info = None if volume is None else {
+        "window": [float(v) for v in contrast_window(image.contrast_limits)]}
+    return Path(save_box_folder(folder, items, cats, info=info))

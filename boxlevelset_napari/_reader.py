@@ -208,6 +208,9 @@ def _ct_folder_layers(folder: Any, records: list, root: Path) -> list[LayerData]
     slices, it had lost the HU, the geometry and the gaps between slices."""
     volume = folder.volume(records[0])
     image = ct_layer_data(volume, root.name)
+    saved = folder.info.get("window")
+    if isinstance(saved, list) and len(saved) == 2:  # the window it was annotated in
+        image[1]["contrast_limits"] = window_contrast((float(saved[0]), float(saved[1])))
     scale = image[1]["scale"]
     labels = np.zeros(volume.shape, dtype=np.int32)
     box_kwargs, rects, _ = _boxes_and_masks(folder, records,

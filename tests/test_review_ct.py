@@ -44,3 +44,16 @@ def test_one_undo_takes_back_a_segment_press_that_redid_every_box(ct_widget):
         assert not np.array_equal(before == box_id, after == box_id)
     labels.undo()  # one step back: the masks as they were before the press
     np.testing.assert_array_equal(np.asarray(labels.data), before)
+
+
+def test_a_saved_ct_folder_reopens_in_the_window_it_was_annotated_in(ct_widget, tmp_path):
+    """It had come back in the abdomen window whatever window the annotator used."""
+    from boxlevelset_napari._export import save_annotations
+    from boxlevelset_napari._reader import napari_get_reader
+
+    viewer, widget, image, labels = ct_widget
+    image.contrast_limits = (-60.0, 190.0)
+    folder = save_annotations(tmp_path / "ct_boxes", image, widget.boxes_layer(create=False),
+                              labels, ["object"])
+    (_data, kwargs, kind), *_ = napari_get_reader(str(folder))(str(folder))
+    assert kind == "image" and tuple(kwargs["contrast_limits"]) == pytest.approx((-60.0, 190.0))

@@ -371,6 +371,9 @@ class BoxFolder:
         self.categories = categories
         self.records = records
         self.window = resolve_window(window)
+        # The COCO file's "info" (save_box_folder stores e.g. the CT window the annotator
+        # used there), {} where it has none.
+        self.info: dict[str, Any] = {}
         self._volumes: dict[Path, Volume] = {}
 
     def __len__(self) -> int:
@@ -635,6 +638,8 @@ def _load_coco(json_path: Path, root: Path, window: Window) -> BoxFolder:
         logger.warning("%s: %d annotations refer to unknown image ids; ignored", json_path, orphans)
 
     folder = BoxFolder(root, categories, [], window)
+    if isinstance(coco.get("info"), dict):
+        folder.info = dict(coco["info"])
     dropped = crowd = 0
     checked: dict[Path, tuple[int, int] | None] = {}
     bad_volumes: set[Path] = set()
@@ -852,6 +857,7 @@ def save_box_folder(
     path: str | os.PathLike,
     images: Sequence[tuple],
     categories: Sequence[dict],
+    info: dict[str, Any] | None = None,
 ) -> Path:
     """Write a box-labeled folder: images/<file_name> and a COCO annotations.json.
 
@@ -861,7 +867,8 @@ def save_box_folder(
     (.nii.gz/.nrrd/.mha) and each slice becomes an image entry with `slice_index`. Masks are
     stored as RLE segmentations. Every file is written atomically and annotations.json
     last, so a half-written folder never looks complete. load_box_folder reads the result
-    back to the same boxes, categories, masks and pixels (CT: the same volume).
+    back to the same boxes, categories, masks and pixels (CT: the same volume). ``info``
+    (JSON data) goes into the COCO file's "info" and comes back as ``BoxFolder.info``.
     """
     root = Path(path)
     cats = [{"id": int(c["id"]), "name": str(c["name"])} for c in categories]
@@ -920,6 +927,8 @@ def save_box_folder(
                 ann["segmentation"] = rle
             annotations.append(ann)
     coco = {"images": coco_images, "annotations": annotations, "categories": cats}
+    if info:
+        coco["info"] = dict(info)
     with atomic_write(root / "annotations.json") as handle:
         json.dump(coco, handle)
     return root
