@@ -792,7 +792,13 @@ def train(
 
             model = SOLOv2(ModelConfig.from_dict(dict(ckpt["config"])), pretrained=False)
         else:
+            # Rank 0 first: pretrained weights are downloaded once into the shared cache,
+            # then read by the others, instead of N downloads racing for one file.
+            if distributed and not is_main:
+                torch.distributed.barrier()
             model = build_model(config, class_names)
+            if distributed and is_main:
+                torch.distributed.barrier()
         model = model.to(device)
         model.train()
         optimizer = build_optimizer(model, config)
