@@ -756,6 +756,10 @@ class BoxToMaskWidget(QWidget):
                 n = None if settings_changed else 5  # plane + 4 coordinates
                 todo = [b for b in boxes if b[0] not in self._locked
                         and (self._geom.get(b[0]) or ())[:n] != self._key(b[1], b[2])[:n]]
+                if settings_changed:  # Segment also redoes what an undo took back
+                    queued = {b[0] for b in todo}
+                    todo += [b for b in self._undone(boxes)
+                             if b[0] not in self._locked and b[0] not in queued]
                 self._segment(todo)
             elif removed:
                 self._say(f"{len(removed)} box(es) removed")
@@ -885,6 +889,34 @@ class BoxToMaskWidget(QWidget):
             (skipped, "box(es) outside the image or under one pixel skipped")]))
 
     # ------------------------------------------------------------ painting
+    def _undone(self, boxes: list) -> list:
+        """Boxes whose mask napari's undo or redo swapped for an earlier one the widget had
+        painted: their settings key still says they are up to date, so Segment would leave
+        the earlier mask. Hand edits are not among them (their pixels were never painted)."""
+        labels = self.labels_combo.layer()
+        if labels is None:
+            return []
+        out, counts = [], {}
+        for item in boxes:
+            box_id, plane = item[0], item[1]
+            owned = self._written.get(box_id, {}).get(plane)
+            if owned is None:
+                continue
+            view = self._plane_view(labels, plane)
+            if plane not in counts:  # one pass over each plane, not one per box
+                ids, n = np.unique(np.asarray(view), return_counts=True)
+                counts[plane] = dict(zip(ids.tolist(), n.tolist()))
+            here = counts[plane].get(box_id, 0)
+            if owned.crop is None:
+                same = here == 0
+            else:
+                same = here == int(owned.crop.sum()) and \
+                    np.array_equal(np.asarray(view[owned.window]) == box_id, owned.crop)
+            if not same and _digest(np.asarray(view) == box_id) in \
+                    self._painted.get((box_id, plane), ()):
+                out.append(item)
+        return out
+
     def _plane_view(self, labels: Any, plane: int | None) -> np.ndarray:
         return labels.data[plane] if plane is not None and labels.data.ndim == 3 else labels.data
 

@@ -47,11 +47,12 @@ def holds_run(folder: Path) -> bool:
 
 def fresh_run_folder(chosen: Path) -> Path:
     """`chosen` itself, unless it holds an earlier run: then the first `<chosen>-N` (N >= 2)
-    that does not exist yet, so a new fine-tune never replaces an earlier model or log."""
+    that holds none, so a new fine-tune never replaces an earlier model or log (a folder
+    left by a run that failed before writing any is used again)."""
     if not holds_run(chosen):
         return chosen
     n = 2
-    while (candidate := chosen.with_name(f"{chosen.name}-{n}")).exists():
+    while holds_run(candidate := chosen.with_name(f"{chosen.name}-{n}")):
         n += 1
     return candidate
 

@@ -57,3 +57,18 @@ def test_a_saved_ct_folder_reopens_in_the_window_it_was_annotated_in(ct_widget, 
                               labels, ["object"])
     (_data, kwargs, kind), *_ = napari_get_reader(str(folder))(str(folder))
     assert kind == "image" and tuple(kwargs["contrast_limits"]) == pytest.approx((-60.0, 190.0))
+
+
+def test_segment_after_undoing_a_segment_press_segments_again(ct_widget):
+    """One undo took back a whole Segment press, but the widget still held the undone
+    settings as current, and the next press did nothing."""
+    _viewer, widget, _image, labels = ct_widget
+    loose = np.asarray(labels.data).copy()
+    widget.loose_check.click()  # untick: the tight-box energy
+    widget.segment()
+    tight = np.asarray(labels.data).copy()
+    assert not np.array_equal(tight, loose)
+    labels.undo()
+    np.testing.assert_array_equal(np.asarray(labels.data), loose)
+    widget.segment()  # the settings shown are the tight ones: their masks come back
+    np.testing.assert_array_equal(np.asarray(labels.data), tight)

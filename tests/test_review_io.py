@@ -267,3 +267,12 @@ def test_a_list_model_option_without_json_brackets_says_how() -> None:
     with pytest.raises(argparse.ArgumentTypeError, match=r"num_grids=\[12,10,8\]"):
         _key_value("num_grids=12,10,8")
     assert _key_value("num_grids=[12,10,8]") == ("num_grids", (12, 10, 8))
+
+
+def test_a_bad_window_is_not_blamed_on_the_annotation_file(tmp_path: Path) -> None:
+    cv2.imwrite(str(tmp_path / "a.png"), np.full((20, 20), 90, np.uint8))
+    (tmp_path / "annotations.json").write_text(json.dumps(
+        {"images": [{"id": 1, "file_name": "a.png", "width": 20, "height": 20}],
+         "annotations": [], "categories": [{"id": 1, "name": "x"}]}))
+    with pytest.raises(ValueError, match="^unknown window preset 'foo'"):
+        load_box_folder(tmp_path, window="foo")

@@ -276,3 +276,20 @@ def test_one_named_gpu_for_several_processes_is_refused(tiny_box_folder, tmp_pat
     with pytest.raises(ValueError, match="names one GPU, but 2 processes"):
         train(TrainConfig(data=tiny_box_folder, output_dir=tmp_path, device="cuda:0",
                           pretrained=False, max_iterations=1, model=TINY_MODEL))
+
+
+def test_a_resumed_config_remembers_what_the_caller_set(tiny_box_folder):
+    """resumed_from re-ran __post_init__, and every field the checkpoint filled in counted
+    as set by the caller, so its lr replaced the optimizer's even when none was given."""
+    saved = TrainConfig(data=tiny_box_folder, preset="lite", max_iterations=3).to_dict()
+    del saved["lr"]
+    again = TrainConfig(data=tiny_box_folder, preset="lite", resume="x", batch_size=1)
+    assert again.resumed_from(saved).given == {"batch_size"}
+
+
+def test_window_none_still_means_no_window(tiny_box_folder):
+    """None is "no CT window" (HU scaled to their own range); unset is the abdomen window."""
+    assert TrainConfig(data=tiny_box_folder, window=None).window is None
+    assert TrainConfig(data=tiny_box_folder).window == "abdomen"
+    saved = TrainConfig(data=tiny_box_folder, window=None).to_dict()
+    assert TrainConfig(data=tiny_box_folder, resume="x").resumed_from(saved).window is None

@@ -509,6 +509,7 @@ def load_box_folder(path: str | os.PathLike, window: Window = "abdomen") -> BoxF
     folder if it holds no images.
     """
     path = Path(path)
+    resolve_window(window)  # a bad window is the caller's, not the annotation file's
     if not path.exists():
         raise ValueError(f"{path}: folder does not exist")
     if path.is_file():
@@ -533,8 +534,9 @@ def _naming_the_file(path: Path, load: Callable[[], BoxFolder]) -> BoxFolder:
     except TypeError as err:
         raise ValueError(f"{path}: an entry has a value of the wrong type ({err})") from None
     except ValueError as err:
-        if str(path) in str(err) or str(path.parent) in str(err):
-            raise
+        folder = str(path.parent) if path.parent != Path(".") else None
+        if str(path) in str(err) or (folder and folder in str(err)):
+            raise  # already names the file or its folder
         raise ValueError(f"{path}: {err}") from None
 
 

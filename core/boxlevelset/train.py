@@ -90,14 +90,23 @@ _BASE_DEFAULTS: dict[str, Any] = dict(
     lr_steps=(8 / 12, 11 / 12), min_size=(640, 800), max_size=1333,
     weight_decay=0.1, warmup_factor=0.001, lr_gamma=0.1, grad_clip=1.0, flip_prob=0.5,
     seed=0, supervision="box",
-    # CT window for volume slices: a default here (not in the field) so a resumed run can
-    # tell an explicit window from an unset one and keep its checkpoint's.
-    window="abdomen",
 )
+
+
+class _DefaultWindow:
+    """TrainConfig.window left unset: the abdomen window. Not None, which means "no window"
+    (HU scaled to their own range), so that a resumed run can tell an unset window from a
+    chosen one and keep its checkpoint's."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT_WINDOW"
+
+
+DEFAULT_WINDOW: Any = _DefaultWindow()
 
 # What a resumed run takes from its checkpoint unless the caller sets it: the schedule (its
 # length, learning rates and steps, batch, scales) and what the samples depend on.
-_RESUMED_FIELDS = (*_BASE_DEFAULTS, "max_iterations")
+_RESUMED_FIELDS = (*_BASE_DEFAULTS, "max_iterations", "window")
 
 
 @dataclass
@@ -137,7 +146,8 @@ class TrainConfig:
     num_workers: int = 0
     seed: int | None = None  # 0
     supervision: str | None = None  # "box" (the paper, default) or "mask" (the ceiling)
-    window: str | tuple[float, float] | None = None  # CT window for volume slices ("abdomen")
+    # CT window for volume slices (DEFAULT_WINDOW: "abdomen"; None: no window)
+    window: str | tuple[float, float] | None = DEFAULT_WINDOW
     class_names: list[str] | None = None  # read from the folder when None
     log_path: str | Path | None = None  # per-iteration losses: .csv (default) or .jsonl
     time_limit: float | None = None  # seconds; stop cleanly (with a checkpoint) when reached
@@ -148,7 +158,10 @@ class TrainConfig:
     given: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.given = frozenset(k for k in _RESUMED_FIELDS if getattr(self, k) is not None)
+        unset = {k: None for k in _RESUMED_FIELDS} | {"window": DEFAULT_WINDOW}
+        self.given = frozenset(k for k in _RESUMED_FIELDS if getattr(self, k) is not unset[k])
+        if self.window is DEFAULT_WINDOW:
+            self.window = "abdomen"
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         preset = PRESETS.get(self.preset, {}) if self.preset else {}
@@ -183,7 +196,9 @@ class TrainConfig:
         values = {k: saved[k] for k in _RESUMED_FIELDS if k not in keep and k in saved}
         if not values:
             return self
-        return dataclasses.replace(self, **values)
+        resumed = dataclasses.replace(self, **values)
+        resumed.given = self.given  # what the caller set, not what the checkpoint filled in
+        return resumed
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly copy (paths as str, no stop_event) stored in checkpoints."""
@@ -1038,7 +1053,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         min_size=tuple(args.min_size) if args.min_size else None, max_size=args.max_size,
         device=args.device, amp=args.amp, supervision=args.supervision,
         init_checkpoint=args.init, resume=args.resume, checkpoint_every=args.checkpoint_every,
-        num_workers=args.workers, seed=args.seed, window=args.window,
+        num_workers=args.workers, seed=args.seed,
+        window=DEFAULT_WINDOW if args.window is None else args.window,
         pretrained=not args.no_pretrained, model=dict(args.model), log_path=args.log,
         time_limit=args.time_limit * 60 if args.time_limit else None,
         rank_digest=args.rank_digest,
@@ -1054,6 +1070,11 @@ def _earlier_run(config: TrainConfig) -> list[str]:
     out = Path(config.output_dir)
     log = Path(config.log_path) if config.log_path else out / "log.csv"
     return [str(f) for f in (out / "model.pth", out / "last.pth", log) if f.is_file()]
+
+
+def _launched() -> bool:
+    """Whether torchrun (or another launcher of several processes) started this one."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 class _StopOnSignal:
@@ -1077,16 +1098,16 @@ class _StopOnSignal:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is not None:
-            launched = "TORCHELASTIC_RUN_ID" in os.environ or \
-                int(os.environ.get("WORLD_SIZE", "1")) > 1
-            if launched or time.monotonic() - self._first < self.REPEAT_SECONDS:
+            if _launched() or time.monotonic() - self._first < self.REPEAT_SECONDS:
                 return
             raise KeyboardInterrupt
         self.received = signum
         self._first = time.monotonic()
         self.event.set()
+        again = ("torchrun stops the workers itself if saving takes too long" if _launched()
+                 else "send it again to abort without saving")
         print(f"\n{signal.Signals(signum).name}: stopping after this iteration and saving "
-              "last.pth (send it again to abort without saving)", file=sys.stderr, flush=True)
+              f"last.pth ({again})", file=sys.stderr, flush=True)
 
     def __enter__(self) -> _StopOnSignal:
         if threading.current_thread() is threading.main_thread():
