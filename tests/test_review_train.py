@@ -8,6 +8,7 @@ import signal
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -293,3 +294,25 @@ def test_window_none_still_means_no_window(tiny_box_folder):
     assert TrainConfig(data=tiny_box_folder).window == "abdomen"
     saved = TrainConfig(data=tiny_box_folder, window=None).to_dict()
     assert TrainConfig(data=tiny_box_folder, resume="x").resumed_from(saved).window is None
+
+
+def test_a_ct_folder_trains_in_the_window_it_was_annotated_in(tmp_path):
+    """The plugin saves the annotator's window in a CT folder; training had windowed its
+    slices as abdomen regardless (and predict then repeated that window)."""
+    import json as json_
+
+    import boxlevelset
+    from boxlevelset.data import read_volume, save_box_folder
+
+    samples = Path(boxlevelset.__file__).parent / "samples"
+    volume = read_volume(samples / "ct_slice.nii.gz")
+    boxes = np.array(json_.loads((samples / "ct_slice_boxes.json").read_text())["boxes_xyxy"])
+    folder = save_box_folder(tmp_path / "ct", [("ct.nii.gz", volume, boxes,
+                                                np.ones(len(boxes), np.int64), None, 0)],
+                             [{"id": 1, "name": "organ"}], info={"window": [-20.0, 300.0]})
+    common = dict(data=folder, pretrained=False, min_size=(64, 64), max_size=64,
+                  batch_size=1, max_iterations=1, model=TINY_MODEL)
+    out = train(TrainConfig(output_dir=tmp_path / "run", **common))
+    assert list(torch.load(out, weights_only=True)["train_config"]["window"]) == [-20.0, 300.0]
+    out = train(TrainConfig(output_dir=tmp_path / "lung", window="lung", **common))
+    assert torch.load(out, weights_only=True)["train_config"]["window"] == "lung"

@@ -779,6 +779,16 @@ def train(
             config = config.resumed_from(dict(ckpt.get("train_config") or {}))
         _seed_everything(config.seed)
         folder = load_box_folder(config.data, window=config.window)
+        saved_window = folder.info.get("window")
+        if "window" not in config.given and isinstance(saved_window, list) \
+                and len(saved_window) == 2 and not (ckpt is not None and "window" in
+                                                    (ckpt.get("train_config") or {})):
+            # A CT folder saved by the plugin names the window its boxes were drawn in: the
+            # model learns the slices as the annotator saw them (and predict repeats it).
+            given = config.given
+            config = dataclasses.replace(config, window=tuple(float(v) for v in saved_window))
+            config.given = given  # replace re-ran __post_init__, which recounts what was set
+            folder.window = config.window
         # A resumed run keeps its checkpoint's classes and architecture: the command that
         # resumes it need not repeat the original model settings.
         class_names = list(ckpt["config"]["class_names"] if ckpt is not None else
