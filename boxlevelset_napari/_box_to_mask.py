@@ -760,6 +760,8 @@ class BoxToMaskWidget(QWidget):
                     queued = {b[0] for b in todo}
                     todo += [b for b in self._undone(boxes)
                              if b[0] not in self._locked and b[0] not in queued]
+                    if not todo:  # say so, rather than leave the last action's message
+                        self._say("every mask is up to date: nothing to segment")
                 self._segment(todo)
             elif removed:
                 self._say(f"{len(removed)} box(es) removed")

@@ -17,7 +17,7 @@ import numpy as np
 
 from boxlevelset.image import apply_window, bounding_box
 
-from ._layers import contrast_window, plugin_meta, rectangle_to_box
+from ._layers import DEFAULT_CATEGORY, contrast_window, plugin_meta, rectangle_to_box
 
 
 def _is_stack(image: Any) -> bool:
@@ -75,11 +75,16 @@ def _categories(image: Any, class_names: list[str]) -> list[dict]:
 
 def _boxes_and_categories(image: Any, boxes: Any, class_names: Sequence[str]):
     """(stacked, boxes per plane, COCO categories, name -> id) shared by both exports:
-    categories are the widget's classes followed by any other class the boxes use."""
+    categories are the widget's classes followed by any other class the boxes use; the
+    widget's default class is left out when the boxes have classes of their own and none
+    of its (it would become the reopened folder's first class, for the next box)."""
     stacked = _is_stack(image)
     per_plane = _ensure_stack_plane(_boxes_by_plane(boxes), stacked)
     used = [cat for items in per_plane.values() for _bid, _box, cat in items]
-    cats = _categories(image, list(dict.fromkeys([*class_names, *used])))
+    names = list(class_names)
+    if used and DEFAULT_CATEGORY not in used and len(names) > 1:
+        names = [n for n in names if n != DEFAULT_CATEGORY]
+    cats = _categories(image, list(dict.fromkeys([*names, *used])))
     return stacked, per_plane, cats, {c["name"]: int(c["id"]) for c in cats}
 
 
@@ -126,7 +131,7 @@ def export_coco(path: str | os.PathLike, image: Any, boxes: Any, labels: Any,
     if labels is None:
         raise ValueError("there are no masks to export yet (segment some boxes first)")
     stacked, per_plane, cats, cat_id = _boxes_and_categories(image, boxes, class_names)
-    default_cat = cat_id[class_names[0]] if class_names else int(cats[0]["id"])
+    default_cat = int(cats[0]["id"])  # masks without a box: the first class
     box_cat = _box_classes(per_plane)
     images, annotations = [], []
     for plane in _planes(image):
@@ -230,8 +235,7 @@ def save_annotations(folder: str | os.PathLike, image: Any, boxes: Any, labels: 
         raise ValueError("there are no boxes to save")
     stacked, per_plane, cats, cat_id = _boxes_and_categories(image, boxes, class_names)
     if labels is not None:
-        _add_mask_boxes(per_plane, image, labels, class_names[0] if class_names else
-                        cats[0]["name"])
+        _add_mask_boxes(per_plane, image, labels, cats[0]["name"])
     # A CT volume is saved as itself (Hounsfield units, spacing, origin, direction) with an
     # entry per annotated slice, not as windowed 8-bit pictures of the slices.
     meta = plugin_meta(image)

@@ -316,6 +316,9 @@ class FineTuneWidget(QWidget):
 
     # ------------------------------------------------------------ events
     def _on_event(self, event: Any) -> None:
+        if getattr(event, "done", False) and self.events and \
+                self.events[-1].iteration == event.iteration:
+            return  # the run's closing event repeats its last iteration: plotted once
         self.events.append(event)
         losses = dict(event.losses or {})
         total = losses.get("loss", sum(v for k, v in losses.items() if k.startswith("loss_")))

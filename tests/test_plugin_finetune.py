@@ -48,9 +48,9 @@ def test_finetune_progress_reload_and_model_mode(tmp_path, tiny_box_folder, qtbo
         assert worker is not None and not tune.start_btn.isEnabled()
     assert tune.error is None, tune.error
     its = [e.iteration for e in tune.events]
-    assert its[-1] == 3 and its == sorted(its)
+    assert its[-1] == 3 and its == sorted(set(its))  # the last one plotted once, not twice
     assert all(np.isfinite(list(e.losses.values())).all() for e in tune.events)
-    assert len(tune.plot.values) >= 3
+    assert len(tune.plot.values) == len(its) >= 3
     assert tune.checkpoint is not None and tune.checkpoint.is_file()
     assert tune.process_check.isChecked()  # this run trained in a child process
     assert isinstance(tune.model, SOLOv2)

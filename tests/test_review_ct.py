@@ -72,3 +72,25 @@ def test_segment_after_undoing_a_segment_press_segments_again(ct_widget):
     np.testing.assert_array_equal(np.asarray(labels.data), loose)
     widget.segment()  # the settings shown are the tight ones: their masks come back
     np.testing.assert_array_equal(np.asarray(labels.data), tight)
+
+
+def test_the_unused_default_class_is_not_saved(ct_widget, tmp_path):
+    """Boxes all named by hand: the widget's default 'object' had been saved as the first
+    class and came back as the class of the next box drawn."""
+    import json
+
+    from boxlevelset_napari._export import save_annotations
+
+    _viewer, widget, image, labels = ct_widget
+    boxes = widget.boxes_layer(create=False)
+    boxes.features["category"] = ["liver", "spine"]
+    folder = save_annotations(tmp_path / "named", image, boxes, labels,
+                              ["object", "liver", "spine"])
+    names = [c["name"] for c in json.loads((folder / "annotations.json").read_text())["categories"]]
+    assert names == ["liver", "spine"]
+
+
+def test_segment_with_nothing_to_do_says_so(ct_widget):
+    _viewer, widget, _image, _labels = ct_widget
+    widget.segment()
+    assert widget.status.text() == "every mask is up to date: nothing to segment"
