@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch  # noqa: F401  -- torch must be imported before the Qt application exists
 
 import math
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from qtpy.QtWidgets import (
 )
 
 from ._box_to_mask import BoxToMaskWidget, LayerCombo, _unwrap, closed_by_napari, hbox
-from ._train_process import train_in_subprocess
+from ._train_process import compiler_stack_unsafe_here, train_in_subprocess
 
 SOURCE_FOLDER = "Box-labeled folder"
 SOURCE_VIEWER = "Boxes in this viewer"
@@ -97,24 +96,6 @@ class LossPlot(QWidget):
         painter.drawPolyline(points)
         painter.setPen(QColor(200, 200, 200))
         painter.drawText(6, 14, f"loss {self.values[-1]:.4f}")
-
-
-def _compiler_stack_unsafe_here() -> bool:
-    """True when training in this process would import triton for the first time.
-
-    torch's optimizers import torch._dynamo, which imports triton where it is installed (CUDA
-    builds of torch). Loaded after Mesa's OpenGL driver (napari under Xvfb, VMs, remote
-    desktops), triton's bundled LLVM crashes the process (seen with torch 2.14 + triton 3.8),
-    which would take the viewer and unsaved annotations with it. A spawned process is clean.
-    """
-    import importlib.util
-
-    if "torch._dynamo" in sys.modules or "triton" in sys.modules:
-        return False  # already loaded: nothing new is imported
-    try:
-        return importlib.util.find_spec("triton") is not None
-    except (ImportError, ValueError):
-        return False
 
 
 class FineTuneWidget(QWidget):
@@ -286,7 +267,7 @@ class FineTuneWidget(QWidget):
         self.plot.clear()
         config, bridge = self.config, self._bridge
         in_process = self.process_check.isChecked()
-        if not in_process and _compiler_stack_unsafe_here():
+        if not in_process and compiler_stack_unsafe_here():
             in_process = True
             show_info("boxlevelset: training in a separate process: building the optimizer "
                       "loads triton, whose LLVM can crash napari after Mesa's OpenGL has loaded")

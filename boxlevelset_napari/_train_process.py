@@ -9,10 +9,29 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+
+def compiler_stack_unsafe_here() -> bool:
+    """True when training in this process would import triton for the first time.
+
+    torch's optimizers import torch._dynamo, which imports triton where it is installed (CUDA
+    builds of torch). Loaded after Mesa's OpenGL driver (napari under Xvfb, VMs, remote
+    desktops), triton's bundled LLVM crashes the process (seen with torch 2.14 + triton 3.8),
+    which would take the viewer and unsaved annotations with it. A spawned process is clean.
+    """
+    import importlib.util
+
+    if "torch._dynamo" in sys.modules or "triton" in sys.modules:
+        return False  # already loaded: nothing new is imported
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _child(values: dict[str, Any], events: Any, stop: Any) -> None:
@@ -71,10 +90,13 @@ def train_in_subprocess(values: dict[str, Any], on_event: Callable[[Any], Any],
                 if not proc.is_alive():
                     # A spawned child imports the launching script as __main__; a script
                     # without a main guard runs again there and fails in bootstrapping.
+                    # Unticking 'Separate process' helps only where training may run in
+                    # napari's process (not where triton would be loaded into it).
+                    untick = ("" if compiler_stack_unsafe_here()
+                              else ", or untick 'Separate process'")
                     hint = ("; when napari is started from a script, put the script's code "
                             "under `if __name__ == '__main__':` (the training process imports "
-                            "it), or untick 'Separate process'"
-                            if _main_is_unguarded_script() else "")
+                            f"it){untick}" if _main_is_unguarded_script() else "")
                     raise RuntimeError(
                         f"training process ended unexpectedly (exit code {proc.exitcode})"
                         f"{hint}") from None

@@ -174,7 +174,7 @@ def test_in_thread_training_moves_to_a_process_before_triton_first_loads(
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object()
                         if name == "triton" else real_find_spec(name, *a))
-    assert _finetune._compiler_stack_unsafe_here()
+    assert _finetune.compiler_stack_unsafe_here()
     spawned = []
     monkeypatch.setattr(_finetune, "train_in_subprocess",
                         lambda values, on_event, stop: spawned.append(values) or tmp_path)
