@@ -194,11 +194,15 @@ class TrainConfig:
         if keep & {"epochs", "max_iterations"}:
             keep |= {"epochs", "max_iterations"}
         values = {k: saved[k] for k in _RESUMED_FIELDS if k not in keep and k in saved}
-        if not values:
-            return self
-        resumed = dataclasses.replace(self, **values)
-        resumed.given = self.given  # what the caller set, not what the checkpoint filled in
-        return resumed
+        return self.filled_in(**values) if values else self
+
+    def filled_in(self, **values: Any) -> TrainConfig:
+        """A copy with ``values`` set for the caller: ``given`` stays what the caller set
+        (``dataclasses.replace`` alone re-runs ``__post_init__``, which would count every
+        field filled in by then as set)."""
+        copy = dataclasses.replace(self, **values)
+        copy.given = self.given
+        return copy
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly copy (paths as str, no stop_event) stored in checkpoints."""
@@ -785,9 +789,7 @@ def train(
                                                     (ckpt.get("train_config") or {})):
             # A CT folder saved by the plugin names the window its boxes were drawn in: the
             # model learns the slices as the annotator saw them (and predict repeats it).
-            given = config.given
-            config = dataclasses.replace(config, window=tuple(float(v) for v in saved_window))
-            config.given = given  # replace re-ran __post_init__, which recounts what was set
+            config = config.filled_in(window=tuple(float(v) for v in saved_window))
             folder.window = config.window
         # A resumed run keeps its checkpoint's classes and architecture: the command that
         # resumes it need not repeat the original model settings.
@@ -1084,7 +1086,7 @@ def _earlier_run(config: TrainConfig) -> list[str]:
 
 def _launched() -> bool:
     """Whether torchrun (or another launcher of several processes) started this one."""
-    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return "TORCHELASTIC_RUN_ID" in os.environ or _dist_env()[0] > 1
 
 
 class _StopOnSignal:
