@@ -35,13 +35,13 @@ from ._train_process import compiler_stack_unsafe_here, train_in_subprocess
 
 SOURCE_FOLDER = "Box-labeled folder"
 SOURCE_VIEWER = "Boxes in this viewer"
-# What a training run writes into its output folder; a folder holding any of them holds a run.
-RUN_FILES = ("model.pth", "last.pth", "log.csv", "log.jsonl")
 
 
 def holds_run(folder: Path) -> bool:
     """True when `folder` holds a training run's model, checkpoint or loss log."""
-    return any((folder / name).is_file() for name in RUN_FILES)
+    from boxlevelset.train import run_files
+
+    return bool(run_files(folder))
 
 
 def fresh_run_folder(chosen: Path) -> Path:

@@ -1073,15 +1073,28 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
+# What a training run writes into its output folder (the loss log unless log_path moves it).
+RUN_FILES = ("model.pth", "last.pth", "log.csv", "log.jsonl")
+
+
+def run_files(folder: str | os.PathLike, log_path: str | os.PathLike | None = None
+              ) -> list[Path]:
+    """The files of a training run that ``folder`` holds (``log_path``: a log kept
+    elsewhere), which a new run there would replace."""
+    folder = Path(folder)
+    candidates = [folder / name for name in RUN_FILES]
+    if log_path:
+        candidates.append(Path(log_path))
+    return [f for f in dict.fromkeys(candidates) if f.is_file()]
+
+
 def _earlier_run(config: TrainConfig) -> list[str]:
     """Files of an earlier run in the output folder that a new (not resumed) run would
     replace; empty when resuming or when the folder holds none."""
     if config.resume and (config.resume != "auto"
                           or (Path(config.output_dir) / "last.pth").exists()):
         return []
-    out = Path(config.output_dir)
-    log = Path(config.log_path) if config.log_path else out / "log.csv"
-    return [str(f) for f in (out / "model.pth", out / "last.pth", log) if f.is_file()]
+    return [str(f) for f in run_files(config.output_dir, config.log_path)]
 
 
 def _launched() -> bool:
