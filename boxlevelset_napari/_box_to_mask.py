@@ -201,10 +201,15 @@ class _Owned:
 
     def equals(self, mask: np.ndarray) -> bool:
         """Whether the plane-sized ``mask`` holds exactly these pixels."""
+        return self.matches(mask, True, int(np.count_nonzero(mask)))
+
+    def matches(self, plane: np.ndarray, label: Any, count: int) -> bool:
+        """Whether ``label``'s pixels in ``plane``, ``count`` of them, are exactly these (the
+        count, known for all labels of a plane at once, spares a full-plane compare)."""
         if self.crop is None:
-            return not mask.any()
-        return int(mask.sum()) == int(self.crop.sum()) and \
-            np.array_equal(mask[self.window], self.crop)
+            return count == 0
+        return count == int(self.crop.sum()) and \
+            np.array_equal(np.asarray(plane[self.window]) == label, self.crop)
 
     def discard(self, window: Window, crop: np.ndarray) -> None:
         """Drop the pixels of the mask ``crop`` at ``window`` (another box took them)."""
@@ -908,14 +913,8 @@ class BoxToMaskWidget(QWidget):
             if plane not in counts:  # one pass over each plane, not one per box
                 ids, n = np.unique(np.asarray(view), return_counts=True)
                 counts[plane] = dict(zip(ids.tolist(), n.tolist()))
-            here = counts[plane].get(box_id, 0)
-            if owned.crop is None:
-                same = here == 0
-            else:
-                same = here == int(owned.crop.sum()) and \
-                    np.array_equal(np.asarray(view[owned.window]) == box_id, owned.crop)
-            if not same and _digest(np.asarray(view) == box_id) in \
-                    self._painted.get((box_id, plane), ()):
+            if not owned.matches(view, box_id, counts[plane].get(box_id, 0)) and \
+                    _digest(np.asarray(view) == box_id) in self._painted.get((box_id, plane), ()):
                 out.append(item)
         return out
 
