@@ -74,7 +74,14 @@ def _boxes_from_json(
 
 def _folder_for(args: argparse.Namespace):
     """A BoxFolder holding the images to segment and their boxes."""
-    from boxlevelset.data import BoxFolder, ImageReadError, Record, load_box_folder, read_image
+    from boxlevelset.data import (
+        BoxFolder,
+        ImageReadError,
+        Record,
+        clip_and_filter,
+        load_box_folder,
+        read_image,
+    )
 
     if args.sample:
         if args.inputs or args.boxes is not None:
@@ -113,8 +120,7 @@ def _folder_for(args: argparse.Namespace):
             continue
         b = boxes[i - 1] if isinstance(boxes, list) else boxes
         height, width = image.shape[:2]
-        clipped = np.asarray(b, np.float32).reshape(-1, 4).clip(0, [width, height] * 2)
-        keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+        clipped, keep = clip_and_filter(b, width, height)
         if not keep.all():
             warnings.warn(f"{path}: dropped {int((~keep).sum())} box(es) outside the "
                           f"{width}x{height} image", stacklevel=2)

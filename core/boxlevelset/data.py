@@ -550,8 +550,9 @@ def _resolve_file(root: Path, file_name: str) -> Path:
     return root / "images" / candidate
 
 
-def _clip_and_filter(boxes: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
-    """Clip xyxy boxes to the image; return (clipped boxes, keep mask); log dropped ones."""
+def clip_and_filter(boxes: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """Clip xyxy boxes to the image; return (clipped float32 boxes, keep mask: finite boxes
+    with an area left inside the image)."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     finite = np.isfinite(boxes).all(axis=1)
     boxes = np.where(finite[:, None], boxes, 0.0)
@@ -697,7 +698,7 @@ def _load_coco(json_path: Path, root: Path, window: Window) -> BoxFolder:
             segs.append(ann.get("segmentation") or None)
             area = ann.get("area")
             areas.append(float(area) if isinstance(area, (int, float)) else None)
-        clipped, keep = _clip_and_filter(np.array(boxes), w, h)
+        clipped, keep = clip_and_filter(np.array(boxes), w, h)
         dropped += int((~keep).sum())
         folder.records.append(Record(
             image_id=int(im["id"]), file_name=file_name, path=path, width=w, height=h,
@@ -767,7 +768,7 @@ def _load_voc(root: Path, window: Window) -> BoxFolder:
         # VOC pixels are 1-based and inclusive: xmin=1 is the first column, so shift the
         # top-left corner by one and keep xmax as the exclusive right edge.
         boxes = np.array([[c[0] - 1, c[1] - 1, c[2], c[3]] for _, c in objects], np.float64)
-        clipped, keep = _clip_and_filter(boxes, w, h)
+        clipped, keep = clip_and_filter(boxes, w, h)
         dropped += int((~keep).sum())
         cats = np.array([by_name[n] for n, _ in objects], dtype=np.int64).reshape(-1)
         folder.records.append(Record(
