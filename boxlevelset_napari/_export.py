@@ -96,7 +96,7 @@ def _boxes_by_plane(boxes: Any) -> dict[int | None, list[tuple[int, np.ndarray, 
     ids = feats["box_id"].to_numpy(dtype=np.int64) if "box_id" in feats else \
         np.arange(1, len(boxes.data) + 1)
     cats = feats["category"].astype(str).to_numpy() if "category" in feats else \
-        np.full(len(boxes.data), "object", dtype=object)
+        np.full(len(boxes.data), DEFAULT_CATEGORY, dtype=object)
     for vertices, box_id, cat in zip(boxes.data, ids, cats):
         plane, box = rectangle_to_box(vertices)
         out.setdefault(plane, []).append((int(box_id), box, str(cat)))

@@ -32,6 +32,7 @@ from qtpy.QtWidgets import (
 
 from ._box_to_mask import BoxToMaskWidget, LayerCombo, _unwrap, closed_by_napari, hbox
 from ._train_process import compiler_stack_unsafe_here, train_in_subprocess
+from ._layers import DEFAULT_CATEGORY
 
 SOURCE_FOLDER = "Box-labeled folder"
 SOURCE_VIEWER = "Boxes in this viewer"
@@ -204,7 +205,7 @@ class FineTuneWidget(QWidget):
         image, boxes = self.image_combo.layer(), self.boxes_combo.layer()
         if image is None or boxes is None or len(boxes.data) == 0:
             raise ValueError("draw some boxes on an image first (or choose a folder)")
-        names = sorted({str(c) for c in boxes.features.get("category", ["object"])})
+        names = sorted({str(c) for c in boxes.features.get("category", [DEFAULT_CATEGORY])})
         return save_annotations(output_dir / "viewer_annotations", image, boxes,
                                 self._masks_layer(image, boxes), names)
 

@@ -13,7 +13,13 @@ import numpy as np
 from boxlevelset.export import lower_suffix
 from boxlevelset.image import WINDOW_PRESETS
 
-from ._layers import META_KEY, boxes_layer_kwargs, boxes_to_rectangles, window_contrast
+from ._layers import (
+    DEFAULT_CATEGORY,
+    META_KEY,
+    boxes_layer_kwargs,
+    boxes_to_rectangles,
+    window_contrast,
+)
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -230,7 +236,7 @@ def _boxes_and_masks(folder: Any, records: list, planes: Any, labels: np.ndarray
     box id, and its masks painted into ``labels`` on that plane; also whether any record
     has masks."""
     cat_names = {int(c["id"]): str(c["name"]) for c in folder.categories}
-    class_names = [str(c["name"]) for c in folder.categories] or ["object"]
+    class_names = [str(c["name"]) for c in folder.categories] or [DEFAULT_CATEGORY]
     rects, cats, ids = [], [], []
     has_masks = False
     for record, plane in zip(records, planes):

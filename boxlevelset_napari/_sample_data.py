@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._layers import META_KEY, boxes_layer_kwargs, boxes_to_rectangles
+from ._layers import DEFAULT_CATEGORY, META_KEY, boxes_layer_kwargs, boxes_to_rectangles
 from ._reader import ct_layer_data
 
 
@@ -42,7 +42,7 @@ def make_sample_ct() -> list[tuple]:
     volume = read_volume(root / "ct_slice.nii.gz")
     info = json.loads((root / "ct_slice_boxes.json").read_text())
     boxes = np.asarray(info["boxes_xyxy"])
-    cats = list(info.get("categories", ["object"] * len(boxes)))
+    cats = list(info.get("categories", [DEFAULT_CATEGORY] * len(boxes)))
     image = ct_layer_data(volume, "ct_slice")
     ndim = np.asarray(volume.array).ndim
     plane = 0 if ndim == 3 else None
