@@ -445,6 +445,16 @@ class BoxToMaskWidget(QWidget):
         name = f"{image.name} boxes"
         if name in layers and isinstance(layers[name], napari.layers.Shapes):
             self.boxes_combo.select(layers[name])
+        elif self._boxes_of_another_image(self.boxes_combo.layer(), image):
+            # Boxes drawn next in the old image's layer would be segmented on this image.
+            self.new_boxes_layer()
+
+    def _boxes_of_another_image(self, boxes: Any, image: Any) -> bool:
+        """Whether ``boxes`` is named after an image layer other than ``image`` ('<other>
+        boxes', as this widget and the folder reader name them)."""
+        return boxes is not None and any(
+            boxes.name == f"{layer.name} boxes" for layer in self.viewer.layers
+            if isinstance(layer, napari.layers.Image) and _unwrap(layer) is not _unwrap(image))
 
     def _loose_clicked(self, *_: Any) -> None:
         self._loose_set_by_user = True

@@ -155,3 +155,38 @@ def test_segmenting_many_boxes_keeps_no_plane_per_box(make_napari_viewer_proxy):
     data[1] = data[1] + 2
     boxes.data = data
     assert np.array_equal(labels.data, edited)  # "keep": the edit stays
+
+
+def test_choosing_an_image_without_boxes_gives_it_its_own_boxes_layer(
+        make_napari_viewer_proxy):
+    """Choosing image b kept the widget on 'a boxes': a box drawn next was segmented on b
+    (and painted into b's masks) although it sat in a's layer. b now gets 'b boxes', active
+    for drawing, and a's boxes and masks stay as they were."""
+    viewer = make_napari_viewer_proxy()
+    viewer.add_image(_blob_image(0), name="a")
+    widget = BoxToMaskWidget(viewer)
+    boxes_a = widget.new_boxes_layer()
+    _add_box(boxes_a, (14, 12, 38, 36))
+    masks_a = widget.labels_layer(create=False)
+    before = np.array(masks_a.data)
+
+    viewer.add_image(_blob_image(1), name="b")
+    widget.image_combo.setCurrentText("b")
+    assert widget.boxes_combo.currentText() == "b boxes"
+    boxes_b = widget.boxes_layer(create=False)
+    assert viewer.layers.selection.active.name == "b boxes"
+    assert boxes_b.mode == "add_rectangle"
+    _add_box(boxes_b, (14, 12, 38, 36))
+    assert widget.labels_combo.currentText() == "b masks"
+    assert np.array_equal(masks_a.data, before)
+    assert len(boxes_a.data) == 1
+
+    # A boxes layer that belongs to no image (napari's own 'Shapes') is kept on a switch.
+    shapes = viewer.add_shapes(name="Shapes", ndim=2)
+    widget.boxes_combo.select(shapes)
+    widget.image_combo.setCurrentText("a")
+    assert widget.boxes_combo.currentText() == "a boxes"
+    widget.boxes_combo.select(shapes)
+    viewer.add_image(_blob_image(2), name="c")
+    widget.image_combo.setCurrentText("c")
+    assert widget.boxes_combo.currentText() == "Shapes"
