@@ -888,6 +888,7 @@ class BoxToMaskWidget(QWidget):
                 for plane, items in by_plane.items():
                     masks = self.masks_for(plane, np.stack([b for _, b, _ in items]))
                     for (box_id, _box, item), mask in zip(items, masks):
+                        self._leave_old_plane(labels, box_id, plane)
                         outcome[self._paint(box_id, plane, mask)] += 1
                         self._geom[box_id] = self._key(item[1], item[2])
         finally:
@@ -906,6 +907,17 @@ class BoxToMaskWidget(QWidget):
             (skipped, "box(es) outside the image or under one pixel skipped")]))
 
     # ------------------------------------------------------------ painting
+    def _leave_old_plane(self, labels: Any, box_id: int, plane: int | None) -> None:
+        """A box moved to another slice (through the API: napari's mouse keeps a shape on
+        its slice) takes its mask along: the mask on the slice it left is erased, unless
+        the user keeps a hand edit there. Propagated slices other than its own stay."""
+        old = (self._geom.get(box_id) or (plane,))[0]
+        written = self._written.get(box_id, {})
+        if old == plane or old not in written or not self._may_replace(box_id, [old]):
+            return
+        self._erase(labels, box_id, old)
+        del written[old]
+
     def _undone(self, boxes: list) -> list:
         """Boxes whose mask napari's undo or redo swapped for an earlier one the widget had
         painted: their settings key still says they are up to date, so Segment would leave

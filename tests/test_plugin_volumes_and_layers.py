@@ -501,3 +501,23 @@ def test_a_loaded_model_brings_its_classes_in_place_of_the_unused_default(
     _add_box(other_boxes, BOX)
     other.set_model(SimpleNamespace(config=SimpleNamespace(class_names=["nucleus"])))
     assert other.class_names == ["object", "nucleus"] and other.category == "object"
+
+
+def test_a_box_moved_to_another_slice_takes_its_mask_along(volume_widget):
+    """A box moved to another slice through the API kept its mask on the old slice as well:
+    two masks of one box, the old one matching no box."""
+    viewer, widget = volume_widget
+    boxes = widget.new_boxes_layer()
+    _add_box(boxes, BOX, plane=2)
+    labels = widget.labels_layer(create=False)
+    box_id = int(boxes.features["box_id"][0])
+    assert _slices_with(labels, box_id) == [2]
+    boxes.data = [boxes_to_rectangles(np.asarray([BOX], dtype=float), plane=3)[0]]
+    assert _slices_with(labels, box_id) == [3]
+
+    # A hand edit on the old slice is the user's: with 'keep' it stays where it is.
+    labels.data_setitem(np.nonzero(labels.data == box_id), 0)  # clear, then paint by hand
+    labels.data_setitem((np.full(4, 3), np.arange(12, 16), np.full(4, 14)), box_id)
+    widget.hand_combo.setCurrentText("keep")
+    boxes.data = [boxes_to_rectangles(np.asarray([BOX], dtype=float), plane=1)[0]]
+    assert _slices_with(labels, box_id) == [1, 3]
