@@ -521,3 +521,28 @@ def test_a_box_moved_to_another_slice_takes_its_mask_along(volume_widget):
     widget.hand_combo.setCurrentText("keep")
     boxes.data = [boxes_to_rectangles(np.asarray([BOX], dtype=float), plane=1)[0]]
     assert _slices_with(labels, box_id) == [1, 3]
+
+
+def test_one_undo_takes_back_the_segment_press_after_a_model_is_loaded(
+        make_napari_viewer_proxy):
+    """Loading a model (as a fine-tune's end does) switches the method to Model; the next
+    Segment redoes every box with the model, and one undo brings all level-set masks back."""
+    from test_model import tiny_model
+
+    viewer = make_napari_viewer_proxy()
+    widget = _two_object_slice(viewer)
+    boxes = widget.new_boxes_layer()
+    _add_box(boxes, BOX)
+    _add_box(boxes, (34, 30, 46, 38))
+    labels = widget.labels_layer(create=False)
+    levelset = np.array(labels.data)
+    widget.set_model(tiny_model())
+    widget.segment()
+    assert not np.array_equal(labels.data, levelset)  # an untrained model's masks differ
+    labels.undo()
+    assert np.array_equal(labels.data, levelset)
+    # The undone boxes are not hand edits: Segment redoes them with the model, unasked.
+    widget.confirm_overwrite = lambda _bid: pytest.fail("asked about the widget's own mask")
+    widget.hand_combo.setCurrentText("ask")
+    widget.segment()
+    assert not np.array_equal(labels.data, levelset)
