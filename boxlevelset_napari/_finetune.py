@@ -14,7 +14,7 @@ from typing import Any
 import napari
 from napari.qt.threading import thread_worker
 from napari.utils import progress
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QEvent, QObject, QPointF, Qt, Signal
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import (
@@ -31,7 +31,7 @@ from qtpy.QtWidgets import (
 )
 
 from ._box_to_mask import BoxToMaskWidget, LayerCombo, _unwrap, closed_by_napari, hbox
-from ._train_process import compiler_stack_unsafe_here, train_in_subprocess
+from ._train_process import compiler_stack_unsafe_here, forward_warnings, train_in_subprocess
 from ._layers import DEFAULT_CATEGORY
 
 SOURCE_FOLDER = "Box-labeled folder"
@@ -58,9 +58,11 @@ def fresh_run_folder(chosen: Path) -> Path:
 
 
 class _Bridge(QObject):
-    """Carries TrainEvents from the training thread to the GUI thread (queued signal)."""
+    """Carries TrainEvents and the engine's warnings from the training thread to the GUI
+    thread (queued signals)."""
 
     event = Signal(object)
+    warning = Signal(str)
 
 
 class LossPlot(QWidget):
@@ -112,6 +114,7 @@ class FineTuneWidget(QWidget):
         self.model: Any = None
         self.checkpoint: Path | None = None
         self.events: list[Any] = []
+        self.warnings: list[str] = []  # the engine's warnings during this run, each once
         self.error: BaseException | None = None
         # Extra TrainConfig fields (e.g. a smaller model for a quick run); set by scripts/tests.
         self.config_overrides: dict[str, Any] = {}
@@ -121,6 +124,7 @@ class FineTuneWidget(QWidget):
         self._closed = False
         self._bridge = _Bridge()
         self._bridge.event.connect(self._on_event)
+        self._bridge.warning.connect(self._on_warning)
         self._build_ui()
 
     def event(self, event: QEvent) -> bool:
@@ -131,6 +135,7 @@ class FineTuneWidget(QWidget):
             self._closed = True
             self.stop()
             self._bridge.event.disconnect(self._on_event)
+            self._bridge.warning.disconnect(self._on_warning)
         return super().event(event)
 
     def _build_ui(self) -> None:
@@ -169,6 +174,11 @@ class FineTuneWidget(QWidget):
         self.status = QLabel("")
         self.status.setWordWrap(True)
         self.plot = LossPlot()
+        # The run's warnings (images left out ...): they outlast the status line's updates.
+        self.log_label = QLabel("")
+        self.log_label.setWordWrap(True)
+        self.log_label.setStyleSheet("color: #e8a33c")
+        self.log_label.hide()
 
         form = QFormLayout()
         form.addRow("Train on", self.source_combo)
@@ -186,6 +196,7 @@ class FineTuneWidget(QWidget):
         layout.addLayout(hbox(self.start_btn, self.stop_btn))
         layout.addWidget(self.plot)
         layout.addWidget(self.status)
+        layout.addWidget(self.log_label)
         layout.addStretch(1)
 
     def _pick_dir(self, edit: QLineEdit) -> None:
@@ -264,8 +275,10 @@ class FineTuneWidget(QWidget):
         except Exception as err:
             self._fail(err)
             return None
-        self.events, self.error, self.checkpoint = [], None, None
+        self.events, self.warnings, self.error, self.checkpoint = [], [], None, None
         self.plot.clear()
+        self.log_label.clear()
+        self.log_label.hide()
         config, bridge = self.config, self._bridge
         in_process = self.process_check.isChecked()
         if not in_process and compiler_stack_unsafe_here():
@@ -275,8 +288,10 @@ class FineTuneWidget(QWidget):
 
         def run() -> Path:
             if in_process:
-                return train_in_subprocess(values, bridge.event.emit, config.stop_event)
-            return train(config, callbacks=[bridge.event.emit])
+                return train_in_subprocess(values, bridge.event.emit, config.stop_event,
+                                           on_warning=bridge.warning.emit)
+            with forward_warnings(bridge.warning.emit):
+                return train(config, callbacks=[bridge.event.emit])
 
         # Connecting "errored" keeps thread_worker from re-raising: the error is shown instead.
         self.worker = thread_worker(run)(_connect={
@@ -322,6 +337,15 @@ class FineTuneWidget(QWidget):
         self.status.setText(
             f"iteration {event.iteration}/{event.max_iterations}  epoch {event.epoch}  "
             f"loss {total:.4f}  lr {event.lr:.2e}  ETA {eta} s")
+
+    def _on_warning(self, text: str) -> None:
+        """A warning of the engine's: a notification and a line under the plot, once a run."""
+        if text in self.warnings:
+            return
+        self.warnings.append(text)
+        self.log_label.setText("\n".join(f"warning: {w}" for w in self.warnings))
+        self.log_label.show()
+        show_warning(f"boxlevelset fine-tune: {text}")
 
     def _on_returned(self, path: Any) -> None:
         from boxlevelset import load_model

@@ -6,12 +6,15 @@ module and the engine.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import multiprocessing as mp
 import os
 import queue
 import sys
 import threading
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,78 @@ def compiler_stack_unsafe_here() -> bool:
         return False
 
 
+class _ForwardRecords(logging.Handler):
+    """Passes the engine's log warnings issued in one thread to a sink."""
+
+    def __init__(self, thread: int, send: Callable[[str], None]) -> None:
+        super().__init__(logging.WARNING)
+        self.thread, self.send = thread, send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.send(record.getMessage())
+        # Logging prints a warning to stderr only when no handler is set up anywhere;
+        # this one would count as set up, so the terminal copy is kept here.
+        if logging.lastResort is not None and self._only_handler(record.name):
+            logging.lastResort.handle(record)
+
+    def _only_handler(self, name: str) -> bool:
+        logger: logging.Logger | None = logging.getLogger(name)
+        forwarders = []
+        while logger is not None:
+            for handler in logger.handlers:
+                if not isinstance(handler, _ForwardRecords):
+                    return False
+                forwarders.append(handler)
+            logger = logger.parent if logger.propagate else None
+        return forwarders[:1] == [self]  # one terminal copy when two runs forward
+
+
+@contextlib.contextmanager
+def forward_warnings(sink: Callable[[str], Any]) -> Iterator[None]:
+    """Within the block, pass the engine's warnings issued in this thread (its log warnings
+    and Python warnings raised in its files) to `sink` as text, each distinct text once;
+    they still reach the terminal as before.
+
+    Training warns about images left out (no boxes, unreadable) while it loads and trains;
+    a viewer shows these to its user only when told. Other threads' warnings are left alone.
+    """
+    import boxlevelset
+
+    thread = threading.get_ident()
+    engine_dir = os.path.dirname(os.path.abspath(boxlevelset.__file__))
+    seen: set[str] = set()
+    active = True
+
+    def send(text: str) -> None:
+        if active and text not in seen:  # a warning repeated every iteration: shown once
+            seen.add(text)
+            sink(text)
+
+    previous = warnings.showwarning
+
+    def showwarning(message: Any, category: type[Warning], filename: str, lineno: int,
+                    file: Any = None, line: str | None = None) -> None:
+        if threading.get_ident() == thread and \
+                os.path.abspath(filename).startswith(engine_dir + os.sep):
+            send(str(message))
+        previous(message, category, filename, lineno, file, line)
+
+    handler = _ForwardRecords(thread, send)
+    engine_logger = logging.getLogger("boxlevelset")
+    engine_logger.addHandler(handler)
+    warnings.showwarning = showwarning
+    try:
+        yield
+    finally:
+        active = False
+        engine_logger.removeHandler(handler)
+        # Another thread may have replaced showwarning meanwhile (catch_warnings): then
+        # this one stays in its chain, passing everything on.
+        if warnings.showwarning is showwarning:
+            warnings.showwarning = previous
+
+
 def _child(values: dict[str, Any], events: Any, stop: Any) -> None:
     import torch
 
@@ -50,7 +125,8 @@ def _child(values: dict[str, Any], events: Any, stop: Any) -> None:
 
     threading.Thread(target=forward_stop, daemon=True).start()
     try:
-        path = train(TrainConfig(**values, stop_event=stop_event), callbacks=[events.put])
+        with forward_warnings(lambda text: events.put(("warning", text))):
+            path = train(TrainConfig(**values, stop_event=stop_event), callbacks=[events.put])
         events.put(("done", str(path)))
     except BaseException as err:  # reported to the parent, which raises it in its worker
         events.put(("error", f"{type(err).__name__}: {err}"))
@@ -68,10 +144,12 @@ def _main_is_unguarded_script() -> bool:
 
 
 def train_in_subprocess(values: dict[str, Any], on_event: Callable[[Any], Any],
-                        stop_requested: threading.Event, poll_s: float = 0.1) -> Path:
+                        stop_requested: threading.Event, poll_s: float = 0.1,
+                        on_warning: Callable[[str], Any] | None = None) -> Path:
     """Run `boxlevelset.train(TrainConfig(**values))` in a spawned process.
 
-    Every TrainEvent is passed to `on_event` (in the calling thread); setting
+    Every TrainEvent is passed to `on_event` and the engine's warnings (text, each once)
+    to `on_warning` (both in the calling thread); setting
     `stop_requested` stops training cleanly (the child saves its checkpoint). Returns the
     checkpoint path; raises RuntimeError with the child's error message on failure.
     """
@@ -105,6 +183,10 @@ def train_in_subprocess(values: dict[str, Any], on_event: Callable[[Any], Any],
                 kind, payload = item
                 if kind == "done":
                     return Path(payload)
+                if kind == "warning":
+                    if on_warning is not None:
+                        on_warning(payload)
+                    continue
                 raise RuntimeError(payload)
             on_event(item)
     finally:

@@ -177,7 +177,7 @@ def test_in_thread_training_moves_to_a_process_before_triton_first_loads(
     assert _finetune.compiler_stack_unsafe_here()
     spawned = []
     monkeypatch.setattr(_finetune, "train_in_subprocess",
-                        lambda values, on_event, stop: spawned.append(values) or tmp_path)
+                        lambda values, on_event, stop, **_: spawned.append(values) or tmp_path)
     import boxlevelset.train
 
     monkeypatch.setattr(boxlevelset.train, "train",
@@ -268,3 +268,76 @@ def test_viewer_boxes_train_on_the_propagated_slices_too(tmp_path, make_napari_v
     folder = load_box_folder(tune.make_config().data)
     assert len(folder.records) == 4  # slices 1-4, not slice 2 alone
     assert all(np.allclose(r.boxes, [[12, 10, 30, 26]], atol=1) for r in folder.records)
+
+
+def _folder_with_problems(tiny_box_folder, tmp_path):
+    """tiny_box_folder plus an image without boxes and an image file that cannot be read."""
+    import json
+    import shutil
+
+    root = tmp_path / "problems"
+    shutil.copytree(tiny_box_folder, root)
+    coco = json.loads((root / "annotations.json").read_text())
+    (root / "images" / "empty.png").write_bytes((root / "images" / "tiny_0.png").read_bytes())
+    (root / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not a picture")
+    coco["images"] += [{"id": 10, "file_name": "empty.png", "width": 64, "height": 64},
+                       {"id": 11, "file_name": "corrupt.png", "width": 64, "height": 64}]
+    coco["annotations"].append({"id": 100, "image_id": 11, "category_id": 1,
+                                "bbox": [4.0, 4.0, 20.0, 20.0], "area": 400.0, "iscrowd": 0})
+    (root / "annotations.json").write_text(json.dumps(coco))
+    return root
+
+
+@pytest.mark.parametrize("in_process", [True, False], ids=["process", "thread"])
+def test_training_warnings_reach_the_viewer(in_process, tmp_path, tiny_box_folder, qtbot,
+                                            make_napari_viewer_proxy):
+    """The engine's warnings while loading and training (an image without boxes, an image
+    that cannot be read) went to the terminal only: a napari user never saw them. They are
+    napari notifications and lines under the loss plot, each once."""
+    from napari.utils.notifications import NotificationSeverity, notification_manager
+
+    tune = FineTuneWidget(make_napari_viewer_proxy())
+    tune.folder_edit.setText(str(_folder_with_problems(tiny_box_folder, tmp_path)))
+    tune.output_edit.setText(str(tmp_path / "run"))
+    tune.device_combo.setCurrentText("cpu")
+    tune.process_check.setChecked(in_process)
+    tune.config_overrides = dict(TINY, max_iterations=2)
+    before = len(notification_manager.records)
+    with qtbot.waitSignal(tune.finished, timeout=120_000):
+        tune.start()
+    assert tune.error is None, tune.error
+    shown = [str(n.message) for n in notification_manager.records[before:]
+             if n.severity == NotificationSeverity.WARNING]
+    for expected in ("without boxes", "empty.png", "unreadable", "corrupt.png"):
+        assert any(expected in text for text in shown), (expected, shown)
+        assert expected in tune.log_label.text()
+    assert len(shown) == len(set(shown)) == 2  # each once
+
+
+def test_forwarded_warnings_are_this_threads_engine_warnings_once():
+    """A warning repeated every iteration reaches the sink once; another thread's warnings
+    (the viewer's, while training runs in a worker) and other packages' are not the run's."""
+    import logging
+    import threading
+    import warnings
+
+    from boxlevelset import data
+    from boxlevelset_napari._train_process import forward_warnings
+
+    engine_log = logging.getLogger("boxlevelset.train")
+    got: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        with forward_warnings(got.append):
+            for _ in range(3):
+                engine_log.warning("no boxes in %s", "a.png")
+                warnings.warn_explicit("unreadable b.png", UserWarning, data.__file__, 1)
+            warnings.warn_explicit("elsewhere", UserWarning, "/site-packages/x.py", 1)
+            other = threading.Thread(target=lambda: (engine_log.warning("other thread"),
+                                                     warnings.warn_explicit(
+                                                         "other", UserWarning,
+                                                         data.__file__, 2)))
+            other.start()
+            other.join()
+        engine_log.warning("after the run")
+    assert got == ["no boxes in a.png", "unreadable b.png"]
