@@ -15,12 +15,9 @@ after a gap of more than 3% of the mask's side), a post-process we measured and 
 from __future__ import annotations
 
 import argparse
-import inspect
 from pathlib import Path
 
-import cv2
 import numpy as np
-import torch
 from scipy import ndimage
 
 from box_to_mask import CT_WINDOW, DATA, _image_for, grabcut
@@ -28,35 +25,12 @@ from boxlevelset import segment_boxes
 from boxlevelset import levelset as L
 from boxlevelset.data import load_box_folder
 from boxlevelset.evaluate import mask_iou
-from boxlevelset.image import pixel_bounds
-
-
-# segment_boxes' defaults, read from its signature so the energy below stays its energy.
-DEFAULTS = {k: p.default for k, p in inspect.signature(segment_boxes).parameters.items()
-            if p.default is not inspect.Parameter.empty}
 
 
 def energy_gap(img: np.ndarray, box: np.ndarray, truth: np.ndarray, ours: np.ndarray) -> float:
     """E(ground truth) - E(ours) under segment_boxes' default energy at its crop size."""
-    d = DEFAULTS
-    h, w = img.shape[:2]
-    bounds = pixel_bounds(box[None], h, w)
-    crops, rings = L._crop_features(img, bounds, d["max_side"], d["smooth"], d["lab"],
-                                    d["context"])
-    bins, ring_counts = L._histograms(crops, rings)
-    pix, feats = L._ragged_layout(crops)
-    hist = (torch.from_numpy(bins), torch.from_numpy(ring_counts), float(d["histogram"]))
-    edges = tuple(torch.from_numpy(e) for e in L._edge_weights(crops, d["edge"]))
-    x0, y0, x1, y1 = bounds[0]
-
-    def energy(mask: np.ndarray) -> float:
-        small = cv2.resize(mask[y0:y1, x0:x1].astype(np.float32), crops[0].shape[1::-1],
-                           interpolation=cv2.INTER_AREA)
-        phi = torch.from_numpy(np.where(small > 0.5, 4.0, -4.0).ravel())
-        return float(L.evolution_energy(phi, feats.double(), pix, d["gamma"], d["alpha"],
-                                        hist, edges)[0])
-
-    return energy(truth) - energy(ours)
+    e_truth, e_ours = L.mask_energy(img, np.stack([box, box]), [truth, ours])
+    return float(e_truth - e_ours)
 
 
 def star_clean(mask: np.ndarray, gap: float = 0.03) -> np.ndarray:

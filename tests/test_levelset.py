@@ -156,9 +156,53 @@ def test_pixel_bounds_match_the_energy_rounding():
     from boxlevelset.image import pixel_bounds
 
     boxes = np.array([[1.2, 0.5, 4.0, 6.7], [-3.0, 2.0, 30.0, 9.1]])
-    want = L._integer_bounds(torch.from_numpy(boxes), 8, 12).numpy()
-    np.testing.assert_array_equal(pixel_bounds(boxes, 8, 12), want)
-    np.testing.assert_array_equal(want, [[1, 0, 4, 7], [0, 2, 12, 8]])
+    bounds = pixel_bounds(boxes, 8, 12)
+    np.testing.assert_array_equal(bounds, [[1, 0, 4, 7], [0, 2, 12, 8]])
+    # The energies' box masks and pixel lists cover exactly these pixel ranges.
+    masks = L.box_masks(torch.from_numpy(boxes), 8, 12)
+    pix = L.box_pixels(torch.from_numpy(boxes), 8, 12)
+    for i, (c0, r0, c1, r1) in enumerate(bounds):
+        want = np.zeros((8, 12), bool)
+        want[r0:r1, c0:c1] = True
+        np.testing.assert_array_equal(masks[i].numpy(), want)
+        got = np.zeros((8, 12), bool)
+        mine = pix.instance == i
+        got[pix.y[mine].numpy(), pix.x[mine].numpy()] = True
+        np.testing.assert_array_equal(got, want)
+        assert (pix.widths[i], pix.heights[i], pix.counts[i]) == (c1 - c0, r1 - r0, want.sum())
+
+
+def test_crop_layout_is_box_pixels_of_the_crops():
+    """The model-free path's layout of its crops (built in numpy) is ``box_pixels`` of boxes
+    the crops' sizes at the origin."""
+    crops = [np.zeros((3, 5, 2), np.float32), np.ones((4, 2, 2), np.float32)]
+    pix, feats = L._ragged_layout(crops)
+    want = L.box_pixels(torch.tensor([[0.0, 0.0, 5.0, 3.0], [0.0, 0.0, 2.0, 4.0]]), 4, 5)
+    for name in ("instance", "y", "x", "local_x", "local_y", "widths", "heights", "counts"):
+        got, ref = getattr(pix, name), getattr(want, name)
+        assert got.dtype == ref.dtype == torch.int64
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    np.testing.assert_array_equal(feats.numpy(), np.concatenate(
+        [c.reshape(-1, 2) for c in crops]))
+
+
+def test_mask_energy_is_the_evolutions_energy_of_the_mask():
+    """mask_energy: evolution_energy of given masks at segment_boxes' crops; a box's own
+    object scores lower than its complement, and the same mask scores the same in a batch."""
+    img = np.zeros((40, 50), np.float32)
+    img[10:30, 12:40] = 1.0
+    img += np.random.default_rng(0).normal(0, 0.05, img.shape).astype(np.float32)
+    box = np.array([10.0, 8.0, 42.0, 32.0])
+    obj = np.zeros(img.shape, bool)
+    obj[10:30, 12:40] = True
+    ring = ~obj
+    energies = L.mask_energy(img, np.stack([box, box]), [obj, ring])
+    assert energies.shape == (2,) and energies[0] < energies[1]
+    np.testing.assert_allclose(L.mask_energy(img, box[None], [obj]), energies[:1], rtol=1e-12)
+    # Options are segment_boxes' energy options: the paper's energy scores differently.
+    assert L.mask_energy(img, box[None], [obj], histogram=0.0, edge=0.0)[0] != energies[0]
+    with pytest.raises(ValueError, match="init_masks|masks"):
+        L.mask_energy(img, box[None], [obj, obj])
 
 
 def test_cost_follows_box_area_not_instances_times_image():

@@ -15,8 +15,10 @@ pixel left raises ValueError; an empty set of boxes gives empty results.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import cv2
@@ -43,6 +45,8 @@ __all__ = [
     "levelset_energy",
     "evolution_energy",
     "segment_boxes",
+    "mask_energy",
+    "ENERGY_OPTIONS",
     "clean_mask",
     "PAPER_ENERGY",
     "LOOSE_BOXES",
@@ -66,55 +70,56 @@ class BoxPixels:
 
     @property
     def num_instances(self) -> int:
+        """N, the number of boxes."""
         return int(self.counts.shape[0])
 
 
 def _integer_bounds(boxes: Tensor, height: int, width: int) -> Tensor:
-    """Inclusive-rounded, clipped integer bounds [N, 4]; ValueError on empty boxes."""
+    """``image.pixel_bounds`` of boxes [N, 4] in an HxW map, on the boxes' device; ValueError
+    on a wrong shape, NaN/inf, or a box with no pixel in the map."""
     if boxes.ndim != 2 or boxes.shape[-1] != 4:
         raise ValueError(f"boxes must have shape [N, 4], got {tuple(boxes.shape)}")
-    if not torch.isfinite(boxes).all():
-        raise ValueError("boxes contain NaN or inf values")
-    b = boxes.detach().to(torch.float64)
-    x0 = b[:, 0].floor().clamp(0, width)
-    y0 = b[:, 1].floor().clamp(0, height)
-    x1 = b[:, 2].ceil().clamp(0, width)
-    y1 = b[:, 3].ceil().clamp(0, height)
-    bounds = torch.stack([x0, y0, x1, y1], dim=1).long()
+    bounds = pixel_bounds(boxes.detach().to(torch.float64).cpu().numpy(), height, width)
     empty = (bounds[:, 2] <= bounds[:, 0]) | (bounds[:, 3] <= bounds[:, 1])
     if empty.any():
-        i = int(torch.nonzero(empty)[0])
+        i = int(np.flatnonzero(empty)[0])
         raise ValueError(
             f"box {i} {boxes[i].tolist()} has zero area inside the {width}x{height} map "
             f"({int(empty.sum())} such boxes)"
         )
-    return bounds
+    return torch.from_numpy(bounds).to(boxes.device)
+
+
+def _layout(bounds: Tensor | np.ndarray) -> BoxPixels:
+    """The pixels of integer boxes (c0, r0, c1, r1) [N, 4] (non-empty), box after box.
+
+    A tensor's layout stays on its device (the training energies); a numpy array's is
+    computed in numpy (the model-free path's crops: there, tiny torch ops cost more in
+    thread hand-offs than in arithmetic, seen at 100+ ms on the loaded 2-core CPU).
+    """
+    if isinstance(bounds, np.ndarray):
+        arange, repeat = np.arange, np.repeat
+    else:
+        arange, repeat = partial(torch.arange, device=bounds.device), torch.repeat_interleave
+    widths = bounds[:, 2] - bounds[:, 0]
+    heights = bounds[:, 3] - bounds[:, 1]
+    counts = widths * heights
+    instance = repeat(arange(len(counts)), counts)
+    k = arange(len(instance)) - (counts.cumsum(0) - counts)[instance]  # index inside the box
+    w = widths[instance]
+    local_y = k // w
+    local_x = k - local_y * w
+    fields = {"instance": instance, "y": bounds[:, 1][instance] + local_y,
+              "x": bounds[:, 0][instance] + local_x, "local_x": local_x, "local_y": local_y,
+              "widths": widths, "heights": heights, "counts": counts}
+    if isinstance(bounds, np.ndarray):
+        fields = {name: torch.from_numpy(v) for name, v in fields.items()}
+    return BoxPixels(**fields)
 
 
 def box_pixels(boxes: Tensor, height: int, width: int) -> BoxPixels:
     """Index every pixel inside every box of an HxW map, without a loop over boxes."""
-    device = boxes.device
-    bounds = _integer_bounds(boxes, height, width).to(device)
-    widths = bounds[:, 2] - bounds[:, 0]
-    heights = bounds[:, 3] - bounds[:, 1]
-    counts = widths * heights
-    n = counts.shape[0]
-    instance = torch.repeat_interleave(torch.arange(n, device=device), counts)
-    offsets = torch.cumsum(counts, 0) - counts
-    k = torch.arange(instance.shape[0], device=device) - offsets[instance]
-    w = widths[instance]
-    local_y = torch.div(k, w, rounding_mode="floor")
-    local_x = k - local_y * w
-    return BoxPixels(
-        instance=instance,
-        y=bounds[instance, 1] + local_y,
-        x=bounds[instance, 0] + local_x,
-        local_x=local_x,
-        local_y=local_y,
-        widths=widths,
-        heights=heights,
-        counts=counts,
-    )
+    return _layout(_integer_bounds(boxes, height, width))
 
 
 def box_masks(boxes: Tensor, height: int, width: int) -> Tensor:
@@ -411,22 +416,11 @@ def _ragged_projection_dice(p: Tensor, pix: BoxPixels) -> Tensor:
 
 
 def _ragged_layout(crops: list[np.ndarray]) -> tuple[BoxPixels, Tensor]:
-    """Ragged pixel layout of the crops (each crop is its own box) and their features.
-
-    Built in numpy: on the interactive path, tiny torch ops cost more in thread hand-offs
-    than in arithmetic (seen at 100+ ms on the loaded 2-core CPU).
-    """
-    heights = np.array([c.shape[0] for c in crops], np.int64)
-    widths = np.array([c.shape[1] for c in crops], np.int64)
-    counts = heights * widths
-    instance = np.repeat(np.arange(len(crops)), counts)
-    k = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-    local_y, local_x = np.divmod(k, widths[instance])
-    t = torch.from_numpy
-    pix = BoxPixels(instance=t(instance), y=t(local_y), x=t(local_x), local_x=t(local_x),
-                    local_y=t(local_y), widths=t(widths), heights=t(heights), counts=t(counts))
+    """Ragged pixel layout of the crops (each crop is its own box, at the origin; built in
+    numpy) and their features [P, C]."""
+    bounds = np.array([[0, 0, c.shape[1], c.shape[0]] for c in crops], np.int64).reshape(-1, 4)
     feats = torch.from_numpy(np.concatenate([c.reshape(-1, c.shape[-1]) for c in crops]))
-    return pix, feats
+    return _layout(bounds), feats
 
 
 def _edge_weights(crops: list[np.ndarray], edge: float) -> tuple[np.ndarray, np.ndarray]:
@@ -575,6 +569,76 @@ def _cut(
     return [u.reshape(c.shape[:2]) for u, c in zip(masks, crops)]
 
 
+def _image_and_boxes(
+    image: np.ndarray, boxes: np.ndarray, window: Window, model_free: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """segment_boxes' view of its input: the float image (a grey image stored as RGB as one
+    channel; model-free, NaN pixels outside every box filled in), the boxes clipped to it
+    and their pixel bounds."""
+    img = _grey_as_one_channel(as_float_image(image, window, allow_nonfinite=model_free))
+    height, width = img.shape[:2]
+    clipped = clip_boxes(as_boxes(boxes), height, width)
+    bounds = pixel_bounds(clipped, height, width)
+    if model_free and len(bounds) and np.asarray(image).dtype.kind == "f":  # floats hold NaN
+        img = _fill_outside_boxes(img, bounds)
+    return img, clipped, bounds
+
+
+def _box_crops(
+    img: np.ndarray, bounds: np.ndarray, max_side: int, smooth: float, lab: bool,
+    histogram: float, context: float,
+) -> tuple[list[np.ndarray], tuple[np.ndarray, np.ndarray, float] | None]:
+    """The crops the model-free energy is measured on (``_crop_features``) and, when
+    ``histogram`` > 0, the histogram term's (bins, ring counts, weight)."""
+    crops, rings = _crop_features(img, bounds, max_side, smooth, lab,
+                                  context if histogram > 0 else 0.0)
+    if histogram <= 0:
+        return crops, None
+    bins, ring_counts = _histograms(crops, rings)
+    return crops, (bins, ring_counts, float(histogram))
+
+
+# The segment_boxes options that define the model-free energy (mask_energy takes these).
+ENERGY_OPTIONS = ("gamma", "alpha", "max_side", "smooth", "lab", "histogram", "context", "edge",
+                  "border")
+
+
+def mask_energy(
+    image: np.ndarray, boxes: np.ndarray, masks: Sequence[np.ndarray], window: Window = None,
+    **options: Any,
+) -> np.ndarray:
+    """Per box, the energy segment_boxes' evolution descends (``evolution_energy``) of the
+    given HxW mask inside it: on the same crop, with the same terms; the mask is resized to
+    the crop and taken as the level set +-4. For diagnosis: the ground truth's energy
+    above that of segment_boxes' own mask says the energy, not its minimiser, is at fault.
+
+    ``options`` are segment_boxes' energy options (``ENERGY_OPTIONS``); the rest take its
+    defaults. Returns [N] float64; ValueError as segment_boxes, or for masks that are not
+    one HxW mask per box.
+    """
+    unknown = sorted(set(options) - set(ENERGY_OPTIONS))
+    if unknown:
+        raise TypeError(f"mask_energy takes the energy options {ENERGY_OPTIONS}, not {unknown}")
+    defaults = inspect.signature(segment_boxes).parameters
+    o = {name: options.get(name, defaults[name].default) for name in ENERGY_OPTIONS}
+    img, _, bounds = _image_and_boxes(image, boxes, window, model_free=True)
+    if len(bounds) == 0:
+        return np.zeros(0)
+    crops, hist = _box_crops(img, bounds, o["max_side"], o["smooth"], o["lab"],
+                             o["histogram"], o["context"])
+    inside = _crop_masks(masks, bounds, crops, what="masks")
+    phi = torch.from_numpy(np.concatenate([np.where(u, 4.0, -4.0).ravel() for u in inside]))
+    pix, feats = _ragged_layout(crops)
+    hist_t = None if hist is None else (torch.from_numpy(hist[0]), torch.from_numpy(hist[1]),
+                                        hist[2])
+    edges = (None if o["edge"] <= 0
+             else tuple(torch.from_numpy(e) for e in _edge_weights(crops, o["edge"])))
+    border = 0.0 if o["border"] is None else o["border"]
+    with torch.no_grad():
+        return evolution_energy(phi, feats.double(), pix, o["gamma"], o["alpha"], hist_t,
+                                edges, border).numpy()
+
+
 def segment_boxes(
     image: np.ndarray,
     boxes: np.ndarray,
@@ -675,14 +739,10 @@ def segment_boxes(
         raise ValueError(f"solver must be 'evolve' or 'cut', got {solver!r}")
     if refine < 0:
         raise ValueError(f"refine must be >= 0 level-set steps, got {refine}")
-    img = _grey_as_one_channel(as_float_image(image, window, allow_nonfinite=model is None))
-    height, width = img.shape[:2]
-    box_arr = as_boxes(boxes)
-    if box_arr.shape[0] == 0:
+    img, clipped, bounds = _image_and_boxes(image, boxes, window, model_free=model is None)
+    if len(clipped) == 0:
         return []
-    clipped = clip_boxes(box_arr, height, width)
-    if model is None and np.asarray(image).dtype.kind == "f":  # only floats hold NaN
-        img = _fill_outside_boxes(img, pixel_bounds(clipped, height, width))
+    height, width = img.shape[:2]
     predictor = None
     if model is not None:
         from boxlevelset.model import Predictor
@@ -700,11 +760,7 @@ def segment_boxes(
         if refine == 0:  # the model's masks as they are: no crops needed
             return predictor.predict_boxes(clipped)
         iterations = refine
-    # Same rounding as _integer_bounds, in numpy (tiny torch ops are slow on this path).
-    bounds = pixel_bounds(clipped, height, width)
-    crops, rings = _crop_features(
-        img, bounds, max_side, smooth, lab, context if histogram > 0 else 0.0
-    )
+    crops, hist = _box_crops(img, bounds, max_side, smooth, lab, histogram, context)
     init = None
     if predictor is not None:
         # The model's mask, as a level set at each crop's resolution, starts the evolution.
@@ -717,10 +773,6 @@ def segment_boxes(
     elif init_masks is not None:
         init = [np.where(u, INIT_LEVEL, -INIT_LEVEL)
                 for u in _crop_masks(init_masks, bounds, crops)]
-    hist = None
-    if histogram > 0:
-        bins, ring_counts = _histograms(crops, rings)
-        hist = (bins, ring_counts, float(histogram))
     evolve_border = 0.0 if border is None else border
     if predictor is None and solver == "cut":
         start = None if init is None else [phi > 0 for phi in init]
@@ -803,16 +855,17 @@ INIT_LEVEL = 1.0
 
 
 def _crop_masks(masks: Sequence[np.ndarray], bounds: np.ndarray,
-                crops: list[np.ndarray]) -> list[np.ndarray]:
-    """Each box's part of its HxW mask, at its crop's resolution (bool)."""
+                crops: list[np.ndarray], what: str = "init_masks") -> list[np.ndarray]:
+    """Each box's part of its HxW mask, at its crop's resolution (bool); errors name the
+    masks as ``what``."""
     masks = list(masks)
     if len(masks) != len(bounds):
-        raise ValueError(f"init_masks: {len(masks)} masks for {len(bounds)} boxes")
+        raise ValueError(f"{what}: {len(masks)} masks for {len(bounds)} boxes")
     out = []
     for mask, (x0, y0, x1, y1), crop in zip(masks, bounds, crops):
         part = np.asarray(mask, dtype=np.float32)[y0:y1, x0:x1]
         if part.shape != (y1 - y0, x1 - x0):
-            raise ValueError(f"init_masks: a mask of shape {np.shape(mask)} does not cover "
+            raise ValueError(f"{what}: a mask of shape {np.shape(mask)} does not cover "
                              f"box ({x0}, {y0}, {x1}, {y1})")
         if part.shape != crop.shape[:2]:
             part = cv2.resize(part, crop.shape[1::-1], interpolation=cv2.INTER_AREA)
