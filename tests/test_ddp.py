@@ -1,21 +1,50 @@
-"""DistributedDataParallel through torchrun: two CPU processes (gloo) end with identical weights."""
+"""DistributedDataParallel through torchrun: two CPU processes (gloo) end with identical weights
+and log the losses of both."""
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from boxlevelset.train import weights_digest
 
+# `python -m boxlevelset.train` that also writes the losses its own rank computed in each
+# iteration (the model's training forward), to compare with what rank 0 logs.
+RECORDING_TRAIN = """
+import json, os, sys
+from pathlib import Path
+from boxlevelset.model import SOLOv2
+import boxlevelset.train as T
+
+seen, forward = [], SOLOv2.forward
+
+def recording(self, *args, **kwargs):
+    out = forward(self, *args, **kwargs)
+    if self.training:
+        seen.append({k: float(v) for k, v in out.items() if k.startswith("loss")})
+    return out
+
+SOLOv2.forward = recording
+code = T.main(sys.argv[1:])
+out = Path(sys.argv[sys.argv.index("-o") + 1])
+(out / f"losses-rank{os.environ['RANK']}.json").write_text(json.dumps(seen))
+raise SystemExit(code)
+"""
+
 
 def test_torchrun_two_processes_keep_replicas_identical(tiny_box_folder, tmp_path):
     out = tmp_path / "ddp"
+    script = tmp_path / "recording_train.py"
+    script.write_text(RECORDING_TRAIN)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "boxlevelset.train", str(tiny_box_folder), "--preset", "lite", "-o", str(out),
+        str(script), str(tiny_box_folder), "--preset", "lite", "-o", str(out),
         "--iterations", "3", "--batch-size", "2", "--min-size", "64", "--max-size", "64",
         "--warmup", "1", "--no-pretrained", "--device", "cpu", "--no-progress",
         "--rank-digest", "--seed", "3",
@@ -40,6 +69,19 @@ def test_torchrun_two_processes_keep_replicas_identical(tiny_box_folder, tmp_pat
     rows = (out / "log.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 3
     assert str(out / "model.pth") in proc.stdout
+
+    # The logged losses are the mean over the ranks, not rank 0's alone: each rank trained
+    # on other images, so its losses differ.
+    per_rank = [json.loads((out / f"losses-rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(per_rank[0]) == len(per_rank[1]) == 3
+    logged = list(csv.DictReader(rows))
+    for it, (row, mine, theirs) in enumerate(zip(logged, *per_rank)):
+        assert mine != theirs, it
+        for key in mine:
+            assert float(row[key]) == pytest.approx((mine[key] + theirs[key]) / 2, rel=1e-4,
+                                                    abs=1e-7), (it, key)
+        total = (sum(mine.values()) + sum(theirs.values())) / 2
+        assert float(row["loss"]) == pytest.approx(total, rel=1e-4), it
 
     # Resumed under DDP: rank 0 decides what "auto" means and both ranks continue from it.
     again = list(cmd)

@@ -8,7 +8,8 @@ single entry point used by the command line, the napari fine-tune button and tor
     checkpoint = train(config, callbacks=[print])
 
 Under torchrun (WORLD_SIZE > 1) the same call runs DistributedDataParallel with a
-DistributedSampler; only rank 0 writes checkpoints and logs and calls the callbacks.
+DistributedSampler; only rank 0 writes checkpoints and logs and calls the callbacks, and the
+losses it logs (and passes to callbacks) are the mean over the ranks.
 """
 
 from __future__ import annotations
@@ -601,6 +602,16 @@ def _any_rank(flag: bool, distributed: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """The mean of each value over the ranks (one all_reduce); a NaN or inf on any rank
+    makes that mean non-finite on every rank, so all of them see a divergence together."""
+    keys = sorted(values)  # the same order on every rank
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    mean = dict(zip(keys, (t / torch.distributed.get_world_size()).tolist()))
+    return {k: mean[k] for k in values}  # the log's columns keep the model's order
+
+
 def weights_digest(model: nn.Module | dict[str, torch.Tensor]) -> str:
     """SHA-256 over a model's state dict (names, dtypes and bytes), for comparing replicas."""
     state = model.state_dict() if isinstance(model, nn.Module) else model
@@ -901,7 +912,9 @@ def train(
                 loss = sum(loss_dict.values())
                 losses = {k: float(v.detach()) for k, v in loss_dict.items()}
                 losses["loss"] = float(loss.detach())
-                if _any_rank(not math.isfinite(losses["loss"]), distributed, device):
+                if distributed:  # what is logged is the whole batch's, not rank 0's share
+                    losses = _mean_over_ranks(losses, device)
+                if not math.isfinite(losses["loss"]):  # on any rank: the mean is not finite
                     raise TrainingDiverged(
                         f"training diverged: non-finite loss at iteration {it + 1} ({losses}); "
                         f"this state was not saved, last good checkpoint: "
