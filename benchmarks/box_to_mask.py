@@ -35,16 +35,15 @@ from boxlevelset.levelset import LOOSE_BOXES, PAPER_ENERGY
 from boxlevelset.data import BoxFolder, load_box_folder
 from boxlevelset.evaluate import coco_mask_ap, mask_iou
 from boxlevelset.export import masks_to_rle
-from boxlevelset.image import as_float_image
+from boxlevelset.image import as_float_image, pixel_bounds
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CT_WINDOW = "abdomen"
 
 
-def _int_box(box: np.ndarray, h: int, w: int) -> tuple[int, int, int, int]:
-    x0, y0 = int(np.floor(box[0])), int(np.floor(box[1]))
-    x1, y1 = int(np.ceil(box[2])), int(np.ceil(box[3]))
-    return max(0, x0), max(0, y0), min(w, x1), min(h, y1)
+def _int_boxes(boxes: np.ndarray, h: int, w: int) -> list[tuple[int, int, int, int]]:
+    """Each box's pixel range (c0, r0, c1, r1) as ints, the rounding segment_boxes uses."""
+    return [tuple(int(v) for v in b) for b in pixel_bounds(boxes, h, w)]
 
 
 def _gray(img01: np.ndarray) -> np.ndarray:
@@ -52,14 +51,7 @@ def _gray(img01: np.ndarray) -> np.ndarray:
 
 
 def filled_box(img01: np.ndarray, boxes: np.ndarray) -> list[np.ndarray]:
-    h, w = img01.shape[:2]
-    out = []
-    for b in boxes:
-        x0, y0, x1, y1 = _int_box(b, h, w)
-        m = np.zeros((h, w), bool)
-        m[y0:y1, x0:x1] = True
-        out.append(m)
-    return out
+    return _in_each_box(img01, boxes, lambda crop: None)
 
 
 def _pick_polarity(fg: np.ndarray) -> np.ndarray:
@@ -76,8 +68,7 @@ def _in_each_box(
     gray = _gray(img01)
     h, w = gray.shape
     out = []
-    for b in boxes:
-        x0, y0, x1, y1 = _int_box(b, h, w)
+    for x0, y0, x1, y1 in _int_boxes(boxes, h, w):
         m = np.zeros((h, w), bool)
         inside = crop_mask(gray[y0:y1, x0:x1])
         m[y0:y1, x0:x1] = True if inside is None else inside
@@ -118,8 +109,7 @@ def grabcut(img01: np.ndarray, boxes: np.ndarray) -> list[np.ndarray]:
     u8 = np.ascontiguousarray((rgb * 255).astype(np.uint8))
     h, w = u8.shape[:2]
     out = []
-    for b in boxes:
-        x0, y0, x1, y1 = _int_box(b, h, w)
+    for x0, y0, x1, y1 in _int_boxes(boxes, h, w):
         # Context around the box: GrabCut learns the background model from it.
         mx, my = max(5, (x1 - x0) // 4), max(5, (y1 - y0) // 4)
         cx0, cy0, cx1, cy1 = max(0, x0 - mx), max(0, y0 - my), min(w, x1 + mx), min(h, y1 + my)

@@ -417,6 +417,14 @@ def format_metrics(metrics: dict[str, float]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def _add_window_and_device(parser: argparse.ArgumentParser) -> None:
+    """The --window and --device options of the commands that run a model."""
+    parser.add_argument("--window", default=TRAINED_WINDOW,
+                        help="CT window for volume slices: a preset or level,width (default: "
+                             "the window the model was trained with, else abdomen)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
+
+
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of `boxlevelset evaluate MODEL FOLDER`."""
     parser.add_argument("model", help="model checkpoint (.pth)")
@@ -428,10 +436,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--refine", type=int, default=0, metavar="N",
                         help="box prompts: refine the model's masks by N level-set steps")
     parser.add_argument("--class-agnostic", action="store_true", help="merge all categories")
-    parser.add_argument("--window", default=TRAINED_WINDOW,
-                        help="CT window for volume slices: a preset or level,width (default: "
-                             "the window the model was trained with, else abdomen)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
+    _add_window_and_device(parser)
     parser.add_argument("--json", help="also write the metrics to this JSON file")
     return parser
 
@@ -461,10 +466,7 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("-o", "--output", "--out", dest="output", default="predictions",
                         help="output directory")
     parser.add_argument("--score-threshold", type=float, help="keep instances above this score")
-    parser.add_argument("--window", default=TRAINED_WINDOW,
-                        help="CT window for volume slices: a preset or level,width (default: "
-                             "the window the model was trained with, else abdomen)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
+    _add_window_and_device(parser)
     parser.add_argument("--no-labels", action="store_true", help="skip label images")
     parser.add_argument("--no-overlays", action="store_true", help="skip overlay PNGs")
     return parser
