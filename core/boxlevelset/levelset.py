@@ -523,9 +523,13 @@ def _evolve(
         None if edge <= 0 else _edge_weights(crops, edge),
         border,
     )
-    splits = np.cumsum(pix.counts.numpy())[:-1]
-    shapes = [c.shape[:2] for c in crops]
-    return [part.reshape(s) for part, s in zip(np.split(phi, splits), shapes)]
+    return [part.reshape(c.shape[:2]) for part, c in zip(_per_crop(phi, crops), crops)]
+
+
+def _per_crop(values: np.ndarray, crops: list[np.ndarray]) -> list[np.ndarray]:
+    """Values over all crops' pixels [P, ...] (crop after crop, as ``_ragged_layout``), split
+    into one part per crop."""
+    return np.split(values, np.cumsum([c.shape[0] * c.shape[1] for c in crops])[:-1])
 
 
 # solver="cut": weight of the cut's boundary length (Euclidean, relative to sqrt(box pixels),
@@ -548,16 +552,15 @@ def _cut(
     from boxlevelset import _cut as C
 
     sizes = [c.shape[0] * c.shape[1] for c in crops]
-    starts = np.concatenate([[0], np.cumsum(sizes)])
     pix, all_feats = _ragged_layout(crops)
-    feats = np.split(all_feats.numpy().astype(np.float64), starts[1:-1])
-    bins = [None] * len(crops) if hist is None else np.split(hist[0], starts[1:-1])
+    feats = _per_crop(all_feats.numpy().astype(np.float64), crops)
+    bins = [None] * len(crops) if hist is None else _per_crop(hist[0], crops)
     ring = [None] * len(crops) if hist is None else hist[1]
     weight = 0.0 if hist is None else hist[2]
     links = [C.link_weights(c, edge) for c in crops]
     pair = [gamma * np.sqrt(n) for n in sizes]  # energies are scaled by pixels per box
-    on_edge = np.split(_box_sides(pix).numpy(), starts[1:-1])
-    masks = (np.split(_initial_phi(pix) > 0, starts[1:-1]) if start is None
+    on_edge = _per_crop(_box_sides(pix).numpy(), crops)
+    masks = (_per_crop(_initial_phi(pix) > 0, crops) if start is None
              else [m.ravel().astype(bool) for m in start])
     for _ in range(rounds):
         unary = [C.region_derivative(f, b, r, weight, u) + lam * border * e
@@ -823,7 +826,7 @@ def _hist_subset(hist: tuple[np.ndarray, np.ndarray, float] | None, crops: list[
     if hist is None:
         return None
     bins, ring_counts, weight = hist
-    parts = np.split(bins, np.cumsum([c.shape[0] * c.shape[1] for c in crops])[:-1])
+    parts = _per_crop(bins, crops)
     return np.concatenate([parts[i] for i in keep]), ring_counts[keep], weight
 
 
