@@ -16,13 +16,8 @@ from boxlevelset.losses import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: avoid OpenMP thread thrashing on the shared 2-core box; restore after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny tensors: one torch thread (conftest), no OpenMP thrashing on the shared 2-core box.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_focal_loss_matches_hand_computation():

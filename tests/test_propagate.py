@@ -25,6 +25,12 @@ def _cone_volume(depth: int = 9, size: int = 96, shrink: int = 3, seed: int = 0)
     return volume + rng.normal(0, 10, volume.shape), discs
 
 
+def _double_cone_volume():
+    """_cone_volume mirrored about slice 8, where the disc is largest: 17 slices."""
+    volume, discs = _cone_volume(depth=9, shrink=2)
+    return np.concatenate([volume[::-1], volume[1:]]), np.concatenate([discs[::-1], discs[1:]])
+
+
 def test_a_shrinking_object_is_followed_and_each_outline_moves_at_most_band():
     volume, discs = _cone_volume()
     got = dict(propagate_mask(volume, 0, discs[0]))
@@ -54,9 +60,7 @@ def test_the_tight_box_energy_on_the_same_walk_fills_its_loose_boxes():
 
 
 def test_both_directions_from_the_middle_and_max_slices():
-    volume, discs = _cone_volume(depth=9, shrink=2)
-    volume = np.concatenate([volume[::-1], volume[1:]])  # disc largest at slice 8
-    discs = np.concatenate([discs[::-1], discs[1:]])
+    volume, discs = _double_cone_volume()
     got = list(propagate_mask(volume, 8, discs[8], max_slices=3))
     assert [z for z, _ in got] == [9, 10, 11, 7, 6, 5]
     assert all(mask_iou(m, discs[z]) > 0.95 for z, m in got)
@@ -170,9 +174,7 @@ def test_bad_input_is_named():
 
 
 def test_a_slice_without_data_ends_that_direction_only():
-    volume, discs = _cone_volume(depth=9, shrink=2)
-    volume = np.concatenate([volume[::-1], volume[1:]])  # disc largest at slice 8
-    discs = np.concatenate([discs[::-1], discs[1:]])
+    volume, discs = _double_cone_volume()
     volume[11, :22] = np.nan  # rows of no data on slice 11, inside its box
     with pytest.warns(UserWarning, match="stops before slice 11: NaN"):
         got = dict(propagate_mask(volume, 8, discs[8], max_slices=4))
