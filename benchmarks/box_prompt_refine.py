@@ -37,8 +37,11 @@ def feature_refined(model, image: np.ndarray, boxes: np.ndarray, steps: int,
     """Box prompts refined by ``steps`` Adam steps of the training loss on their stride-4
     logits (the network stays fixed); masks cut to their boxes at the original size."""
     predictor = Predictor(model).set_image(image)
-    feats = predictor._feats  # benchmark-only: the cached features of this image
-    tensor, _ = model.preprocess(image)
+    # The Predictor's cached features of this image: no public accessor in boxlevelset.model.
+    feats = predictor._feats
+    tensor, scale = model.preprocess(image)
+    h, w = np.shape(image)[:2]
+    valid, _ = model.resized_size(h, w)  # the network input before padding
     arr = as_boxes(boxes)
     logits = predictor.box_logits(arr)  # the prompts' masks before the sigmoid
     batch = torch.zeros(len(logits), dtype=torch.long)
@@ -47,7 +50,7 @@ def feature_refined(model, image: np.ndarray, boxes: np.ndarray, steps: int,
         image_norm = F.avg_pool2d(model.normalize(tensor), 4)
     logits.requires_grad_(True)
     optimizer = torch.optim.Adam([logits], lr=lr)
-    boxes4 = torch.as_tensor(arr * predictor._scale / 4, dtype=torch.float32)
+    boxes4 = torch.as_tensor(arr * scale / 4, dtype=torch.float32)
     for _ in range(steps):
         terms = levelset_instance_loss(logits, boxes4, batch, image_norm, image_norm, guide,
                                        model.levelset_weights)
@@ -55,8 +58,7 @@ def feature_refined(model, image: np.ndarray, boxes: np.ndarray, steps: int,
         sum(t.sum() for t in terms.values()).backward()
         optimizer.step()
     with torch.no_grad():
-        probs = _resized(logits.sigmoid(), feats.input_size, predictor._valid, predictor._orig)
-    h, w = predictor._orig
+        probs = _resized(logits.sigmoid(), feats.input_size, valid, (h, w))
     masks = []
     for p, (c0, r0, c1, r1) in zip(probs.numpy(), pixel_bounds(arr, h, w)):
         m = np.zeros((h, w), bool)
