@@ -333,6 +333,12 @@ class Record:
     None. slice_index is the z index for CT entries (path is then the volume), else None.
     areas holds, per box, the annotation's own "area" (None where it has none), or is empty:
     COCO's small/medium/large split reads that field, not the mask's pixel count.
+    plane is, for a 2D image saved from a stack of planes (not CT), its index in that
+    stack (the image entry's "plane"), else None. object_ids and prompts hold, per box, the
+    annotation's "object_id" and "prompt" flag (None where it has none), or are empty: the
+    napari plugin saves an object that spans slices as one annotation per slice under one
+    object id, with "prompt" true on the box that was drawn and false on the others.
+    Training reads neither.
     """
 
     image_id: int
@@ -346,6 +352,9 @@ class Record:
     slice_index: int | None = None
     crowd: list = field(default_factory=list)
     areas: list = field(default_factory=list)
+    plane: int | None = None
+    object_ids: list = field(default_factory=list)
+    prompts: list = field(default_factory=list)
 
 
 def coco_image_entry(record: Record) -> dict:
@@ -676,7 +685,7 @@ def _load_coco(json_path: Path, root: Path, window: Window) -> BoxFolder:
                 continue
             h, w = size
 
-        boxes, cats, segs, crowds, areas = [], [], [], [], []
+        boxes, cats, segs, crowds, areas, objects, prompts = [], [], [], [], [], [], []
         for ann in per_image.get(int(im["id"]), []):
             if ann.get("iscrowd", 0):
                 if ann.get("segmentation") and ann.get("category_id") in cat_ids \
@@ -698,6 +707,9 @@ def _load_coco(json_path: Path, root: Path, window: Window) -> BoxFolder:
             segs.append(ann.get("segmentation") or None)
             area = ann.get("area")
             areas.append(float(area) if isinstance(area, (int, float)) else None)
+            objects.append(_index_field(ann, "object_id"))
+            prompt = ann.get("prompt")
+            prompts.append(prompt if isinstance(prompt, bool) else None)
         clipped, keep = clip_and_filter(np.array(boxes), w, h)
         dropped += int((~keep).sum())
         folder.records.append(Record(
@@ -706,6 +718,9 @@ def _load_coco(json_path: Path, root: Path, window: Window) -> BoxFolder:
             else np.zeros((0,), np.int64),
             segmentations=[s for s, k in zip(segs, keep) if k], slice_index=slice_index,
             crowd=crowds, areas=[a for a, k in zip(areas, keep) if k],
+            plane=None if slice_index is not None else _index_field(im, "plane"),
+            object_ids=[o for o, k in zip(objects, keep) if k],
+            prompts=[p for p, k in zip(prompts, keep) if k],
         ))
     if dropped:
         logger.warning("%s: dropped %d boxes with zero area inside their image", json_path, dropped)
@@ -715,6 +730,16 @@ def _load_coco(json_path: Path, root: Path, window: Window) -> BoxFolder:
     if not folder.records:
         raise ValueError(f"{root}: no readable images among the {len(coco['images'])} listed")
     return folder
+
+
+def _index_field(entry: dict, key: str) -> int | None:
+    """``entry[key]`` where it is a non-negative integer (the plugin's "plane" and
+    "object_id"), else None: another tool's field of the same name is no reason to refuse
+    a folder whose boxes are fine."""
+    value = entry.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
 
 
 def _xml_text(node: ET.Element, tag: str, source: Path) -> str:
@@ -861,6 +886,8 @@ def save_box_folder(
     images: Sequence[tuple],
     categories: Sequence[dict],
     info: dict[str, Any] | None = None,
+    entry_fields: Sequence[dict] | None = None,
+    box_fields: Sequence[Sequence[dict]] | None = None,
 ) -> Path:
     """Write a box-labeled folder: images/<file_name> and a COCO annotations.json.
 
@@ -872,8 +899,17 @@ def save_box_folder(
     last, so a half-written folder never looks complete. load_box_folder reads the result
     back to the same boxes, categories, masks and pixels (CT: the same volume). ``info``
     (JSON data) goes into the COCO file's "info" and comes back as ``BoxFolder.info``.
+    ``entry_fields`` (per image) and ``box_fields`` (per image, per box) are extra keys for
+    the image entries and the annotations, e.g. a stack plane's "plane" or an object's
+    "object_id" (COCO tools ignore keys they do not know); they may not replace the
+    standard ones.
     """
     root = Path(path)
+    images = list(images)
+    for name, extra in (("entry_fields", entry_fields), ("box_fields", box_fields)):
+        if extra is not None and len(extra) != len(images):
+            raise ValueError(f"save_box_folder: {len(images)} images but {len(extra)} "
+                             f"{name}")
     cats = [{"id": int(c["id"]), "name": str(c["name"])} for c in categories]
     cat_ids = {c["id"] for c in cats}
     seen: dict[str, Any] = {}  # file_name -> volume object (CT) or None (2D image)
@@ -905,6 +941,8 @@ def save_box_folder(
             _write_image(root / "images" / file_name, image)
             seen[file_name] = None
         entry.update(width=int(w), height=int(h))
+        entry.update(_extra_fields(entry, entry_fields[image_id - 1] if entry_fields else {},
+                                   file_name))
         coco_images.append(entry)
 
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
@@ -920,6 +958,9 @@ def save_box_folder(
             if len(masks) != len(boxes):
                 raise ValueError(f"{file_name}: {len(boxes)} boxes but {len(masks)} masks")
             rles = masks_to_rle(masks)
+        extras = list(box_fields[image_id - 1]) if box_fields else [{}] * len(boxes)
+        if len(extras) != len(boxes):
+            raise ValueError(f"{file_name}: {len(boxes)} boxes but {len(extras)} box_fields")
         for i, (box, cat, rle) in enumerate(zip(boxes, category_ids, rles)):
             # float32 -> float keeps the exact value, so x + w recovers x1 bit for bit.
             x0, y0, x1, y1 = (float(v) for v in box)
@@ -928,6 +969,7 @@ def save_box_folder(
                    "area": float(masks[i].sum()) if rle is not None else (x1 - x0) * (y1 - y0)}
             if rle is not None:
                 ann["segmentation"] = rle
+            ann.update(_extra_fields(ann, extras[i], file_name))
             annotations.append(ann)
     coco = {"images": coco_images, "annotations": annotations, "categories": cats}
     if info:
@@ -935,3 +977,12 @@ def save_box_folder(
     with atomic_write(root / "annotations.json") as handle:
         json.dump(coco, handle)
     return root
+
+
+def _extra_fields(entry: dict, extra: dict, file_name: str) -> dict:
+    """``extra`` where none of its keys is already one of ``entry``'s (the COCO fields
+    save_box_folder writes itself)."""
+    clash = sorted(set(extra) & set(entry))
+    if clash:
+        raise ValueError(f"{file_name}: extra fields {clash} would replace COCO fields")
+    return dict(extra)
