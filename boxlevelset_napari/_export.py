@@ -228,19 +228,29 @@ def save_annotations(folder: str | os.PathLike, image: Any, boxes: Any, labels: 
     """Write the box-labeled folder format (images/ + annotations.json) for the planes with
     boxes or masks, with masks (RLE) where the labels layer has them, so the folder can be
     reopened with the plugin's reader and fine-tuned on. A mask without a box on its plane
-    gets the tight box around it."""
+    gets the tight box around it.
+
+    Each annotation carries its label id as "object_id", and "prompt" true on a box drawn
+    in the viewer (false on a tight box made from a mask), so that a mask propagated
+    through slices reopens as one object with its one box. The planes of a stack that is
+    not CT (nor a folder of separate images) carry their index as "plane", and "info" the
+    stack's plane count; "info" also holds the layer scale (a CT volume has its spacing)."""
     from boxlevelset.data import save_box_folder
 
     if boxes is None or len(boxes.data) == 0:
         raise ValueError("there are no boxes to save")
     stacked, per_plane, cats, cat_id = _boxes_and_categories(image, boxes, class_names)
+    drawn = {(plane, bid) for plane, items in per_plane.items() for bid, _box, _cat in items}
     if labels is not None:
         _add_mask_boxes(per_plane, image, labels, cats[0]["name"])
     # A CT volume is saved as itself (Hounsfield units, spacing, origin, direction) with an
     # entry per annotated slice, not as windowed 8-bit pictures of the slices.
     meta = plugin_meta(image)
     volume = meta.get("volume") if stacked and meta.get("kind") == "ct" else None
-    items = []
+    # A z-stack keeps its planes' places (a stacked folder's planes are separate images).
+    z_stack = stacked and volume is None and (meta.get("kind") != "folder" or
+                                              bool(meta.get("z_stack")))
+    items, entry_fields, box_fields = [], [], []
     for plane in sorted(per_plane, key=lambda p: -1 if p is None else p):
         entries = per_plane[plane]
         height, width = _plane_size(image, plane)
@@ -265,7 +275,15 @@ def save_annotations(folder: str | os.PathLike, image: Any, boxes: Any, labels: 
                 masks = stack
         items.append((name, pixels, box_arr, cat_ids, masks) if volume is None else
                      (name, volume, box_arr, cat_ids, masks, plane))
-    # The window the annotator worked in comes back with the folder (the reader sets it).
-    info = None if volume is None else {
-        "window": [float(v) for v in contrast_window(image.contrast_limits)]}
-    return Path(save_box_folder(folder, items, cats, info=info))
+        entry_fields.append({"plane": int(plane)} if z_stack else {})
+        box_fields.append([{"object_id": bid, "prompt": (plane, bid) in drawn}
+                           for bid, _box, _cat in entries])
+    if volume is not None:
+        # The window the annotator worked in comes back with the folder (the reader sets it).
+        info = {"window": [float(v) for v in contrast_window(image.contrast_limits)]}
+    else:
+        info = {"scale": [float(v) for v in image.scale]}
+        if z_stack:
+            info["planes"] = int(image.data.shape[0])
+    return Path(save_box_folder(folder, items, cats, info=info, entry_fields=entry_fields,
+                                box_fields=box_fields))

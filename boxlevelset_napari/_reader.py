@@ -159,9 +159,14 @@ def _holds_labels(path: Path, array: np.ndarray) -> bool:
 def read_box_folder(path: str | os.PathLike) -> list[LayerData]:
     """A box-labeled folder as image + boxes (+ masks) layers.
 
-    Images of different sizes are padded into one stack (plane = image index, in the
-    folder's order); the boxes layer holds each box on its plane with its category, and the
-    labels layer the folder's masks when it has any (label id = box id).
+    A folder of one 2D image opens as that 2D image. Images of several sizes are padded
+    into one stack (plane = image index, in the folder's order), except the planes of a
+    z-stack saved by *Save annotations* (image entries with "plane"), which go back to
+    their own planes of a stack as deep as the saved one ("planes" in the COCO info),
+    planes that were not saved left empty. The layer scale saved in the info comes back.
+    The boxes layer holds each box on its plane with its category, and the labels layer
+    the folder's masks when it has any (label id = box id; the slices of one object, saved
+    under one "object_id", share its box's label).
     """
     from boxlevelset.data import load_box_folder
 
@@ -174,6 +179,10 @@ def read_box_folder(path: str | os.PathLike) -> list[LayerData]:
     if all(r.slice_index is not None for r in records) and len({r.path for r in records}) == 1:
         return _ct_folder_layers(folder, records, root)
     images = [np.asarray(folder.load_image(r)) for r in records]
+    z_depth = _stack_depth(folder, records)
+    planes = [r.plane for r in records] if z_depth else list(range(len(records)))
+    depth = z_depth or len(records)
+    flat = depth == 1 and not z_depth  # one 2D image, not a plane of a stack
 
     height = max(im.shape[0] for im in images)
     width = max(im.shape[1] for im in images)
@@ -181,30 +190,64 @@ def read_box_folder(path: str | os.PathLike) -> list[LayerData]:
     channels = (3,) if rgb else ()
     # The widest type of all images: uint8 beside uint16 must not wrap the 16-bit ones.
     dtype = np.result_type(*[im.dtype for im in images])
-    stack = np.zeros((len(images), height, width, *channels), dtype=dtype)
-    for k, image in enumerate(images):
+    stack = np.zeros((depth, height, width, *channels), dtype=dtype)
+    for plane, image in zip(planes, images):
         if rgb and image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=2)
         image = image[..., :3] if rgb else image
-        stack[k, : image.shape[0], : image.shape[1]] = image
-    labels = np.zeros((len(images), height, width), dtype=np.int32)
-    box_kwargs, rects, has_masks = _boxes_and_masks(folder, records, range(len(records)),
-                                                    labels, root.name)
+        stack[plane, : image.shape[0], : image.shape[1]] = image
+    labels = np.zeros((depth, height, width), dtype=np.int32)
+    box_kwargs, rects, has_masks = _boxes_and_masks(folder, records, planes, labels, root.name)
+    names = [f"{root.name}_{z:04d}.png" for z in range(depth)]  # planes not saved
+    sizes = [(height, width)] * depth
+    for plane, record, image in zip(planes, records, images):
+        names[plane], sizes[plane] = record.file_name, tuple(int(s) for s in image.shape[:2])
     folder_meta = {
         "kind": "folder",
         "root": str(root),
-        "file_names": [r.file_name for r in records],
-        "sizes": [tuple(int(s) for s in im.shape[:2]) for im in images],
+        "file_names": names,
+        "sizes": sizes,
         "categories": [dict(c) for c in folder.categories],
+        "z_stack": bool(z_depth),  # saved again with each plane's place
     }
-    layers: list[LayerData] = [
-        (stack, {"name": root.name, "rgb": rgb, "metadata": {META_KEY: folder_meta}}, "image")
-    ]
-    layers.append((rects, box_kwargs, "shapes"))
+    image_kwargs = {"name": root.name, "rgb": rgb, "metadata": {META_KEY: folder_meta}}
+    labels_kwargs = {"name": f"{root.name} masks", "metadata": {META_KEY: dict(folder_meta)}}
+    if flat:
+        stack, labels = stack[0], labels[0]
+        rects = [r[:, 1:] for r in rects]
+        box_kwargs["ndim"] = 2
+    scale = _saved_scale(folder.info, box_kwargs["ndim"])
+    if scale is not None:
+        for kwargs in (image_kwargs, box_kwargs, labels_kwargs):
+            kwargs["scale"] = scale
+    layers: list[LayerData] = [(stack, image_kwargs, "image"), (rects, box_kwargs, "shapes")]
     if has_masks:
-        layers.append((labels, {"name": f"{root.name} masks",
-                                "metadata": {META_KEY: dict(folder_meta)}}, "labels"))
+        layers.append((labels, labels_kwargs, "labels"))
     return layers
+
+
+def _stack_depth(folder: Any, records: list) -> int | None:
+    """The depth of the z-stack whose planes the records are (each with its own "plane"),
+    or None: records without planes, or two on one plane (folders merged by hand), are
+    stacked one after another as before."""
+    planes = [r.plane for r in records]
+    if any(p is None for p in planes) or len(set(planes)) != len(planes):
+        return None
+    saved = folder.info.get("planes")
+    saved = saved if isinstance(saved, int) and not isinstance(saved, bool) else 0
+    return max(saved, max(planes) + 1)
+
+
+def _saved_scale(info: dict, ndim: int) -> tuple[float, ...] | None:
+    """The layer scale Save annotations put in the COCO info, if it fits ``ndim``."""
+    scale = info.get("scale")
+    if not isinstance(scale, list) or len(scale) != ndim:
+        return None
+    try:
+        values = tuple(float(v) for v in scale)
+    except (TypeError, ValueError):
+        return None
+    return values if all(np.isfinite(v) and v > 0 for v in values) else None
 
 
 def _ct_folder_layers(folder: Any, records: list, root: Path) -> list[LayerData]:
@@ -234,24 +277,64 @@ def _boxes_and_masks(folder: Any, records: list, planes: Any, labels: np.ndarray
                      name: str) -> tuple[dict, list, bool]:
     """Each record's boxes on its plane of a 3D boxes layer (kwargs, rectangles), label id =
     box id, and its masks painted into ``labels`` on that plane; also whether any record
-    has masks."""
+    has masks. The slices of one saved object are one box, their masks its label."""
     cat_names = {int(c["id"]): str(c["name"]) for c in folder.categories}
     class_names = [str(c["name"]) for c in folder.categories] or [DEFAULT_CATEGORY]
+    planes = list(planes)
+    owners = _object_owners(records, planes)
     rects, cats, ids = [], [], []
-    has_masks = False
-    for record, plane in zip(records, planes):
-        gt = folder.gt_masks(record)
+    label_of: dict[tuple[int, int], int] = {}
+    for k, (record, plane) in enumerate(zip(records, planes)):
         for j, box in enumerate(np.asarray(record.boxes, dtype=np.float64).reshape(-1, 4)):
-            box_id = len(ids) + 1
+            if (k, j) in owners:
+                continue  # a slice of an object whose box is elsewhere
+            label_of[(k, j)] = len(ids) + 1
             rects.extend(boxes_to_rectangles(box[None], plane=plane))
             cats.append(cat_names.get(int(record.category_ids[j]), str(record.category_ids[j])))
-            ids.append(box_id)
-            if gt is not None and j < len(gt):
-                has_masks = True
-                target = labels[plane, : gt[j].shape[0], : gt[j].shape[1]]
-                target[gt[j] & (target == 0)] = box_id  # earlier boxes win overlaps
+            ids.append(len(ids) + 1)
+    has_masks = False
+    for k, (record, plane) in enumerate(zip(records, planes)):
+        gt = folder.gt_masks(record)
+        if gt is None:
+            continue
+        has_masks = has_masks or len(gt) > 0
+        for j, mask in enumerate(gt):
+            target = labels[plane, : mask.shape[0], : mask.shape[1]]
+            # Earlier boxes win overlaps.
+            target[mask & (target == 0)] = label_of[owners.get((k, j), (k, j))]
     box_kwargs = boxes_layer_kwargs(cats, ids, name=f"{name} boxes", class_names=class_names,
                                     default_category=class_names[0])
     box_kwargs["ndim"] = 3
     return box_kwargs, rects, has_masks
 
+
+def _object_owners(records: list, planes: list) -> dict[tuple[int, int], tuple[int, int]]:
+    """(record, box) of each annotation that is a slice of an object saved by Save
+    annotations ("object_id", and "prompt" true or false) -> (record, box) of the object's
+    box: the one with "prompt" true (the box drawn), else its first slice. Only slices
+    whose mask is read join (their box is the mask's); an object id whose annotations do
+    not make one object (two prompt boxes, two on one plane: folders merged by hand) joins
+    nothing, nor do ids without a "prompt" (another tool's tracks), so no box is lost."""
+    def prompt(k: int, j: int) -> bool:
+        return records[k].prompts[j] is True
+
+    def masked(k: int) -> bool:  # as BoxFolder.gt_masks reads them: all of a record's or none
+        return all(s is not None for s in records[k].segmentations)
+
+    groups: dict[int, list[tuple[int, int]]] = {}
+    for k, record in enumerate(records):
+        if len(record.object_ids) == len(record.prompts) == len(record.boxes):
+            for j, object_id in enumerate(record.object_ids):
+                if object_id is not None and record.prompts[j] is not None:
+                    groups.setdefault(object_id, []).append((k, j))
+    owners: dict[tuple[int, int], tuple[int, int]] = {}
+    for members in groups.values():
+        on = [planes[k] for k, _ in members]
+        prompted = [m for m in members if prompt(*m)]
+        if len(members) < 2 or len(set(on)) != len(on) or len(prompted) > 1:
+            continue
+        owner = prompted[0] if prompted else members[0]
+        for member in members:
+            if member != owner and masked(member[0]):
+                owners[member] = owner
+    return owners

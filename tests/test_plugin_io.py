@@ -163,8 +163,9 @@ def test_ct_reader_window_scale_and_nifti_export_keep_geometry(tmp_path, make_na
     assert vol.shape == data.shape and vol[2, 15, 20] == 60
     assert plugin_meta_of(vol_kwargs)["kind"] == "ct"
     assert vol_kwargs["scale"] == box_kwargs["scale"] == pytest.approx(kwargs["scale"])
-    assert sorted({int(r[0, 0]) for r in rects}) == [1, 2, 3, 4]
-    assert all((masks[z] > 0).any() for z in (1, 2, 3, 4)) and not masks[0].any()
+    # The box drawn on slice 2 comes back as that one box, its propagated masks as its label.
+    assert [int(r[0, 0]) for r in rects] == [2]
+    assert all((masks[z] == 1).any() for z in (1, 2, 3, 4)) and not masks[0].any()
     # The exported label volume opens again as labels on the CT's grid, not as a CT image.
     (again, again_kwargs, again_kind), = napari_get_reader(str(out))(str(out))
     assert again_kind == "labels" and np.array_equal(again, labels.data)
