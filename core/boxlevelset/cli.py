@@ -249,6 +249,7 @@ def _non_negative(kind: type) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``boxlevelset`` command line: segment, train, predict, evaluate."""
     from boxlevelset import predict, train
 
     parser = argparse.ArgumentParser(
@@ -306,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``boxlevelset`` with ``argv`` (default: sys.argv); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

@@ -19,6 +19,7 @@ def group_norm(channels: int) -> nn.GroupNorm:
 
 
 def conv_gn_relu(in_ch: int, out_ch: int, kernel: int = 3) -> nn.Sequential:
+    """Convolution (same size, no bias), group norm, ReLU: the heads' building block."""
     return nn.Sequential(
         nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, bias=False),
         group_norm(out_ch),

@@ -161,6 +161,7 @@ class ModelConfig:
         return cls(**base)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain fields (saved in checkpoints; ``from_dict`` reads them back)."""
         return asdict(self)
 
     @classmethod
@@ -240,13 +241,16 @@ class SOLOv2(nn.Module):
     # ------------------------------------------------------------------ shared pieces
     @property
     def device(self) -> torch.device:
+        """Where the model's weights are."""
         return self.pixel_mean.device
 
     @property
     def class_names(self) -> tuple[str, ...]:
+        """Category names, in the order of the category head's channels."""
         return self.config.class_names
 
     def normalize(self, images: Tensor) -> Tensor:
+        """RGB 0-255 images standardised with the backbone's pixel mean and std."""
         return (images - self.pixel_mean) / self.pixel_std
 
     def features(self, images: Tensor) -> _Features:
@@ -401,6 +405,7 @@ class SOLOv2(nn.Module):
 
     @property
     def levelset_weights(self) -> LevelSetWeights:
+        """The level-set loss weights of this model's config."""
         return LevelSetWeights(**{f.name: getattr(self.config, f.name)
                                   for f in fields(LevelSetWeights)})
 
@@ -610,6 +615,7 @@ class Predictor:
 
     @property
     def is_image_set(self) -> bool:
+        """Whether ``set_image`` holds an image's features."""
         return self._feats is not None
 
     @property
@@ -633,6 +639,7 @@ class Predictor:
         return self
 
     def reset_image(self) -> None:
+        """Drop the held image's features (frees their memory)."""
         self._feats = None
 
     def _require(self) -> _Features:
