@@ -29,7 +29,7 @@ from boxlevelset.evaluate import coco_mask_ap, mask_iou
 from boxlevelset.export import masks_to_rle
 from boxlevelset.image import as_boxes, pixel_bounds
 from boxlevelset.losses import levelset_instance_loss
-from boxlevelset.model import Predictor, _resized
+from boxlevelset.model import Predictor
 
 
 def feature_refined(model, image: np.ndarray, boxes: np.ndarray, steps: int,
@@ -37,11 +37,9 @@ def feature_refined(model, image: np.ndarray, boxes: np.ndarray, steps: int,
     """Box prompts refined by ``steps`` Adam steps of the training loss on their stride-4
     logits (the network stays fixed); masks cut to their boxes at the original size."""
     predictor = Predictor(model).set_image(image)
-    # The Predictor's cached features of this image: no public accessor in boxlevelset.model.
-    feats = predictor._feats
+    feats = predictor.features
     tensor, scale = model.preprocess(image)
     h, w = np.shape(image)[:2]
-    valid, _ = model.resized_size(h, w)  # the network input before padding
     arr = as_boxes(boxes)
     logits = predictor.box_logits(arr)  # the prompts' masks before the sigmoid
     batch = torch.zeros(len(logits), dtype=torch.long)
@@ -57,12 +55,11 @@ def feature_refined(model, image: np.ndarray, boxes: np.ndarray, steps: int,
         optimizer.zero_grad()
         sum(t.sum() for t in terms.values()).backward()
         optimizer.step()
-    with torch.no_grad():
-        probs = _resized(logits.sigmoid(), feats.input_size, valid, (h, w))
     masks = []
-    for p, (c0, r0, c1, r1) in zip(probs.numpy(), pixel_bounds(arr, h, w)):
+    for p, (c0, r0, c1, r1) in zip(predictor.box_probabilities(arr, logits=logits),
+                                   pixel_bounds(arr, h, w)):
         m = np.zeros((h, w), bool)
-        m[r0:r1, c0:c1] = p[r0:r1, c0:c1] > model.config.mask_threshold
+        m[r0:r1, c0:c1] = p > model.config.mask_threshold
         masks.append(m)
     return masks
 

@@ -188,3 +188,20 @@ def test_evaluate_leaves_out_an_image_cut_short(model, tiny_box_folder):
     with pytest.warns(UserWarning, match="skipping unreadable image"):
         out = evaluate_model(model, folder, class_agnostic=True)
     assert out["images"] == 2 and out["instances"] > 0
+
+
+def test_box_probabilities_of_given_logits(model):
+    """Refined logits (box_prompt_refine) go through the same crop-wise resize as the
+    prompts' own: given the prompts' logits, the same numbers; given others, theirs."""
+    img = np.random.default_rng(2).integers(0, 255, (50, 70), dtype=np.uint8)
+    p = Predictor(model).set_image(img)
+    boxes = np.array([[5, 4, 40, 30], [30, 20, 69, 49]], dtype=float)
+    logits = p.box_logits(boxes)
+    same = p.box_probabilities(boxes, logits=logits)
+    for a, b in zip(same, p.box_probabilities(boxes)):
+        np.testing.assert_array_equal(a, b)
+    high = p.box_probabilities(boxes, logits=torch.full_like(logits, 20.0))
+    assert all(np.allclose(c, 1.0) for c in high)
+    assert p.features.mask_feature.shape[-2:] == logits.shape[-2:]
+    with pytest.raises(ValueError, match="1 logit maps for 2 boxes"):
+        p.box_probabilities(boxes, logits=logits[:1])

@@ -642,6 +642,12 @@ class Predictor:
         """Drop the held image's features (frees their memory)."""
         self._feats = None
 
+    @property
+    def features(self) -> _Features:
+        """The held image's network outputs (backbone, FPN, grid heads, mask feature), as
+        ``SOLOv2.features`` returned them for the padded input."""
+        return self._require()
+
     def _require(self) -> _Features:
         if self._feats is None:
             raise RuntimeError("call set_image(image) before predicting")
@@ -705,17 +711,23 @@ class Predictor:
         )
 
     @torch.no_grad()
-    def box_probabilities(self, boxes: np.ndarray | Sequence[Sequence[float]]) -> list[np.ndarray]:
+    def box_probabilities(self, boxes: np.ndarray | Sequence[Sequence[float]],
+                          logits: Tensor | None = None) -> list[np.ndarray]:
         """Per xyxy box, the mask probabilities inside it (float32, at the original image
         resolution, rows floor(y0)..ceil(y1)-1 and columns floor(x0)..ceil(x1)-1, clipped):
         the kernel of the grid cell at the box centre, on the level whose scale range holds
-        the box. Memory follows the summed box area, not boxes x image size."""
+        the box, or the sigmoid of ``logits`` ([N, H/4, W/4] as ``box_logits`` gives, e.g.
+        after refining them). Memory follows the summed box area, not boxes x image size."""
         feats = self._require()
         arr = as_boxes(boxes)
         h0, w0 = self._orig
         if len(arr) == 0:
             return []
-        probs = self.box_logits(arr).sigmoid().float()
+        if logits is None:
+            logits = self.box_logits(arr)
+        elif len(logits) != len(arr):
+            raise ValueError(f"{len(logits)} logit maps for {len(arr)} boxes")
+        probs = logits.detach().sigmoid().float()
         bounds = pixel_bounds(arr, h0, w0)
         # The two bilinear resizes of _resized (stride 4 -> padded input, crop the valid part,
         # -> original size) as one matrix per axis, applied to each box's rows and columns
