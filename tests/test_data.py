@@ -498,3 +498,52 @@ def test_crowd_regions_kept_for_scoring_not_training(tmp_path):
     assert coco_mask_ap(gt, dets)["AP"] == pytest.approx(1.0)
     no_crowd = dict(gt, annotations=gt["annotations"][:1])
     assert coco_mask_ap(no_crowd, dets)["AP"] < 0.9
+
+
+def test_save_box_folder_writes_a_stack_once_and_reads_its_planes(tmp_path):
+    """A z-stack that is not CT is saved whole, one multi-page TIFF in its own type, with an
+    entry per annotated plane; each entry's image is its plane as it is (no CT window)."""
+    rng = np.random.default_rng(0)
+    stack = rng.integers(0, 4000, (5, 8, 10)).astype(np.uint16)
+    mask = np.zeros((1, 8, 10), bool)
+    mask[0, 2:6, 3:8] = True
+    items = [("cells.tif", stack, [[3, 2, 8, 6]], [1], mask, 1),
+             ("cells.tif", stack, [[1, 1, 4, 4]], [1], None, 3)]
+    out = save_box_folder(tmp_path / "saved", items, [{"id": 1, "name": "cell"}])
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["cells.tif"]
+    written = tifffile.imread(out / "images" / "cells.tif")
+    assert written.dtype == np.uint16 and np.array_equal(written, stack)
+    back = load_box_folder(out)
+    assert [(r.file_name, r.plane, r.slice_index) for r in back] == [
+        ("cells.tif", 1, None), ("cells.tif", 3, None)]
+    for record in back:
+        np.testing.assert_array_equal(back.load_image(record), stack[record.plane])
+    np.testing.assert_array_equal(back.stack(back.records[0]), stack)
+    np.testing.assert_array_equal(back.gt_masks(back.records[0]), mask)
+
+    rgb = rng.integers(0, 256, (3, 8, 10, 3)).astype(np.uint8)  # colour planes too
+    save_box_folder(tmp_path / "rgb", [("rgb.tif", rgb, [[1, 1, 4, 4]], [1], None, 2)],
+                    [{"id": 1, "name": "cell"}])
+    (record,) = load_box_folder(tmp_path / "rgb")
+    np.testing.assert_array_equal(load_box_folder(tmp_path / "rgb").load_image(record), rgb[2])
+
+    cats = [{"id": 1, "name": "cell"}]
+    with pytest.raises(ValueError, match="cells.tif: plane 5 outside 0..4"):
+        save_box_folder(tmp_path / "bad", [("cells.tif", stack, [], [], None, 5)], cats)
+    with pytest.raises(ValueError, match="cells.tif: two different stacks"):
+        save_box_folder(tmp_path / "bad", [("cells.tif", stack, [], [], None, 0),
+                                           ("cells.tif", stack.copy(), [], [], None, 1)], cats)
+    with pytest.raises(ValueError, match="cells.png: a stack of planes is written as .tif"):
+        save_box_folder(tmp_path / "bad", [("cells.png", stack, [], [], None, 0)], cats)
+
+
+def test_a_plane_outside_its_stack_is_skipped_naming_the_file(tmp_path):
+    stack = np.zeros((3, 8, 10), np.uint8)
+    items = [("z.tif", stack, [[1, 1, 4, 4]], [1], None, k) for k in (0, 2)]
+    out = save_box_folder(tmp_path / "saved", items, [{"id": 1, "name": "cell"}])
+    coco = json.loads((out / "annotations.json").read_text())
+    coco["images"][1]["plane"] = 7  # edited by hand
+    (out / "annotations.json").write_text(json.dumps(coco))
+    with pytest.warns(UserWarning, match=r"z.tif: plane 7 outside 0..2"):
+        folder = load_box_folder(out)
+    assert [r.plane for r in folder] == [0]

@@ -3,7 +3,8 @@
 A box-labeled folder is `images/` plus a COCO `annotations.json` whose annotations need only
 `bbox` (x, y, w, h) and `category_id`; a `segmentation` is kept for scoring only. CT image
 entries point at a volume file (or DICOM series folder) and name their slice with
-`slice_index`, the z index of the array SimpleITK returns.
+`slice_index`, the z index of the array SimpleITK returns. The planes of a stack that is not
+CT (a microscopy z-stack) point at its multi-page TIFF and name their plane with "plane".
 """
 
 from __future__ import annotations
@@ -333,8 +334,10 @@ class Record:
     None. slice_index is the z index for CT entries (path is then the volume), else None.
     areas holds, per box, the annotation's own "area" (None where it has none), or is empty:
     COCO's small/medium/large split reads that field, not the mask's pixel count.
-    plane is, for a 2D image saved from a stack of planes (not CT), its index in that
-    stack (the image entry's "plane"), else None. object_ids and prompts hold, per box, the
+    plane is, for an image of a stack of planes (not CT), its index in that stack (the
+    image entry's "plane"), else None: path is then the stack's multi-page TIFF (as Save
+    annotations writes it; load_image reads that plane) or, in folders saved before, the
+    plane alone as a 2D image. object_ids and prompts hold, per box, the
     annotation's "object_id" and "prompt" flag (None where it has none), or are empty: the
     napari plugin saves an object that spans slices as one annotation per slice under one
     object id, with "prompt" true on the box that was drawn and false on the others.
@@ -358,11 +361,14 @@ class Record:
 
 
 def coco_image_entry(record: Record) -> dict:
-    """The COCO ``images`` entry of a record (with ``slice_index`` for CT slices)."""
+    """The COCO ``images`` entry of a record (with ``slice_index`` for CT slices, and
+    "plane" for the planes of a stack, which may share its file)."""
     entry = {"id": int(record.image_id), "file_name": record.file_name,
              "height": int(record.height), "width": int(record.width)}
     if record.slice_index is not None:
         entry["slice_index"] = int(record.slice_index)
+    if record.plane is not None:
+        entry["plane"] = int(record.plane)
     return entry
 
 
@@ -384,6 +390,7 @@ class BoxFolder:
         # used there), {} where it has none.
         self.info: dict[str, Any] = {}
         self._volumes: dict[Path, Volume] = {}
+        self._stacks: dict[Path, np.ndarray | None] = {}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -417,10 +424,29 @@ class BoxFolder:
         """A CT record's slice in Hounsfield units, HxW (ValueError for a 2D image)."""
         return self.volume(record).array[record.slice_index]
 
+    def stack(self, record: Record) -> np.ndarray | None:
+        """The (cached) stack of planes, ZxHxW(xC), in the TIFF a record with a "plane"
+        points at; None where that file is a 2D image (a plane saved alone) or the record
+        has no plane. ImageReadError names the file if it cannot be read."""
+        path = record.path
+        if record.plane is None or lower_suffix(path) not in (".tif", ".tiff"):
+            return None
+        if path not in self._stacks:
+            image, is_stack = read_tiff(path)
+            self._stacks[path] = image if is_stack else None
+        return self._stacks[path]
+
     def load_image(self, record: Record) -> np.ndarray:
-        """The record's pixels: the 2D image as read, or the CT slice windowed to uint8 HxW."""
+        """The record's pixels: the 2D image as read, a stack's plane as it is (not
+        windowed: it holds no Hounsfield units), or the CT slice windowed to uint8 HxW."""
         if record.slice_index is None:
-            return read_image(record.path)
+            stack = self.stack(record)
+            if stack is None:
+                return read_image(record.path)
+            if record.plane >= len(stack):
+                raise ImageReadError(f"{record.path}: plane {record.plane} outside the "
+                                     f"stack's 0..{len(stack) - 1}")
+            return np.ascontiguousarray(stack[record.plane])
         hu = self.slice_hu(record)
         window = self.window or resolve_window("abdomen")
         return np.round(apply_window(hu, window) * 255.0).astype(np.uint8)
@@ -684,6 +710,16 @@ def _load_coco(json_path: Path, root: Path, window: Window) -> BoxFolder:
             if size is None:
                 continue
             h, w = size
+            plane = _index_field(im, "plane")
+            try:
+                stack = folder.stack(Record(0, file_name, path, w, h, plane=plane))
+            except ImageReadError as err:
+                warnings.warn(f"skipping unreadable image: {err}", stacklevel=3)
+                continue
+            if stack is not None and plane >= len(stack):
+                warnings.warn(f"skipping {path}: plane {plane} outside 0..{len(stack) - 1}",
+                              stacklevel=3)
+                continue
 
         boxes, cats, segs, crowds, areas, objects, prompts = [], [], [], [], [], [], []
         for ann in per_image.get(int(im["id"]), []):
@@ -869,6 +905,20 @@ def _write_image(path: Path, image: np.ndarray) -> None:
             raise OSError(f"{path}: OpenCV could not write the image")
 
 
+def _write_stack(path: Path, stack: np.ndarray) -> None:
+    """A stack of planes (ZxHxW, or ZxHxWxC colour) as one multi-page TIFF in its own type,
+    written atomically; read_tiff reads it back as that stack."""
+    import tifffile
+
+    if lower_suffix(path) not in (".tif", ".tiff"):
+        raise ValueError(f"{path.name}: a stack of planes is written as .tif or .tiff")
+    if stack.ndim not in (3, 4) or (stack.ndim == 4 and stack.shape[3] not in (3, 4)):
+        raise ValueError(f"{path.name}: a stack must be ZxHxW or ZxHxWx(3|4), got shape "
+                         f"{stack.shape}")
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, stack, photometric="rgb" if stack.ndim == 4 else "minisblack")
+
+
 def write_volume(path: str | os.PathLike, volume: Volume) -> Path:
     """Write a Volume (float32 array plus geometry) atomically as .nii/.nii.gz/.nrrd/.mha."""
     path = Path(path)
@@ -894,7 +944,12 @@ def save_box_folder(
     images: per image a tuple (file_name, image HxW(xC), boxes Nx4 xyxy, category_ids N,
     masks [N,H,W] or None). For a CT slice use a 6-tuple (file_name, volume: Volume, boxes,
     category_ids, masks or None, slice_index): the volume is written once under file_name
-    (.nii.gz/.nrrd/.mha) and each slice becomes an image entry with `slice_index`. Masks are
+    (.nii.gz/.nrrd/.mha) and each slice becomes an image entry with `slice_index`. For a
+    plane of a stack that is not CT (microscopy) use a 6-tuple (file_name, stack ZxHxW(xC)
+    array, boxes, category_ids, masks or None, plane): the stack is written once, whole, as
+    a multi-page TIFF under file_name (.tif/.tiff) in its own type, and each plane becomes
+    an image entry with "plane" (pass the same array object for the planes of one stack).
+    Masks are
     stored as RLE segmentations. Every file is written atomically and annotations.json
     last, so a half-written folder never looks complete. load_box_folder reads the result
     back to the same boxes, categories, masks and pixels (CT: the same volume). ``info``
@@ -912,7 +967,7 @@ def save_box_folder(
                              f"{name}")
     cats = [{"id": int(c["id"]), "name": str(c["name"])} for c in categories]
     cat_ids = {c["id"] for c in cats}
-    seen: dict[str, Any] = {}  # file_name -> volume object (CT) or None (2D image)
+    seen: dict[str, Any] = {}  # file_name -> its volume or stack, None: a 2D image
     coco_images, annotations = [], []
     for image_id, item in enumerate(images, start=1):
         if len(item) not in (5, 6):
@@ -921,9 +976,20 @@ def save_box_folder(
         file_name = str(file_name)
         slice_index = item[5] if len(item) == 6 else None
         entry: dict[str, Any] = {"id": image_id, "file_name": file_name}
-        if slice_index is not None:
-            if not isinstance(image, Volume):
+        if slice_index is not None and not isinstance(image, Volume):
+            if lower_suffix(Path(file_name)) in VOLUME_SUFFIXES:
                 raise ValueError(f"{file_name}: a CT entry (with slice_index) needs a Volume")
+            plane, image = int(slice_index), np.asarray(image)
+            if not 0 <= plane < len(image):
+                raise ValueError(f"{file_name}: plane {plane} outside 0..{len(image) - 1}")
+            if file_name in seen and seen[file_name] is not image:
+                raise ValueError(f"{file_name}: two different stacks under one file name")
+            if file_name not in seen:
+                _write_stack(root / "images" / file_name, image)
+            seen[file_name] = image
+            h, w = image.shape[1:3]
+            entry["plane"] = plane
+        elif slice_index is not None:
             depth, h, w = image.array.shape
             if not 0 <= int(slice_index) < depth:
                 raise ValueError(f"{file_name}: slice_index {slice_index} outside 0..{depth - 1}")

@@ -292,7 +292,8 @@ def read_coco_masks(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.n
     """Read a COCO JSON back into {file_name: (masks bool [N,H,W], category_ids int64 [N])}.
 
     Images without annotations map to an empty [0, H, W] stack. CT entries that share a
-    volume file are keyed "file_name[slice_index]" so slices do not overwrite each other.
+    volume file are keyed "file_name[slice_index]" so slices do not overwrite each other,
+    and the planes of a stack ("plane") "file_name[plane]" likewise.
     """
     path = Path(path)
     try:
@@ -318,8 +319,9 @@ def read_coco_masks(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.n
                 raise ValueError(f"{path}: annotation {ann.get('id')}: {err}") from err
         cats = np.array([int(a["category_id"]) for a in anns], dtype=np.int64)
         key = im["file_name"]
-        if im.get("slice_index") is not None:
-            key = f"{key}[{int(im['slice_index'])}]"
+        index = im.get("slice_index", im.get("plane"))
+        if index is not None:
+            key = f"{key}[{int(index)}]"
         out[key] = (masks, cats)
     return out
 
