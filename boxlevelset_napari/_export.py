@@ -49,6 +49,8 @@ def _entry(image: Any, plane: int | None, image_id: int) -> dict:
     entry = {"id": image_id, "height": height, "width": width}
     if meta.get("kind") == "folder" and plane is not None:
         entry["file_name"] = names[plane]
+        if meta.get("z_stack"):  # the planes of one stack may share its file
+            entry["plane"] = int(plane)
     elif meta.get("kind") == "ct":
         entry["file_name"] = names[0] if names else f"{image.name}.nii.gz"
         if plane is not None:
@@ -232,9 +234,12 @@ def save_annotations(folder: str | os.PathLike, image: Any, boxes: Any, labels: 
 
     Each annotation carries its label id as "object_id", and "prompt" true on a box drawn
     in the viewer (false on a tight box made from a mask), so that a mask propagated
-    through slices reopens as one object with its one box. The planes of a stack that is
-    not CT (nor a folder of separate images) carry their index as "plane", and "info" the
-    stack's plane count; "info" also holds the layer scale (a CT volume has its spacing)."""
+    through slices reopens as one object with its one box. A stack is saved whole, so
+    that it reopens with every plane to annotate further: a CT volume as the volume (HU,
+    geometry) with "slice_index" entries; another z-stack (nor a folder of separate
+    images) as one multi-page TIFF in the layer's type, its annotated planes' entries
+    carrying their index as "plane", and "info" the stack's plane count; "info" also
+    holds the layer scale (a CT volume has its spacing)."""
     from boxlevelset.data import save_box_folder
 
     if boxes is None or len(boxes.data) == 0:
@@ -250,7 +255,9 @@ def save_annotations(folder: str | os.PathLike, image: Any, boxes: Any, labels: 
     # A z-stack keeps its planes' places (a stacked folder's planes are separate images).
     z_stack = stacked and volume is None and (meta.get("kind") != "folder" or
                                               bool(meta.get("z_stack")))
-    items, entry_fields, box_fields = [], [], []
+    # ... saved whole, once: planes without boxes are kept to reopen and annotate later.
+    whole = np.asarray(image.data) if z_stack else None
+    items, box_fields = [], []
     for plane in sorted(per_plane, key=lambda p: -1 if p is None else p):
         entries = per_plane[plane]
         height, width = _plane_size(image, plane)
@@ -258,11 +265,15 @@ def save_annotations(folder: str | os.PathLike, image: Any, boxes: Any, labels: 
         if volume is not None:
             if not name.lower().endswith((".nii.gz", ".nii", ".nrrd", ".mha")):
                 name = f"{Path(name).name.split('.')[0]}.nii.gz"  # e.g. a DICOM series
-        elif not name.lower().endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")):
-            name = f"{Path(name).name.split('.')[0]}_{plane if plane is not None else 0:04d}.png"
-        pixels = volume if volume is not None else _plane_uint8(image, plane)
-        if volume is None and pixels.dtype not in (np.uint8, np.uint16):  # PNG cannot hold it
-            name = f"{Path(name).stem}.tif"
+            pixels = volume
+        elif whole is not None:
+            name, pixels = _stack_file_name(image), whole
+        else:
+            if not name.lower().endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")):
+                name = f"{Path(name).name.split('.')[0]}_{plane or 0:04d}.png"
+            pixels = _plane_uint8(image, plane)
+            if pixels.dtype not in (np.uint8, np.uint16):  # PNG cannot hold it
+                name = f"{Path(name).stem}.tif"
         box_arr = np.stack([b for _bid, b, _cat in entries]).astype(np.float32)
         box_arr[:, [0, 2]] = box_arr[:, [0, 2]].clip(0, width)
         box_arr[:, [1, 3]] = box_arr[:, [1, 3]].clip(0, height)
@@ -273,9 +284,9 @@ def save_annotations(folder: str | os.PathLike, image: Any, boxes: Any, labels: 
             stack = np.stack([lab == bid for bid, _box, _cat in entries])
             if stack.any():
                 masks = stack
-        items.append((name, pixels, box_arr, cat_ids, masks) if volume is None else
-                     (name, volume, box_arr, cat_ids, masks, plane))
-        entry_fields.append({"plane": int(plane)} if z_stack else {})
+        # A plane of a stack saved whole names its plane (a CT slice its slice_index).
+        items.append((name, pixels, box_arr, cat_ids, masks) +
+                     (() if volume is None and whole is None else (plane,)))
         box_fields.append([{"object_id": bid, "prompt": (plane, bid) in drawn}
                            for bid, _box, _cat in entries])
     if volume is not None:
@@ -285,5 +296,15 @@ def save_annotations(folder: str | os.PathLike, image: Any, boxes: Any, labels: 
         info = {"scale": [float(v) for v in image.scale]}
         if z_stack:
             info["planes"] = int(image.data.shape[0])
-    return Path(save_box_folder(folder, items, cats, info=info, entry_fields=entry_fields,
-                                box_fields=box_fields))
+    return Path(save_box_folder(folder, items, cats, info=info, box_fields=box_fields))
+
+
+def _stack_file_name(image: Any) -> str:
+    """The TIFF a z-stack is saved as: the file it was read from (a TIFF stack, or the one
+    stack file of a reopened folder), else the layer's name."""
+    names = set(plugin_meta(image).get("file_names") or [])
+    if len(names) == 1:
+        name = Path(names.pop()).name
+        if name.lower().endswith((".tif", ".tiff")):
+            return name
+    return f"{image.name}.tif"

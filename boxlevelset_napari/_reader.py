@@ -161,9 +161,11 @@ def read_box_folder(path: str | os.PathLike) -> list[LayerData]:
 
     A folder of one 2D image opens as that 2D image. Images of several sizes are padded
     into one stack (plane = image index, in the folder's order), except the planes of a
-    z-stack saved by *Save annotations* (image entries with "plane"), which go back to
-    their own planes of a stack as deep as the saved one ("planes" in the COCO info),
-    planes that were not saved left empty. The layer scale saved in the info comes back.
+    z-stack saved by *Save annotations* (image entries with "plane"): the stack's TIFF
+    opens whole, every plane with its pixels; in folders saved before the stack was kept
+    whole (each plane a 2D image), the planes go back to their own z in a stack as deep as
+    the saved one ("planes" in the COCO info), planes not saved left empty. The layer
+    scale saved in the info comes back.
     The boxes layer holds each box on its plane with its category, and the labels layer
     the folder's masks when it has any (label id = box id; the slices of one object, saved
     under one "object_id", share its box's label).
@@ -178,8 +180,15 @@ def read_box_folder(path: str | os.PathLike) -> list[LayerData]:
         raise ValueError(f"{root}: the folder holds no readable images")
     if all(r.slice_index is not None for r in records) and len({r.path for r in records}) == 1:
         return _ct_folder_layers(folder, records, root)
-    images = [np.asarray(folder.load_image(r)) for r in records]
     z_depth = _stack_depth(folder, records)
+    whole = folder.stack(records[0]) if z_depth and len({r.path for r in records}) == 1 \
+        else None
+    if whole is not None:  # a z-stack saved whole: all its planes, as they are
+        stack = whole
+        z_depth = len(whole)
+        images = [whole[r.plane] for r in records]
+    else:
+        images = [np.asarray(folder.load_image(r)) for r in records]
     planes = [r.plane for r in records] if z_depth else list(range(len(records)))
     depth = z_depth or len(records)
     flat = depth == 1 and not z_depth  # one 2D image, not a plane of a stack
@@ -187,18 +196,21 @@ def read_box_folder(path: str | os.PathLike) -> list[LayerData]:
     height = max(im.shape[0] for im in images)
     width = max(im.shape[1] for im in images)
     rgb = any(im.ndim == 3 for im in images)
-    channels = (3,) if rgb else ()
-    # The widest type of all images: uint8 beside uint16 must not wrap the 16-bit ones.
-    dtype = np.result_type(*[im.dtype for im in images])
-    stack = np.zeros((depth, height, width, *channels), dtype=dtype)
-    for plane, image in zip(planes, images):
-        if rgb and image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=2)
-        image = image[..., :3] if rgb else image
-        stack[plane, : image.shape[0], : image.shape[1]] = image
+    if whole is None:
+        channels = (3,) if rgb else ()
+        # The widest type of all images: uint8 beside uint16 must not wrap the 16-bit ones.
+        dtype = np.result_type(*[im.dtype for im in images])
+        stack = np.zeros((depth, height, width, *channels), dtype=dtype)
+        for plane, image in zip(planes, images):
+            if rgb and image.ndim == 2:
+                image = np.repeat(image[..., None], 3, axis=2)
+            image = image[..., :3] if rgb else image
+            stack[plane, : image.shape[0], : image.shape[1]] = image
     labels = np.zeros((depth, height, width), dtype=np.int32)
     box_kwargs, rects, has_masks = _boxes_and_masks(folder, records, planes, labels, root.name)
-    names = [f"{root.name}_{z:04d}.png" for z in range(depth)]  # planes not saved
+    # Planes not saved (whole, the stack's file holds them all).
+    names = [records[0].file_name if whole is not None else f"{root.name}_{z:04d}.png"
+             for z in range(depth)]
     sizes = [(height, width)] * depth
     for plane, record, image in zip(planes, records, images):
         names[plane], sizes[plane] = record.file_name, tuple(int(s) for s in image.shape[:2])

@@ -15,6 +15,7 @@ import tifffile
 from napari.layers import Layer
 
 from boxlevelset.data import load_box_folder
+from boxlevelset.export import read_coco_masks
 from boxlevelset_napari._box_to_mask import BoxToMaskWidget
 from boxlevelset_napari._layers import boxes_to_rectangles, rectangle_to_box
 from boxlevelset_napari._reader import napari_get_reader
@@ -92,8 +93,10 @@ def test_folders_of_several_images_still_open_stacked(tmp_path, tiny_box_folder,
 
 def test_a_saved_stack_keeps_its_planes_and_scale(tmp_path, make_napari_viewer_proxy):
     """Planes 1 and 3 of a five-plane z-stack had come back as planes 0 and 1 of a
-    two-plane stack with scale 1."""
-    tifffile.imwrite(tmp_path / "cells.tif", _scene((5, 40, 48)), photometric="minisblack")
+    two-plane stack with scale 1; then at their own z, but the planes that were not
+    annotated came back empty: the folder kept only the annotated planes' pixels."""
+    tifffile.imwrite(tmp_path / "cells.tif", _scene((5, 40, 48)).astype(np.uint16) * 300,
+                     photometric="minisblack")
     (data, kwargs, kind), = napari_get_reader(str(tmp_path / "cells.tif"))(
         str(tmp_path / "cells.tif"))
     viewer = make_napari_viewer_proxy()
@@ -105,28 +108,65 @@ def test_a_saved_stack_keeps_its_planes_and_scale(tmp_path, make_napari_viewer_p
     labels = widget.labels_layer(create=False)
     assert [bool(labels.data[z].any()) for z in range(5)] == [False, True, False, True, False]
     saved = widget.export("folder", str(tmp_path / "saved"))
+    # The stack is saved whole, once, in its own type; an entry per annotated plane.
+    assert [p.name for p in (saved / "images").iterdir()] == ["cells.tif"]
+    written = tifffile.imread(saved / "images" / "cells.tif")
+    assert written.dtype == np.uint16 and np.array_equal(written, data)
     folder = load_box_folder(saved)  # what training reads: the two annotated planes
     assert [len(r.boxes) for r in folder.records] == [1, 1]
+    assert [r.plane for r in folder.records] == [1, 3]
+    for record in folder.records:  # each entry's image is its plane, as it is (no window)
+        assert np.array_equal(folder.load_image(record), data[record.plane])
 
     again, again_boxes, again_labels = _open(saved)
     assert again.data.shape == (5, 40, 48)
-    assert np.array_equal(again.data[1], data[1]) and np.array_equal(again.data[3], data[3])
-    assert not again.data[[0, 2, 4]].any()  # not saved: empty planes keep the z positions
+    for z in range(5):  # every plane, annotated or not, with its pixels
+        assert np.array_equal(again.data[z], data[z]), z
     assert sorted(rectangle_to_box(r)[0] for r in again_boxes.data) == [1, 3]
     assert _objects(again_labels.data) == _objects(labels.data)
     for layer in (again, again_boxes, again_labels):
         assert tuple(layer.scale) == pytest.approx((2.0, 0.5, 0.5))
 
-    # Saved again from the reopened stack, the planes stay where they are.
+    # Reopened, annotated on one more plane and saved again over the folder it came from:
+    # the stack once, every annotated plane's entry, nothing lost.
     viewer2 = make_napari_viewer_proxy()
     for layer in (again, again_boxes, again_labels):
         viewer2.add_layer(layer)
     widget2 = BoxToMaskWidget(viewer2)
     widget2.hand_combo.setCurrentText("keep")
-    third, third_boxes, third_labels = _open(widget2.export("folder", str(tmp_path / "re")))
-    assert third.data.shape == (5, 40, 48) and np.array_equal(third.data, again.data)
-    assert _objects(third_labels.data) == _objects(labels.data)
+    again_boxes.add_rectangles(boxes_to_rectangles(np.array([[12.0, 10.0, 30.0, 26.0]]),
+                                                   plane=4))
+    resaved = widget2.export("folder", str(saved))
+    assert [p.name for p in (resaved / "images").iterdir()] == ["cells.tif"]
+    assert [r.plane for r in load_box_folder(resaved).records] == [1, 3, 4]
+    third, third_boxes, third_labels = _open(resaved)
+    assert third.data.shape == (5, 40, 48) and np.array_equal(third.data, data)
+    assert sorted(rectangle_to_box(r)[0] for r in third_boxes.data) == [1, 3, 4]
+    assert _objects(third_labels.data) == _objects(again_labels.data)
     assert tuple(third.scale) == pytest.approx((2.0, 0.5, 0.5))
+    # A COCO export of the reopened stack tells its planes apart, though they share a file.
+    exported = read_coco_masks(widget2.export("coco", str(tmp_path / "export.json")))
+    assert sorted(exported) == ["cells.tif[1]", "cells.tif[3]", "cells.tif[4]"]
+
+
+def test_a_folder_saved_with_png_planes_still_opens(tmp_path):
+    """Folders saved before the stack was kept whole (each annotated plane a PNG with its
+    "plane", the depth in the info) reopen as they did: planes at their z, others empty."""
+    from boxlevelset.data import save_box_folder
+
+    data = _scene((5, 40, 48))
+    box = np.array([[12.0, 10.0, 30.0, 26.0]])
+    items = [(f"cells_{z:04d}.png", data[z], box, np.array([1]), None) for z in (1, 3)]
+    save_box_folder(tmp_path / "old", items, [{"id": 1, "name": "cell"}],
+                    info={"scale": [2.0, 0.5, 0.5], "planes": 5},
+                    entry_fields=[{"plane": 1}, {"plane": 3}])
+    folder = load_box_folder(tmp_path / "old")
+    assert np.array_equal(folder.load_image(folder.records[1]), data[3])
+    image, boxes = _open(tmp_path / "old")
+    assert image.data.shape == (5, 40, 48) and tuple(image.scale) == (2.0, 0.5, 0.5)
+    assert np.array_equal(image.data[[1, 3]], data[[1, 3]])
+    assert not image.data[[0, 2, 4]].any()
+    assert sorted(rectangle_to_box(r)[0] for r in boxes.data) == [1, 3]
 
 
 def test_a_stack_folder_with_one_annotated_plane_stays_a_stack(tmp_path,
