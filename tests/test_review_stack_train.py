@@ -45,3 +45,19 @@ def test_training_reads_the_planes_of_a_saved_stack(tmp_path, monkeypatch):
     assert seen and {plane for plane, _ in seen} == {1, 3}
     for plane, image in seen:  # the plane itself: 16-bit, not windowed
         assert np.array_equal(image, stack[plane])
+
+
+def test_segment_names_the_outputs_of_a_stack_by_plane(tmp_path):
+    """`boxlevelset segment` on a saved stack folder had named its label images cells,
+    cells_tif, cells_tif_2: now each says its plane, as CT slices say their z."""
+    from boxlevelset.cli import main
+
+    stack = np.zeros((5, 48, 48), np.uint8)
+    stack[:, 12:30, 10:34] = 200
+    box = np.array([[10.0, 12.0, 34.0, 30.0]])
+    items = [("cells.tif", stack, box, [1], None, z) for z in (1, 3)]
+    folder = save_box_folder(tmp_path / "saved", items, [{"id": 1, "name": "cell"}])
+    assert main(["segment", str(folder), "--out", str(tmp_path / "out"),
+                 "--iterations", "5"]) == 0
+    names = sorted(p.name for p in (tmp_path / "out" / "labels").iterdir())
+    assert names == ["cells_p0001.png", "cells_p0003.png"]

@@ -359,6 +359,13 @@ class Record:
     object_ids: list = field(default_factory=list)
     prompts: list = field(default_factory=list)
 
+    @property
+    def name(self) -> str:
+        """The file name, with the slice or plane for entries that share a file
+        ("ct.nii.gz[12]", "cells.tif[3]")."""
+        z = self.slice_index if self.slice_index is not None else self.plane
+        return str(self.file_name) if z is None else f"{self.file_name}[{int(z)}]"
+
 
 def coco_image_entry(record: Record) -> dict:
     """The COCO ``images`` entry of a record (with ``slice_index`` for CT slices, and

@@ -76,13 +76,20 @@ def _load_source(source: str | Path | Any, window: Any) -> Any:
     return load_box_folder(path, window=window)
 
 
+def _plane_suffix(record: Any) -> str:
+    """``_zNNNN`` for a CT slice, ``_pNNNN`` for a plane of a stack, else nothing: entries
+    that share one file do not overwrite each other's outputs."""
+    if record.slice_index is not None:
+        return f"_z{int(record.slice_index):04d}"
+    if getattr(record, "plane", None) is not None:
+        return f"_p{int(record.plane):04d}"
+    return ""
+
+
 def output_stem(record: Any) -> str:
     """File stem for a record's outputs: the image name without its (volume) suffix, plus
-    ``_zNNNN`` for a CT slice, so slices of one volume do not overwrite each other."""
-    stem = _file_stem(record.file_name)
-    if record.slice_index is not None:
-        stem = f"{stem}_z{int(record.slice_index):04d}"
-    return stem
+    the slice or plane of entries that share one file (``_plane_suffix``)."""
+    return _file_stem(record.file_name) + _plane_suffix(record)
 
 
 class OutputStems:
@@ -98,9 +105,7 @@ class OutputStems:
         if stem in self._used:
             parts = Path(record.file_name).with_suffix("").parts
             ext = Path(record.file_name).suffix.lstrip(".")
-            stem = "_".join([*parts, ext]) if ext else "_".join(parts)
-            if record.slice_index is not None:
-                stem = f"{stem}_z{int(record.slice_index):04d}"
+            stem = ("_".join([*parts, ext]) if ext else "_".join(parts)) + _plane_suffix(record)
             base, k = stem, 2
             while stem in self._used:
                 stem, k = f"{base}_{k}", k + 1
