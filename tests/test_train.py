@@ -546,3 +546,36 @@ def test_predict_volume_writes_label_volume_with_geometry(tmp_path):
     predict_folder(_ThresholdModel(), tmp_path / "ct.nii.gz", tmp_path / "bare",
                    window="liver", labels=False)
     assert sorted(p.name for p in (tmp_path / "bare").iterdir()) == ["predictions.json"]
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "resnet50"])
+@pytest.mark.parametrize("supervision", ["box", "mask"])
+def test_every_trainable_parameter_gets_a_gradient_in_every_step(backbone, supervision):
+    """DDP runs without its per-step search for unused parameters (find_unused_parameters
+    False): that holds only while every trainable parameter takes part in every step's
+    loss, with positives on every level, on some, or on none (boxes all dropped)."""
+    from boxlevelset.train import build_model
+
+    config = TrainConfig(data="unused", preset="lite", backbone=backbone, pretrained=False,
+                         supervision=supervision, model=dict(TINY_MODEL, frozen_stages=-1))
+    assert config.find_unused_parameters is False
+    model = build_model(config, ["a", "b"]).train()
+    images = torch.rand(2, 3, 96, 96) * 255
+    batches = {
+        "every size": [[[2, 2, 12, 12], [10, 10, 60, 50], [0, 0, 96, 96]], [[20, 30, 90, 80]]],
+        "one image empty": [[[10, 10, 60, 50]], []],
+        "no boxes": [[], []],
+    }
+    for name, per_image in batches.items():
+        targets = []
+        for boxes in per_image:
+            boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+            masks = torch.zeros(len(boxes), 96, 96, dtype=torch.bool)
+            for i, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
+                masks[i, y0:y1, x0:x1] = True
+            targets.append({"boxes": boxes, "labels": torch.zeros(len(boxes), dtype=torch.long),
+                            "masks": masks})
+        model.zero_grad(set_to_none=True)
+        sum(model(images, targets).values()).backward()
+        unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not unused, (name, unused)

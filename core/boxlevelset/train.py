@@ -152,7 +152,10 @@ class TrainConfig:
     class_names: list[str] | None = None  # read from the folder when None
     log_path: str | Path | None = None  # per-iteration losses: .csv (default) or .jsonl
     time_limit: float | None = None  # seconds; stop cleanly (with a checkpoint) when reached
-    find_unused_parameters: bool = True  # DDP: levels without positives leave params unused
+    # DDP's search for parameters no loss reached, an extra pass over the autograd graph every
+    # step: none are (every branch stays in the loss, with a zero where a level or a batch has
+    # no positives; tests/test_train.py checks it), so it is off.
+    find_unused_parameters: bool = False
     rank_digest: bool = False  # write each rank's weight digest (checks DDP replicas agree)
     stop_event: threading.Event | None = field(default=None, repr=False, compare=False)
     # The _RESUMED_FIELDS the caller set (not None) before presets and defaults filled the rest.
