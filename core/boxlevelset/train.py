@@ -337,7 +337,7 @@ class BoxDataset(torch.utils.data.Dataset):
         self.records = [r for r in folder.records if len(r.boxes)]
         # Images without boxes: named in the warning train() gives (a box-only run cannot
         # use them, but a user may have meant them to count, e.g. as negatives).
-        self.empty_names = [_record_name(r) for r in folder.records if not len(r.boxes)]
+        self.empty_names = [r.name for r in folder.records if not len(r.boxes)]
         self.skipped_empty = len(self.empty_names)
         self._unreadable: set[Path] = set()
         if with_masks:
@@ -393,13 +393,6 @@ class BoxDataset(torch.utils.data.Dataset):
                     self._unreadable.add(record.path)
                     logger.warning("skipping unreadable image in training: %s", err)
         raise ImageReadError(f"{self.folder.root}: no image of the folder can be read")
-
-
-def _record_name(record: Any) -> str:
-    """A record's file name, with the slice for a CT entry (volume slices share a file)."""
-    if record.slice_index is None:
-        return str(record.file_name)
-    return f"{record.file_name}[{record.slice_index}]"
 
 
 def _skipped_empty_message(names: Sequence[str], listed: int = 5) -> str:
