@@ -103,14 +103,14 @@ def train_within(config_kwargs: dict[str, Any], minutes: float, out: Path,
         if not event.done:
             stamps.append((event.iteration, time.perf_counter()))
 
-    calib = TrainConfig(**config_kwargs, output_dir=out / "calibration",
+    calib = TrainConfig(**config_kwargs, output_dir=out / "calibration", overwrite=True,
                         max_iterations=calibration_iters, checkpoint_every=10**6)
     train(calib, callbacks=[clock])
     sec_per_iter = _timed_iterations(stamps)
     budget = minutes * 60.0
     iterations = max(2, int(0.95 * budget / sec_per_iter))
     stamps.clear()
-    cfg = TrainConfig(**config_kwargs, output_dir=out, max_iterations=iterations,
+    cfg = TrainConfig(**config_kwargs, output_dir=out, overwrite=True, max_iterations=iterations,
                       checkpoint_every=max(50, iterations // 10), time_limit=budget)
     t0 = time.perf_counter()
     path = train(cfg, callbacks=[clock], progress=sys.stderr.isatty())

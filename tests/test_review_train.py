@@ -316,3 +316,18 @@ def test_a_ct_folder_trains_in_the_window_it_was_annotated_in(tmp_path):
     assert list(torch.load(out, weights_only=True)["train_config"]["window"]) == [-20.0, 300.0]
     out = train(TrainConfig(output_dir=tmp_path / "lung", window="lung", **common))
     assert torch.load(out, weights_only=True)["train_config"]["window"] == "lung"
+
+
+def test_train_from_python_does_not_replace_an_earlier_run(tiny_box_folder, tmp_path):
+    """Only the command line and the plugin had protected an earlier run: a second
+    boxlevelset.train() into the same folder silently replaced its model."""
+    common = dict(data=tiny_box_folder, output_dir=tmp_path, pretrained=False, min_size=(64, 64),
+                  max_size=64, batch_size=1, warmup_iters=0, lr_steps=(), model=TINY_MODEL,
+                  max_iterations=1)
+    first = train(TrainConfig(**common))
+    before = first.read_bytes()
+    with pytest.raises(ValueError, match="already holds a training run.*model.pth.*overwrite"):
+        train(TrainConfig(**common, seed=5))
+    assert first.read_bytes() == before
+    again = train(TrainConfig(**common, seed=5, overwrite=True))
+    assert again == first and again.read_bytes() != before

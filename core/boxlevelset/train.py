@@ -157,6 +157,9 @@ class TrainConfig:
     # no positives; tests/test_train.py checks it), so it is off.
     find_unused_parameters: bool = False
     rank_digest: bool = False  # write each rank's weight digest (checks DDP replicas agree)
+    # A new (not resumed) run may replace an earlier run's files in output_dir; without it,
+    # such a folder is refused before anything is written.
+    overwrite: bool = False
     stop_event: threading.Event | None = field(default=None, repr=False, compare=False)
     # The _RESUMED_FIELDS the caller set (not None) before presets and defaults filled the rest.
     given: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
@@ -768,6 +771,7 @@ def train(
     try:
         if is_main:  # before the data loads: a bad output path fails in a second, not later
             _check_output_dir(out_dir)
+            _refuse_earlier_run(config)
         resume = config.resume
         if resume == "auto":
             resume = last_path if last_path.exists() else None
@@ -1078,7 +1082,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         window=DEFAULT_WINDOW if args.window is None else args.window,
         pretrained=not args.no_pretrained, model=dict(args.model), log_path=args.log,
         time_limit=args.time_limit * 60 if args.time_limit else None,
-        rank_digest=args.rank_digest,
+        rank_digest=args.rank_digest, overwrite=getattr(args, "overwrite", False),
     )
 
 
@@ -1104,6 +1108,20 @@ def _earlier_run(config: TrainConfig) -> list[str]:
                           or (Path(config.output_dir) / "last.pth").exists()):
         return []
     return [str(f) for f in run_files(config.output_dir, config.log_path)]
+
+
+def _refuse_earlier_run(config: TrainConfig) -> None:
+    """ValueError when a new run would replace an earlier run's files and the caller did not
+    ask for it (``overwrite``): a second run into the same folder had silently replaced the
+    first one's model."""
+    earlier = _earlier_run(config)
+    if earlier and not config.overwrite:
+        can_resume = (Path(config.output_dir) / "last.pth").is_file()
+        raise ValueError(
+            f"{config.output_dir} already holds a training run ({', '.join(earlier)}); "
+            + ("continue it with --resume auto (resume='auto'), " if can_resume else "")
+            + "start over with --overwrite (overwrite=True), or choose another --output "
+            "(output_dir)")
 
 
 def _launched() -> bool:
@@ -1161,13 +1179,7 @@ def run_train(args: argparse.Namespace) -> int:
     (128 + the signal's number when SIGINT/SIGTERM stopped it, as shells report it)."""
     config = config_from_args(args)
     _, rank, _ = _dist_env()
-    earlier = _earlier_run(config)
-    if earlier and not getattr(args, "overwrite", False):
-        can_resume = (Path(config.output_dir) / "last.pth").is_file()
-        raise ValueError(
-            f"{config.output_dir} already holds a training run ({', '.join(earlier)}); "
-            + ("continue it with --resume auto, " if can_resume else "")
-            + "start over with --overwrite, or choose another --output")
+    _refuse_earlier_run(config)  # before the signal handlers and the data
     config.stop_event = config.stop_event or threading.Event()
     with _StopOnSignal(config.stop_event) as stopper:
         path = train(config, progress=not args.no_progress and rank == 0)
