@@ -202,12 +202,12 @@ def test_propagated_masks_keep_their_class_in_both_exports(volume_widget, tmp_pa
     # The saved box folder holds the propagated slices too, each with the mask's tight box.
     widget.export("folder", tmp_path / "saved")
     folder = load_box_folder(tmp_path / "saved")
-    assert [r.file_name for r in folder] == [f"vol_{z:04d}.png" for z in (1, 2, 3, 4)]
+    # The stack is saved whole (vol.tif), with an entry per annotated plane.
+    assert [(r.file_name, r.plane) for r in folder] == [("vol.tif", z) for z in (1, 2, 3, 4)]
     for record in folder:
         ys, xs = np.nonzero(folder.gt_masks(record)[0])
         tight = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
-        np.testing.assert_array_equal(record.boxes, [BOX if record.file_name == "vol_0002.png"
-                                                     else tight])
+        np.testing.assert_array_equal(record.boxes, [BOX if record.plane == 2 else tight])
         assert folder.class_names[int(record.category_ids[0]) - 1] == "liver"
 
 
