@@ -232,10 +232,11 @@ def read_box_folder(path: str | os.PathLike) -> list[LayerData]:
     if scale is not None:
         for kwargs in (image_kwargs, box_kwargs, labels_kwargs):
             kwargs["scale"] = scale
-    layers: list[LayerData] = [(stack, image_kwargs, "image"), (rects, box_kwargs, "shapes")]
+    # Boxes last: above the masks and the active layer, ready to draw (as the widget does).
+    layers: list[LayerData] = [(stack, image_kwargs, "image")]
     if has_masks:
         layers.append((labels, labels_kwargs, "labels"))
-    return layers
+    return [*layers, (rects, box_kwargs, "shapes")]
 
 
 def _stack_depth(folder: Any, records: list) -> int | None:
@@ -277,12 +278,12 @@ def _ct_folder_layers(folder: Any, records: list, root: Path) -> list[LayerData]
     box_kwargs, rects, _ = _boxes_and_masks(folder, records,
                                             [r.slice_index for r in records], labels, root.name)
     box_kwargs["scale"] = scale
-    layers: list[LayerData] = [image, (rects, box_kwargs, "shapes")]
+    layers: list[LayerData] = [image]
     if labels.any():
         meta = {META_KEY: dict(image[1]["metadata"][META_KEY])}
         layers.append((labels, {"name": f"{root.name} masks", "scale": scale,
                                 "metadata": meta}, "labels"))
-    return layers
+    return [*layers, (rects, box_kwargs, "shapes")]  # boxes on top, as above
 
 
 def _boxes_and_masks(folder: Any, records: list, planes: Any, labels: np.ndarray,

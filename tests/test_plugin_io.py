@@ -25,7 +25,11 @@ pytestmark = pytest.mark.plugin
 SAMPLES = Path(str(files("boxlevelset") / "samples"))
 
 
+KIND_ORDER = {"image": 0, "shapes": 1, "labels": 2}  # unpacked as image, boxes, masks
+
+
 def _layers(layer_data):
+    layer_data = sorted(layer_data, key=lambda d: KIND_ORDER[d[2]])
     return [Layer.create(data, dict(kwargs), kind) for data, kwargs, kind in layer_data]
 
 
@@ -159,7 +163,7 @@ def test_ct_reader_window_scale_and_nifti_export_keep_geometry(tmp_path, make_na
     # Reopened, it is the CT again (HU, window, spacing), each box on its own slice: it had
     # come back as an 8-bit stack of the annotated slices, neighbours across any gap.
     path = str(tmp_path / "saved")
-    (vol, vol_kwargs, _), (rects, box_kwargs, _), (masks, _, _) = napari_get_reader(path)(path)
+    (vol, vol_kwargs, _), (masks, _, _), (rects, box_kwargs, _) = napari_get_reader(path)(path)
     assert vol.shape == data.shape and vol[2, 15, 20] == 60
     assert plugin_meta_of(vol_kwargs)["kind"] == "ct"
     assert vol_kwargs["scale"] == box_kwargs["scale"] == pytest.approx(kwargs["scale"])

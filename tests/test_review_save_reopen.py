@@ -24,8 +24,12 @@ pytestmark = pytest.mark.plugin
 
 
 def _open(path: Path) -> list:
-    return [Layer.create(data, dict(kwargs), kind)
-            for data, kwargs, kind in napari_get_reader(str(path))(str(path))]
+    """The reader's layers as image, boxes, masks (it hands the boxes over last, on top)."""
+    layer_data = napari_get_reader(str(path))(str(path))
+    if len(layer_data) > 1:  # a folder: boxes above the masks, active for drawing
+        assert layer_data[-1][2] == "shapes"
+    layer_data = sorted(layer_data, key=lambda d: {"image": 0, "shapes": 1}.get(d[2], 2))
+    return [Layer.create(data, dict(kwargs), kind) for data, kwargs, kind in layer_data]
 
 
 def _objects(labels: np.ndarray) -> set[bytes]:
