@@ -167,8 +167,9 @@ def read_box_folder(path: str | os.PathLike) -> list[LayerData]:
     the saved one ("planes" in the COCO info), planes not saved left empty. The layer
     scale saved in the info comes back.
     The boxes layer holds each box on its plane with its category, and the labels layer
-    the folder's masks when it has any (label id = box id; the slices of one object, saved
-    under one "object_id", share its box's label).
+    the folder's masks when it has any (label id = box id; the slices of one object of a
+    stack or volume, saved under one "object_id", share its box's label; separate images
+    never share an object).
     """
     from boxlevelset.data import load_box_folder
 
@@ -207,7 +208,9 @@ def read_box_folder(path: str | os.PathLike) -> list[LayerData]:
             image = image[..., :3] if rgb else image
             stack[plane, : image.shape[0], : image.shape[1]] = image
     labels = np.zeros((depth, height, width), dtype=np.int32)
-    box_kwargs, rects, has_masks = _boxes_and_masks(folder, records, planes, labels, root.name)
+    # Only the planes of one stack hold slices of one object: separate images never share one.
+    box_kwargs, rects, has_masks = _boxes_and_masks(folder, records, planes, labels, root.name,
+                                                    objects=bool(z_depth))
     # Planes not saved (whole, the stack's file holds them all).
     names = [records[0].file_name if whole is not None else f"{root.name}_{z:04d}.png"
              for z in range(depth)]
@@ -287,14 +290,15 @@ def _ct_folder_layers(folder: Any, records: list, root: Path) -> list[LayerData]
 
 
 def _boxes_and_masks(folder: Any, records: list, planes: Any, labels: np.ndarray,
-                     name: str) -> tuple[dict, list, bool]:
+                     name: str, objects: bool = True) -> tuple[dict, list, bool]:
     """Each record's boxes on its plane of a 3D boxes layer (kwargs, rectangles), label id =
     box id, and its masks painted into ``labels`` on that plane; also whether any record
-    has masks. The slices of one saved object are one box, their masks its label."""
+    has masks. With ``objects`` (the planes are slices of one volume or stack), the slices
+    of one saved object are one box, their masks its label."""
     cat_names = {int(c["id"]): str(c["name"]) for c in folder.categories}
     class_names = [str(c["name"]) for c in folder.categories] or [DEFAULT_CATEGORY]
     planes = list(planes)
-    owners = _object_owners(records, planes)
+    owners = _object_owners(records, planes) if objects else {}
     rects, cats, ids = [], [], []
     label_of: dict[tuple[int, int], int] = {}
     for k, (record, plane) in enumerate(zip(records, planes)):
