@@ -258,6 +258,7 @@ def save_annotations(folder: str | os.PathLike, image: Any, boxes: Any, labels: 
     # ... saved whole, once: planes without boxes are kept to reopen and annotate later.
     whole = np.asarray(image.data) if z_stack else None
     items, box_fields = [], []
+    written: set[str] = set()  # the 2D pictures' file names
     for plane in sorted(per_plane, key=lambda p: -1 if p is None else p):
         entries = per_plane[plane]
         height, width = _plane_size(image, plane)
@@ -274,6 +275,12 @@ def save_annotations(folder: str | os.PathLike, image: Any, boxes: Any, labels: 
             pixels = _plane_uint8(image, plane)
             if pixels.dtype not in (np.uint8, np.uint16):  # PNG cannot hold it
                 name = f"{Path(name).stem}.tif"
+            # Planes that came from one file (entries of a stack, merged folders) are
+            # separate pictures here: each its own file.
+            stem, suffix, k = Path(name).stem, Path(name).suffix, 2
+            while name in written:
+                name, k = f"{stem}_{plane or 0:04d}{'' if k == 2 else f'_{k}'}{suffix}", k + 1
+            written.add(name)
         box_arr = np.stack([b for _bid, b, _cat in entries]).astype(np.float32)
         box_arr[:, [0, 2]] = box_arr[:, [0, 2]].clip(0, width)
         box_arr[:, [1, 3]] = box_arr[:, [1, 3]].clip(0, height)

@@ -972,6 +972,7 @@ def save_box_folder(
         if extra is not None and len(extra) != len(images):
             raise ValueError(f"save_box_folder: {len(images)} images but {len(extra)} "
                              f"{name}")
+    _check_file_names(images)  # before any file is written: one may be the folder's own
     cats = [{"id": int(c["id"]), "name": str(c["name"])} for c in categories]
     cat_ids = {c["id"] for c in cats}
     seen: dict[str, Any] = {}  # file_name -> its volume or stack, None: a 2D image
@@ -989,8 +990,6 @@ def save_box_folder(
             plane, image = int(slice_index), np.asarray(image)
             if not 0 <= plane < len(image):
                 raise ValueError(f"{file_name}: plane {plane} outside 0..{len(image) - 1}")
-            if file_name in seen and seen[file_name] is not image:
-                raise ValueError(f"{file_name}: two different stacks under one file name")
             if file_name not in seen:
                 _write_stack(root / "images" / file_name, image)
             seen[file_name] = image
@@ -1000,15 +999,11 @@ def save_box_folder(
             depth, h, w = image.array.shape
             if not 0 <= int(slice_index) < depth:
                 raise ValueError(f"{file_name}: slice_index {slice_index} outside 0..{depth - 1}")
-            if file_name in seen and seen[file_name] is not image:
-                raise ValueError(f"{file_name}: two different volumes under one file name")
             if file_name not in seen:
                 write_volume(root / "images" / file_name, image)
             seen[file_name] = image
             entry["slice_index"] = int(slice_index)
         else:
-            if file_name in seen:
-                raise ValueError(f"save_box_folder: file name {file_name!r} used twice")
             image = np.asarray(image)
             h, w = image.shape[:2]
             _write_image(root / "images" / file_name, image)
@@ -1050,6 +1045,30 @@ def save_box_folder(
     with atomic_write(root / "annotations.json") as handle:
         json.dump(coco, handle)
     return root
+
+
+def _check_file_names(images: Sequence[tuple]) -> None:
+    """ValueError when two entries of save_box_folder would write two pictures under one
+    file name: a 2D image's name used twice (or by a stack or volume too), or two different
+    stacks or volumes under one name. Checked before anything is written: found while
+    writing, the first file had already replaced the folder's own (a whole stack by a
+    plane, when a folder is saved again where it was read from)."""
+    sources: dict[str, Any] = {}  # file_name -> its stack or volume, None: a 2D image
+    for item in images:
+        if len(item) not in (5, 6):
+            continue  # said where the entry is read
+        file_name, image = str(item[0]), item[1]
+        if len(item) == 5 or item[5] is None:
+            source = None
+        else:  # the same object for the planes or slices of one stack or volume
+            source = image if isinstance(image, Volume) else np.asarray(image)
+            kind = "volumes" if isinstance(image, Volume) else "stacks"
+        if file_name in sources:
+            if source is None or sources[file_name] is None:
+                raise ValueError(f"save_box_folder: file name {file_name!r} used twice")
+            if sources[file_name] is not source:
+                raise ValueError(f"{file_name}: two different {kind} under one file name")
+        sources[file_name] = source
 
 
 def _extra_fields(entry: dict, extra: dict, file_name: str) -> dict:
