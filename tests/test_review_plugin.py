@@ -29,16 +29,21 @@ def _add_box(layer, box) -> None:
     layer.add_rectangles(boxes_to_rectangles(np.asarray([box], dtype=float)))
 
 
-def test_a_second_image_gets_its_own_masks_layer(make_napari_viewer_proxy):
-    """Choosing a second image (same size) and pressing New had painted its masks into the
-    first image's masks layer; choosing the first image again brings back its layers."""
-    viewer = make_napari_viewer_proxy()
+def _image_a_with_a_mask(viewer):
+    """Image 'a' with one box segmented: (widget, a's boxes, a's masks, a copy of them)."""
     viewer.add_image(_blob_image(0), name="a")
     widget = BoxToMaskWidget(viewer)
     boxes_a = widget.new_boxes_layer()
     _add_box(boxes_a, (14, 12, 38, 36))
     masks_a = widget.labels_layer(create=False)
-    before = np.array(masks_a.data)
+    return widget, boxes_a, masks_a, np.array(masks_a.data)
+
+
+def test_a_second_image_gets_its_own_masks_layer(make_napari_viewer_proxy):
+    """Choosing a second image (same size) and pressing New had painted its masks into the
+    first image's masks layer; choosing the first image again brings back its layers."""
+    viewer = make_napari_viewer_proxy()
+    widget, boxes_a, masks_a, before = _image_a_with_a_mask(viewer)
     assert before.any()
 
     viewer.add_image(_blob_image(1), name="b")
@@ -163,12 +168,7 @@ def test_choosing_an_image_without_boxes_gives_it_its_own_boxes_layer(
     (and painted into b's masks) although it sat in a's layer. b now gets 'b boxes', active
     for drawing, and a's boxes and masks stay as they were."""
     viewer = make_napari_viewer_proxy()
-    viewer.add_image(_blob_image(0), name="a")
-    widget = BoxToMaskWidget(viewer)
-    boxes_a = widget.new_boxes_layer()
-    _add_box(boxes_a, (14, 12, 38, 36))
-    masks_a = widget.labels_layer(create=False)
-    before = np.array(masks_a.data)
+    widget, boxes_a, masks_a, before = _image_a_with_a_mask(viewer)
 
     viewer.add_image(_blob_image(1), name="b")
     widget.image_combo.setCurrentText("b")
