@@ -94,3 +94,36 @@ def test_torchrun_two_processes_keep_replicas_identical(tiny_box_folder, tmp_pat
     ckpt = torch.load(out / "model.pth", map_location="cpu", weights_only=True)
     assert ckpt["iteration"] == 5 and weights_digest(ckpt["model"]) == rank0
     assert len((out / "log.csv").read_text().strip().splitlines()) == 1 + 5
+
+
+REFUSED_TRAIN = """
+import os, sys
+from pathlib import Path
+from boxlevelset.train import TrainConfig, train
+
+out = Path(sys.argv[2])
+try:
+    train(TrainConfig(data=sys.argv[1], preset="lite", output_dir=out, max_iterations=1,
+                      pretrained=False, device="cpu"))
+except ValueError as err:
+    (out.parent / f"refused-rank{os.environ['RANK']}.txt").write_text(str(err))
+"""
+
+
+def test_torchrun_ranks_all_refuse_an_earlier_run_with_its_reason(tiny_box_folder, tmp_path):
+    """boxlevelset.train() from Python under torchrun: rank 0 refused the earlier run and
+    rank 1 died on a closed connection, without the reason."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model.pth").write_bytes(b"an earlier model")
+    script = tmp_path / "refused_train.py"
+    script.write_text(REFUSED_TRAIN)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script), str(tiny_box_folder), str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in (0, 1):
+        reason = (tmp_path / f"refused-rank{rank}.txt").read_text()
+        assert "already holds a training run" in reason
+    assert (out / "model.pth").read_bytes() == b"an earlier model"

@@ -769,9 +769,19 @@ def train(
     log: _LossLog | None = None
     bar = None
     try:
+        problem = None
         if is_main:  # before the data loads: a bad output path fails in a second, not later
-            _check_output_dir(out_dir)
-            _refuse_earlier_run(config)
+            try:
+                _check_output_dir(out_dir)
+                _refuse_earlier_run(config)
+            except ValueError as err:
+                problem = str(err)
+        if distributed:  # every rank fails with rank 0's reason, not with a broken connection
+            shared = [problem]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            problem = shared[0]
+        if problem:
+            raise ValueError(problem)
         resume = config.resume
         if resume == "auto":
             resume = last_path if last_path.exists() else None
