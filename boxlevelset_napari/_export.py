@@ -62,6 +62,21 @@ def _entry(image: Any, plane: int | None, image_id: int) -> dict:
     return entry
 
 
+def _source_file(image: Any, plane: int | None) -> Path | None:
+    """The file a plane of a folder (or a single image) was read from, where it still
+    exists: Save annotations copies it as it is instead of encoding its pixels again."""
+    meta = plugin_meta(image)
+    if meta.get("kind") == "folder":
+        paths = meta.get("paths") or []
+        index = 0 if plane is None else plane
+        source = paths[index] if index < len(paths) else None
+    elif meta.get("kind") == "image":
+        source = meta.get("source")
+    else:
+        return None
+    return Path(source) if source and Path(source).is_file() else None
+
+
 def _categories(image: Any, class_names: list[str]) -> list[dict]:
     """COCO categories: the source folder's ids when it has them, else 1..K in class order."""
     cats = [dict(c) for c in plugin_meta(image).get("categories", [])]
@@ -257,6 +272,11 @@ def save_annotations(folder: str | os.PathLike, image: Any, boxes: Any, labels: 
                                               bool(meta.get("z_stack")))
     # ... saved whole, once: planes without boxes are kept to reopen and annotate later.
     whole = np.asarray(image.data) if z_stack else None
+    if stacked and volume is None and whole is None:
+        # So are the images of a folder that have no boxes yet (they are still to do).
+        for plane in range(image.data.shape[0]):
+            if plane not in per_plane and _source_file(image, plane) is not None:
+                per_plane[plane] = []
     items, box_fields = [], []
     written: set[str] = set()  # the 2D pictures' file names
     for plane in sorted(per_plane, key=lambda p: -1 if p is None else p):
@@ -272,23 +292,27 @@ def save_annotations(folder: str | os.PathLike, image: Any, boxes: Any, labels: 
         else:
             if not name.lower().endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")):
                 name = f"{Path(name).name.split('.')[0]}_{plane or 0:04d}.png"
-            pixels = _plane_uint8(image, plane)
-            if pixels.dtype not in (np.uint8, np.uint16):  # PNG cannot hold it
-                name = f"{Path(name).stem}.tif"
+            source = _source_file(image, plane)
+            if source is not None and Path(name).suffix.lower() == source.suffix.lower():
+                pixels = source  # copied as it is: no second JPEG encoding, no lost bits
+            else:
+                pixels = _plane_uint8(image, plane)
+                if pixels.dtype not in (np.uint8, np.uint16):  # PNG cannot hold it
+                    name = f"{Path(name).stem}.tif"
             # Planes that came from one file (entries of a stack, merged folders) are
             # separate pictures here: each its own file.
             stem, suffix, k = Path(name).stem, Path(name).suffix, 2
             while name in written:
                 name, k = f"{stem}_{plane or 0:04d}{'' if k == 2 else f'_{k}'}{suffix}", k + 1
             written.add(name)
-        box_arr = np.stack([b for _bid, b, _cat in entries]).astype(np.float32)
+        box_arr = np.array([b for _bid, b, _cat in entries], np.float32).reshape(-1, 4)
         box_arr[:, [0, 2]] = box_arr[:, [0, 2]].clip(0, width)
         box_arr[:, [1, 3]] = box_arr[:, [1, 3]].clip(0, height)
         cat_ids = np.array([cat_id[cat] for _bid, _box, cat in entries], dtype=np.int64)
         masks = None
         if labels is not None:
             lab = _plane(labels.data, plane)[:height, :width]
-            stack = np.stack([lab == bid for bid, _box, _cat in entries])
+            stack = np.array([lab == bid for bid, _box, _cat in entries], bool)
             if stack.any():
                 masks = stack
         # A plane of a stack saved whole names its plane (a CT slice its slice_index).

@@ -215,12 +215,16 @@ def read_box_folder(path: str | os.PathLike) -> list[LayerData]:
     names = [records[0].file_name if whole is not None else f"{root.name}_{z:04d}.png"
              for z in range(depth)]
     sizes = [(height, width)] * depth
+    paths: list[str | None] = [None] * depth  # each plane's own file, kept as it is on save
     for plane, record, image in zip(planes, records, images):
         names[plane], sizes[plane] = record.file_name, tuple(int(s) for s in image.shape[:2])
+        if whole is None and record.plane is None:  # a file of its own, not a stack's
+            paths[plane] = str(record.path)
     folder_meta = {
         "kind": "folder",
         "root": str(root),
         "file_names": names,
+        "paths": paths,
         "sizes": sizes,
         "categories": [dict(c) for c in folder.categories],
         "z_stack": bool(z_depth),  # saved again with each plane's place

@@ -72,3 +72,54 @@ def test_a_merged_stack_folder_saved_in_place_keeps_every_plane(tmp_path,
     assert [len(r.boxes) for r in folder.records] == [1, 1, 1]
     for record, plane in zip(folder.records, shown):
         assert np.array_equal(folder.load_image(record), plane)
+
+
+def _open_in(viewer, path) -> BoxToMaskWidget:
+    layer_data = napari_get_reader(str(path))(str(path))
+    for data, kwargs, kind in layer_data:
+        viewer.add_layer(Layer.create(data, dict(kwargs), kind))
+    return BoxToMaskWidget(viewer)
+
+
+def test_a_folder_saved_in_place_keeps_its_unboxed_images_and_their_bytes(
+        tmp_path, make_napari_viewer_proxy):
+    """A folder of three photos, one of them boxed, saved where it was read from: the two
+    photos still to do were dropped from annotations.json (gone on reopening), and every
+    JPEG was decoded and encoded again at each save, losing detail each time."""
+    import cv2
+
+    root = tmp_path / "photos"
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        photo = rng.integers(0, 60, (40, 48, 3)).astype(np.uint8)
+        photo[10:26, 12:30] = 220
+        cv2.imwrite(str(root / "images" / name), photo)
+    before = {p.name: p.read_bytes() for p in sorted((root / "images").iterdir())}
+    coco = {"images": [{"id": i, "file_name": n, "height": 40, "width": 48}
+                       for i, n in enumerate(before, start=1)],
+            "annotations": [{"id": 1, "image_id": 2, "category_id": 1, "iscrowd": 0,
+                             "bbox": [12, 10, 18, 16], "area": 288}],
+            "categories": CATS}
+    (root / "annotations.json").write_text(json.dumps(coco))
+
+    widget = _open_in(make_napari_viewer_proxy(), root)
+    widget.segment()
+    widget.export("folder", str(root))
+    folder = load_box_folder(root)
+    assert [(r.file_name, len(r.boxes)) for r in folder.records] == [
+        ("a.jpg", 0), ("b.jpg", 1), ("c.jpg", 0)]
+    assert len(folder.records[1].segmentations) == 1 and folder.records[1].segmentations[0]
+    assert {p.name: p.read_bytes() for p in (root / "images").iterdir()} == before
+
+    # A single photo opened on its own and saved elsewhere keeps its bytes too.
+    single = tmp_path / "one.jpg"
+    single.write_bytes(before["a.jpg"])
+    viewer = make_napari_viewer_proxy()
+    widget = _open_in(viewer, single)
+    boxes = widget.new_boxes_layer()
+    from boxlevelset_napari._layers import boxes_to_rectangles
+
+    boxes.add_rectangles(boxes_to_rectangles(BOX))
+    widget.export("folder", str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "images" / "one.jpg").read_bytes() == before["a.jpg"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -912,6 +913,15 @@ def _write_image(path: Path, image: np.ndarray) -> None:
             raise OSError(f"{path}: OpenCV could not write the image")
 
 
+def _copy_image(source: Path, path: Path) -> None:
+    """Copy an image file as it is (atomically; ``source`` may be ``path`` itself): a JPEG
+    decoded and encoded again at each save would lose detail every time."""
+    if lower_suffix(source) != lower_suffix(path):
+        raise ValueError(f"{path.name}: cannot keep {source.name} under another type's name")
+    with atomic_path(path) as tmp:
+        shutil.copyfile(source, tmp)
+
+
 def _write_stack(path: Path, stack: np.ndarray) -> None:
     """A stack of planes (ZxHxW, or ZxHxWxC colour) as one multi-page TIFF in its own type,
     written atomically; read_tiff reads it back as that stack."""
@@ -948,10 +958,11 @@ def save_box_folder(
 ) -> Path:
     """Write a box-labeled folder: images/<file_name> and a COCO annotations.json.
 
-    images: per image a tuple (file_name, image HxW(xC), boxes Nx4 xyxy, category_ids N,
-    masks [N,H,W] or None). For a CT slice use a 6-tuple (file_name, volume: Volume, boxes,
-    category_ids, masks or None, slice_index): the volume is written once under file_name
-    (.nii.gz/.nrrd/.mha) and each slice becomes an image entry with `slice_index`. For a
+    images: per image a tuple (file_name, image HxW(xC) or the path of an image file to copy
+    as it is, boxes Nx4 xyxy, category_ids N, masks [N,H,W] or None). For a CT slice use a
+    6-tuple (file_name, volume: Volume, boxes, category_ids, masks or None, slice_index):
+    the volume is written once under file_name (.nii.gz/.nrrd/.mha) and each slice becomes
+    an image entry with `slice_index`. For a
     plane of a stack that is not CT (microscopy) use a 6-tuple (file_name, stack ZxHxW(xC)
     array, boxes, category_ids, masks or None, plane): the stack is written once, whole, as
     a multi-page TIFF under file_name (.tif/.tiff) in its own type, and each plane becomes
@@ -1003,6 +1014,10 @@ def save_box_folder(
                 write_volume(root / "images" / file_name, image)
             seen[file_name] = image
             entry["slice_index"] = int(slice_index)
+        elif isinstance(image, (str, os.PathLike)):  # an image file, kept byte for byte
+            h, w = _image_size(Path(image))
+            _copy_image(Path(image), root / "images" / file_name)
+            seen[file_name] = None
         else:
             image = np.asarray(image)
             h, w = image.shape[:2]
