@@ -445,16 +445,20 @@ class BoxToMaskWidget(QWidget):
         name = f"{image.name} boxes"
         if name in layers and isinstance(layers[name], napari.layers.Shapes):
             self.boxes_combo.select(layers[name])
-        elif self._boxes_of_another_image(self.boxes_combo.layer(), image):
+        elif self._boxes_of_another_image(self.boxes_combo.layer(), image, previous):
             # Boxes drawn next in the old image's layer would be segmented on this image.
             self.new_boxes_layer()
 
-    def _boxes_of_another_image(self, boxes: Any, image: Any) -> bool:
+    def _boxes_of_another_image(self, boxes: Any, image: Any, previous: Any = None) -> bool:
         """Whether ``boxes`` is named after an image layer other than ``image`` ('<other>
-        boxes', as this widget and the folder reader name them)."""
-        return boxes is not None and any(
-            boxes.name == f"{layer.name} boxes" for layer in self.viewer.layers
-            if isinstance(layer, napari.layers.Image) and _unwrap(layer) is not _unwrap(image))
+        boxes', as this widget and the folder reader name them), or after ``previous``, the
+        image chosen before (which may just have been deleted)."""
+        this = _unwrap(image)
+        others = [layer for layer in self.viewer.layers
+                  if isinstance(layer, napari.layers.Image) and _unwrap(layer) is not this]
+        if previous is not None and previous is not this:
+            others.append(previous)
+        return boxes is not None and any(boxes.name == f"{layer.name} boxes" for layer in others)
 
     def _loose_clicked(self, *_: Any) -> None:
         self._loose_set_by_user = True

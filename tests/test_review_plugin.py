@@ -190,3 +190,17 @@ def test_choosing_an_image_without_boxes_gives_it_its_own_boxes_layer(
     viewer.add_image(_blob_image(2), name="c")
     widget.image_combo.setCurrentText("c")
     assert widget.boxes_combo.currentText() == "Shapes"
+
+
+def test_deleting_the_image_leaves_its_boxes_to_it(make_napari_viewer_proxy):
+    """Deleting image a moved the widget to image b but kept it on 'a boxes' (no image of
+    that name was left to tell whose they were): b's boxes went into a's layer."""
+    viewer = make_napari_viewer_proxy()
+    viewer.add_image(_blob_image(1), name="b")
+    viewer.add_image(_blob_image(0), name="a")
+    widget = BoxToMaskWidget(viewer)
+    widget.image_combo.setCurrentText("a")
+    _add_box(widget.new_boxes_layer(), (14, 12, 38, 36))
+    viewer.layers.remove("a")
+    assert widget.image_combo.currentText() == "b"
+    assert widget.boxes_combo.currentText() == "b boxes"
