@@ -413,7 +413,7 @@ class BoxToMaskWidget(QWidget):
         layout.addWidget(self.status)
         layout.addStretch(1)
 
-        self.boxes_combo.currentTextChanged.connect(lambda _t: self._bind_boxes())
+        self.boxes_combo.currentTextChanged.connect(self._on_boxes_changed)
         self.labels_combo.currentTextChanged.connect(lambda _t: self._switch_masks_layer())
         self.image_combo.currentTextChanged.connect(lambda _t: self._update_enabled())
         self.image_combo.currentTextChanged.connect(self._on_image_changed)
@@ -445,9 +445,23 @@ class BoxToMaskWidget(QWidget):
         name = f"{image.name} boxes"
         if name in layers and isinstance(layers[name], napari.layers.Shapes):
             self.boxes_combo.select(layers[name])
+            # The next box drawn goes into the active layer: make it the one we listen to.
+            layers.selection.active = layers[name]
         elif self._boxes_of_another_image(self.boxes_combo.layer(), image, previous):
             # Boxes drawn next in the old image's layer would be segmented on this image.
             self.new_boxes_layer()
+
+    def _on_boxes_changed(self, *_: Any) -> None:
+        """Another boxes layer chosen: when it is named after another image ('<image>
+        boxes'), that image is chosen first, so its boxes are segmented on its own pixels
+        and into its own masks layer."""
+        boxes = self.boxes_combo.layer()
+        owner = next((layer for layer in self.viewer.layers
+                      if isinstance(layer, napari.layers.Image) and boxes is not None
+                      and boxes.name == f"{layer.name} boxes"), None)
+        if owner is not None and _unwrap(owner) is not _unwrap(self.image_combo.layer()):
+            self.image_combo.select(owner)  # _on_image_changed also matches the masks layer
+        self._bind_boxes()
 
     def _boxes_of_another_image(self, boxes: Any, image: Any, previous: Any = None) -> bool:
         """Whether ``boxes`` is named after an image layer other than ``image`` ('<other>

@@ -1,0 +1,60 @@
+"""Walk-through review: two images in one viewer, driven from the widget's combos."""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  -- before Qt (napari) is imported
+
+import numpy as np
+import pytest
+
+from boxlevelset_napari._box_to_mask import BoxToMaskWidget
+from boxlevelset_napari._layers import boxes_to_rectangles
+
+pytestmark = pytest.mark.plugin
+
+
+def _blob_image(seed: int, size: int = 64) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 30, size=(size, size)).astype(np.uint8)
+    image[14:34, 16:36] = 210
+    return image
+
+
+def _two_images_with_a_box_each(viewer):
+    """Images a and b, each with one box segmented; b chosen last."""
+    viewer.add_image(_blob_image(0), name="a")
+    viewer.add_image(_blob_image(1), name="b")
+    widget = BoxToMaskWidget(viewer)
+    for name in ("a", "b"):
+        widget.image_combo.setCurrentText(name)
+        boxes = widget.boxes_layer()
+        boxes.add_rectangles(boxes_to_rectangles(np.array([[14.0, 12, 38, 36]])))
+    return widget
+
+
+def test_picking_another_images_boxes_picks_that_image(make_napari_viewer_proxy):
+    """With image b chosen, picking 'a boxes' in the Boxes combo kept b as the image: Segment
+    then segmented a's boxes on b's pixels and painted them into 'b masks'. The image (and
+    its masks layer) now follows the boxes layer."""
+    viewer = make_napari_viewer_proxy()
+    widget = _two_images_with_a_box_each(viewer)
+    masks_a, masks_b = viewer.layers["a masks"], viewer.layers["b masks"]
+    before_a, before_b = np.array(masks_a.data), np.array(masks_b.data)
+
+    widget.boxes_combo.setCurrentText("a boxes")
+    assert widget.image_combo.currentText() == "a"
+    assert widget.labels_combo.currentText() == "a masks"
+    widget.segment()
+    assert np.array_equal(masks_b.data, before_b)  # nothing of a's painted on b
+    assert np.array_equal(masks_a.data, before_a)
+
+
+def test_picking_an_image_makes_its_boxes_layer_active(make_napari_viewer_proxy):
+    """Choosing image a again selected 'a boxes' in the widget but left 'b boxes' active in
+    the layer list: the next box drawn went into b's layer, which the widget no longer
+    listened to, and got no mask."""
+    viewer = make_napari_viewer_proxy()
+    widget = _two_images_with_a_box_each(viewer)
+    assert viewer.layers.selection.active.name == "b boxes"
+    widget.image_combo.setCurrentText("a")
+    assert viewer.layers.selection.active.name == "a boxes"
