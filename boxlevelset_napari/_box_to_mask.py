@@ -439,7 +439,7 @@ class BoxToMaskWidget(QWidget):
         self._loose_for(image)
         layers = self.viewer.layers
         labels = self.labels_combo.layer()
-        if labels is not None and not self._masks_fit(labels, image):
+        if labels is not None and not self._masks_fit(labels, image, previous):
             self.labels_combo.setCurrentText(NEW_LAYER)
         self._match_masks_layer()
         name = f"{image.name} boxes"
@@ -463,16 +463,21 @@ class BoxToMaskWidget(QWidget):
             self.image_combo.select(owner)  # _on_image_changed also matches the masks layer
         self._bind_boxes()
 
-    def _boxes_of_another_image(self, boxes: Any, image: Any, previous: Any = None) -> bool:
-        """Whether ``boxes`` is named after an image layer other than ``image`` ('<other>
-        boxes', as this widget and the folder reader name them), or after ``previous``, the
-        image chosen before (which may just have been deleted)."""
+    def _other_images(self, image: Any, previous: Any = None) -> list:
+        """The image layers other than ``image``, and ``previous``, the image chosen before
+        (which may just have been deleted: its layers are still its own)."""
         this = _unwrap(image)
         others = [layer for layer in self.viewer.layers
                   if isinstance(layer, napari.layers.Image) and _unwrap(layer) is not this]
         if previous is not None and previous is not this:
             others.append(previous)
-        return boxes is not None and any(boxes.name == f"{layer.name} boxes" for layer in others)
+        return others
+
+    def _boxes_of_another_image(self, boxes: Any, image: Any, previous: Any = None) -> bool:
+        """Whether ``boxes`` is named after an image layer other than ``image`` ('<other>
+        boxes', as this widget and the folder reader name them), or after ``previous``."""
+        return boxes is not None and any(boxes.name == f"{layer.name} boxes"
+                                         for layer in self._other_images(image, previous))
 
     def _loose_clicked(self, *_: Any) -> None:
         self._loose_set_by_user = True
@@ -482,16 +487,15 @@ class BoxToMaskWidget(QWidget):
         if image is not None and not self._loose_set_by_user:
             self.loose_check.setChecked(self._window(image) is not None)
 
-    def _masks_fit(self, labels: Any, image: Any) -> bool:
+    def _masks_fit(self, labels: Any, image: Any, previous: Any = None) -> bool:
         """Whether ``labels`` can hold ``image``'s masks: the same pixel grid, and not named
         after another image layer ('<other> masks', as this widget and the reader name
-        them)."""
+        them) nor after ``previous``, the image chosen before (perhaps just deleted)."""
         shape = image.data.shape[:-1] if image.rgb else image.data.shape
         if tuple(labels.data.shape) != tuple(shape):
             return False
-        return not any(labels.name == f"{layer.name} masks" for layer in self.viewer.layers
-                       if isinstance(layer, napari.layers.Image)
-                       and _unwrap(layer) is not _unwrap(image))
+        return not any(labels.name == f"{layer.name} masks"
+                       for layer in self._other_images(image, previous))
 
     def _match_masks_layer(self, *_: Any) -> None:
         """While 'Masks into' says new layer, take the image's own masks layer when there

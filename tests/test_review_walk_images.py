@@ -58,3 +58,22 @@ def test_picking_an_image_makes_its_boxes_layer_active(make_napari_viewer_proxy)
     assert viewer.layers.selection.active.name == "b boxes"
     widget.image_combo.setCurrentText("a")
     assert viewer.layers.selection.active.name == "a boxes"
+
+
+def test_deleting_the_image_leaves_its_masks_to_it(make_napari_viewer_proxy):
+    """Deleting image a moved the widget to b (same size) with a new 'b boxes', but kept
+    'a masks' as the masks layer (no image named a was left to tell whose it was): b's
+    masks were painted among a's."""
+    viewer = make_napari_viewer_proxy()
+    viewer.add_image(_blob_image(1), name="b")
+    viewer.add_image(_blob_image(0), name="a")
+    widget = BoxToMaskWidget(viewer)
+    widget.image_combo.setCurrentText("a")
+    widget.boxes_layer().add_rectangles(boxes_to_rectangles(np.array([[14.0, 12, 38, 36]])))
+    masks_a = viewer.layers["a masks"]
+    before = np.array(masks_a.data)
+    viewer.layers.remove("a")
+    assert widget.image_combo.currentText() == "b"
+    widget.boxes_layer().add_rectangles(boxes_to_rectangles(np.array([[14.0, 12, 38, 36]])))
+    assert np.array_equal(masks_a.data, before)
+    assert widget.labels_combo.currentText() == "b masks"
