@@ -47,7 +47,7 @@ def make_sample_ct() -> list[tuple]:
     ndim = np.asarray(volume.array).ndim
     plane = 0 if ndim == 3 else None
     kwargs = boxes_layer_kwargs(cats, list(range(1, len(boxes) + 1)), default_category=cats[0],
-                                name="ct boxes", scale=image[1]["scale"],
+                                name="ct_slice boxes", scale=image[1]["scale"],
                                 class_names=sorted(set(cats), key=cats.index))
     kwargs["ndim"] = ndim
     return [image, (boxes_to_rectangles(boxes, plane=plane), kwargs, "shapes")]

@@ -77,3 +77,16 @@ def test_deleting_the_image_leaves_its_masks_to_it(make_napari_viewer_proxy):
     widget.boxes_layer().add_rectangles(boxes_to_rectangles(np.array([[14.0, 12, 38, 36]])))
     assert np.array_equal(masks_a.data, before)
     assert widget.labels_combo.currentText() == "b masks"
+
+
+def test_the_ct_samples_boxes_belong_to_its_image(make_napari_viewer_proxy):
+    """The CT sample named its boxes 'ct boxes' beside the image 'ct_slice': nothing told
+    they were that image's, so choosing a second image kept the widget on them and Segment
+    painted the CT's boxes onto the other image."""
+    viewer = make_napari_viewer_proxy()
+    viewer.open_sample("boxlevelset-napari", "ct_slice")
+    widget = BoxToMaskWidget(viewer)
+    assert widget.boxes_combo.currentText() == "ct_slice boxes"
+    viewer.add_image(np.zeros(viewer.layers["ct_slice"].data.shape, np.float32), name="other")
+    widget.image_combo.setCurrentText("other")
+    assert widget.boxes_combo.currentText() == "other boxes"
