@@ -932,10 +932,11 @@ class BoxToMaskWidget(QWidget):
     def _leave_old_plane(self, labels: Any, box_id: int, plane: int | None) -> None:
         """A box moved to another slice (through the API: napari's mouse keeps a shape on
         its slice) takes its mask along: the mask on the slice it left is erased, unless
-        the user keeps a hand edit there. Propagated slices other than its own stay."""
+        the user keeps a hand edit there. A propagated box's walk stays whole: the slice
+        it left is one of the walk's, and erasing it would leave a hole in the object."""
         old = (self._geom.get(box_id) or (plane,))[0]
         written = self._written.get(box_id, {})
-        if old == plane or old not in written or not self._may_replace(box_id, [old]):
+        if old == plane or set(written) != {old} or not self._may_replace(box_id, [old]):
             return
         self._erase(labels, box_id, old)
         del written[old]

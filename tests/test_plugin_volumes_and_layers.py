@@ -546,3 +546,14 @@ def test_one_undo_takes_back_the_segment_press_after_a_model_is_loaded(
     widget.hand_combo.setCurrentText("ask")
     widget.segment()
     assert not np.array_equal(labels.data, levelset)
+
+
+def test_a_propagated_box_moved_to_another_slice_leaves_no_hole_in_its_walk(volume_widget):
+    """Moving the drawn box of a propagated object to another slice erased the mask it
+    left: a hole in the middle of the walk's slices. The walk's slices stay whole; the
+    slice it moves to gets its new mask."""
+    widget, boxes, labels, box_id = _walk_setup(volume_widget)
+    widget.propagate_selected()
+    assert _slices_with(labels, box_id) == [1, 2, 3, 4]
+    boxes.data = [boxes_to_rectangles(np.asarray([BOX], dtype=float), plane=3)[0]]
+    assert _slices_with(labels, box_id) == [1, 2, 3, 4]
