@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from boxlevelset.model import LITE_HEADS
+from boxlevelset.model import LITE_HEADS, SIZE_DIVISOR
 
 logger = logging.getLogger(__name__)
 
@@ -406,8 +406,10 @@ def _skipped_empty_message(names: Sequence[str], listed: int = 5) -> str:
     return text + (f": {', '.join(names)}" if n <= listed else "")
 
 
-def collate(samples: list[dict[str, Any]], divisor: int = 32) -> tuple[torch.Tensor, list[dict]]:
-    """Pad images (bottom/right, zeros) to a common size divisible by `divisor`."""
+def collate(samples: list[dict[str, Any]], divisor: int = SIZE_DIVISOR
+            ) -> tuple[torch.Tensor, list[dict]]:
+    """Pad images (bottom/right, zeros) to a common size divisible by `divisor` (the
+    network's, as ``model.pad_to_multiple`` pads a single image; masks padded with them)."""
     h = max(s["image"].shape[1] for s in samples)
     w = max(s["image"].shape[2] for s in samples)
     h, w = math.ceil(h / divisor) * divisor, math.ceil(w / divisor) * divisor
