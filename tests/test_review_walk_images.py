@@ -7,17 +7,12 @@ import torch  # noqa: F401  -- before Qt (napari) is imported
 import numpy as np
 import pytest
 
+from test_review_plugin import _blob_image
+
 from boxlevelset_napari._box_to_mask import BoxToMaskWidget
 from boxlevelset_napari._layers import boxes_to_rectangles
 
 pytestmark = pytest.mark.plugin
-
-
-def _blob_image(seed: int, size: int = 64) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    image = rng.integers(0, 30, size=(size, size)).astype(np.uint8)
-    image[14:34, 16:36] = 210
-    return image
 
 
 def _two_images_with_a_box_each(viewer):
