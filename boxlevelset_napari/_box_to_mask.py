@@ -48,6 +48,8 @@ from ._layers import (
     META_KEY,
     boxes_layer_kwargs,
     boxes_to_rectangles,
+    companion_layer,
+    companion_name,
     contrast_window,
     plugin_meta,
     rectangle_to_box,
@@ -442,12 +444,12 @@ class BoxToMaskWidget(QWidget):
         if labels is not None and not self._masks_fit(labels, image, previous):
             self.labels_combo.setCurrentText(NEW_LAYER)
         self._match_masks_layer()
-        name = f"{image.name} boxes"
-        if name in layers and isinstance(layers[name], napari.layers.Shapes):
-            self.boxes_combo.select(layers[name])
+        own = companion_layer(layers, image.name, "boxes", napari.layers.Shapes)
+        if own is not None:
+            self.boxes_combo.select(own)
             # The next box drawn goes into the active layer: make it the one we listen to.
-            layers.selection.active = layers[name]
-        elif self._boxes_of_another_image(self.boxes_combo.layer(), image, previous):
+            layers.selection.active = own
+        elif self._named_for_another_image(self.boxes_combo.layer(), "boxes", image, previous):
             # Boxes drawn next in the old image's layer would be segmented on this image.
             self.new_boxes_layer()
 
@@ -458,7 +460,7 @@ class BoxToMaskWidget(QWidget):
         boxes = self.boxes_combo.layer()
         owner = next((layer for layer in self.viewer.layers
                       if isinstance(layer, napari.layers.Image) and boxes is not None
-                      and boxes.name == f"{layer.name} boxes"), None)
+                      and boxes.name == companion_name(layer.name, "boxes")), None)
         if owner is not None and _unwrap(owner) is not _unwrap(self.image_combo.layer()):
             self.image_combo.select(owner)  # _on_image_changed also matches the masks layer
         self._bind_boxes()
@@ -473,11 +475,12 @@ class BoxToMaskWidget(QWidget):
             others.append(previous)
         return others
 
-    def _boxes_of_another_image(self, boxes: Any, image: Any, previous: Any = None) -> bool:
-        """Whether ``boxes`` is named after an image layer other than ``image`` ('<other>
-        boxes', as this widget and the folder reader name them), or after ``previous``."""
-        return boxes is not None and any(boxes.name == f"{layer.name} boxes"
-                                         for layer in self._other_images(image, previous))
+    def _named_for_another_image(self, layer: Any, kind: str, image: Any,
+                                 previous: Any = None) -> bool:
+        """Whether ``layer`` is the boxes or masks layer (``kind``) of an image layer other
+        than ``image``, or of ``previous``, by its name (``companion_name``)."""
+        return layer is not None and any(layer.name == companion_name(other.name, kind)
+                                         for other in self._other_images(image, previous))
 
     def _loose_clicked(self, *_: Any) -> None:
         self._loose_set_by_user = True
@@ -494,8 +497,7 @@ class BoxToMaskWidget(QWidget):
         shape = image.data.shape[:-1] if image.rgb else image.data.shape
         if tuple(labels.data.shape) != tuple(shape):
             return False
-        return not any(labels.name == f"{layer.name} masks"
-                       for layer in self._other_images(image, previous))
+        return not self._named_for_another_image(labels, "masks", image, previous)
 
     def _match_masks_layer(self, *_: Any) -> None:
         """While 'Masks into' says new layer, take the image's own masks layer when there
@@ -505,10 +507,9 @@ class BoxToMaskWidget(QWidget):
         image = self.image_combo.layer()
         if image is None or self.labels_combo.currentText() != NEW_LAYER:
             return
-        name = f"{image.name} masks"
-        if name in self.viewer.layers and isinstance(self.viewer.layers[name],
-                                                     napari.layers.Labels):
-            self.labels_combo.select(self.viewer.layers[name])
+        own = companion_layer(self.viewer.layers, image.name, "masks", napari.layers.Labels)
+        if own is not None:
+            self.labels_combo.select(own)
 
     def detach(self) -> None:
         """Stop listening to the boxes layer and release the keys (the widget was closed)."""
@@ -550,7 +551,8 @@ class BoxToMaskWidget(QWidget):
         """Add an empty boxes layer over the current image, in rectangle mode."""
         image = self._image()
         kwargs = boxes_layer_kwargs(default_category=self.category, scale=image.scale,
-                                    name=f"{image.name} boxes", class_names=self.class_names)
+                                    name=companion_name(image.name, "boxes"),
+                                    class_names=self.class_names)
         kwargs["ndim"] = self._spatial_ndim(image)
         kwargs["translate"] = image.translate
         layer = self.viewer.add_shapes(None, **kwargs)
@@ -572,7 +574,8 @@ class BoxToMaskWidget(QWidget):
             shape = image.data.shape[:-1] if image.rgb else image.data.shape
             meta = {META_KEY: dict(plugin_meta(image))}
             layer = self.viewer.add_labels(np.zeros(shape, dtype=np.int32),
-                                           name=f"{image.name} masks", scale=image.scale,
+                                           name=companion_name(image.name, "masks"),
+                                           scale=image.scale,
                                            translate=image.translate, metadata=meta)
             boxes = self.boxes_combo.layer()
             if boxes is not None:  # keep the boxes above the masks and active for drawing

@@ -32,7 +32,7 @@ from qtpy.QtWidgets import (
 
 from ._box_to_mask import BoxToMaskWidget, LayerCombo, _unwrap, closed_by_napari, hbox
 from ._train_process import compiler_stack_unsafe_here, forward_warnings, train_in_subprocess
-from ._layers import DEFAULT_CATEGORY
+from ._layers import DEFAULT_CATEGORY, companion_layer
 
 SOURCE_FOLDER = "Box-labeled folder"
 SOURCE_VIEWER = "Boxes in this viewer"
@@ -228,10 +228,7 @@ class FineTuneWidget(QWidget):
             if (widget.viewer is self.viewer and _unwrap(widget.image_combo.layer()) is
                     _unwrap(image) and _unwrap(widget.boxes_combo.layer()) is _unwrap(boxes)):
                 return widget.labels_combo.layer()
-        name = f"{image.name} masks"
-        layers = self.viewer.layers
-        return layers[name] if name in layers and isinstance(layers[name],
-                                                             napari.layers.Labels) else None
+        return companion_layer(self.viewer.layers, image.name, "masks", napari.layers.Labels)
 
     def make_config(self) -> Any:
         """The TrainConfig the Fine-tune button runs (its stop_event is what Stop sets)."""

@@ -18,6 +18,20 @@ META_KEY = "boxlevelset"
 DEFAULT_CATEGORY = "object"
 
 
+def companion_name(image_name: str, kind: str) -> str:
+    """The name of an image's boxes or masks layer (``kind`` "boxes" or "masks"): the
+    reader, the samples and the widgets all name them '<image> boxes' and '<image> masks',
+    and the widgets tell by that name which image a layer belongs to."""
+    return f"{image_name} {kind}"
+
+
+def companion_layer(layers: Any, image_name: str, kind: str, layer_type: type) -> Any:
+    """The image's boxes or masks layer among ``layers`` (a napari layer list), if there
+    is one of ``layer_type``, else None."""
+    name = companion_name(image_name, kind)
+    return layers[name] if name in layers and isinstance(layers[name], layer_type) else None
+
+
 def plugin_meta(layer: Any) -> dict:
     """The plugin's metadata dict of a layer (empty when it has none)."""
     meta = getattr(layer, "metadata", None) or {}

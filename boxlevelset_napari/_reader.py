@@ -18,6 +18,7 @@ from ._layers import (
     META_KEY,
     boxes_layer_kwargs,
     boxes_to_rectangles,
+    companion_name,
     window_contrast,
 )
 
@@ -230,7 +231,8 @@ def read_box_folder(path: str | os.PathLike) -> list[LayerData]:
         "z_stack": bool(z_depth),  # saved again with each plane's place
     }
     image_kwargs = {"name": root.name, "rgb": rgb, "metadata": {META_KEY: folder_meta}}
-    labels_kwargs = {"name": f"{root.name} masks", "metadata": {META_KEY: dict(folder_meta)}}
+    labels_kwargs = {"name": companion_name(root.name, "masks"),
+                     "metadata": {META_KEY: dict(folder_meta)}}
     if flat:
         stack, labels = stack[0], labels[0]
         rects = [r[:, 1:] for r in rects]
@@ -288,7 +290,7 @@ def _ct_folder_layers(folder: Any, records: list, root: Path) -> list[LayerData]
     layers: list[LayerData] = [image]
     if labels.any():
         meta = {META_KEY: dict(image[1]["metadata"][META_KEY])}
-        layers.append((labels, {"name": f"{root.name} masks", "scale": scale,
+        layers.append((labels, {"name": companion_name(root.name, "masks"), "scale": scale,
                                 "metadata": meta}, "labels"))
     return [*layers, (rects, box_kwargs, "shapes")]  # boxes on top, as above
 
@@ -323,7 +325,8 @@ def _boxes_and_masks(folder: Any, records: list, planes: Any, labels: np.ndarray
             target = labels[plane, : mask.shape[0], : mask.shape[1]]
             # Earlier boxes win overlaps.
             target[mask & (target == 0)] = label_of[owners.get((k, j), (k, j))]
-    box_kwargs = boxes_layer_kwargs(cats, ids, name=f"{name} boxes", class_names=class_names,
+    box_kwargs = boxes_layer_kwargs(cats, ids, name=companion_name(name, "boxes"),
+                                    class_names=class_names,
                                     default_category=class_names[0])
     box_kwargs["ndim"] = 3
     return box_kwargs, rects, has_masks

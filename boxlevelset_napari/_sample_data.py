@@ -8,7 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ._layers import DEFAULT_CATEGORY, META_KEY, boxes_layer_kwargs, boxes_to_rectangles
+from ._layers import (
+    DEFAULT_CATEGORY,
+    META_KEY,
+    boxes_layer_kwargs,
+    boxes_to_rectangles,
+    companion_name,
+)
 from ._reader import ct_layer_data
 
 
@@ -26,7 +32,7 @@ def make_sample_nuclei() -> list[tuple]:
     rgb = image.ndim == 3 and image.shape[2] in (3, 4)
     meta = {META_KEY: {"kind": "image", "file_names": ["nuclei.png"]}}
     kwargs = boxes_layer_kwargs(["nucleus"] * len(boxes), list(range(1, len(boxes) + 1)),
-                                default_category="nucleus", name="nuclei boxes",
+                                default_category="nucleus", name=companion_name("nuclei", "boxes"),
                                 class_names=["nucleus"])
     return [
         (image, {"name": "nuclei", "rgb": rgb, "metadata": meta}, "image"),
@@ -47,7 +53,7 @@ def make_sample_ct() -> list[tuple]:
     ndim = np.asarray(volume.array).ndim
     plane = 0 if ndim == 3 else None
     kwargs = boxes_layer_kwargs(cats, list(range(1, len(boxes) + 1)), default_category=cats[0],
-                                name="ct_slice boxes", scale=image[1]["scale"],
+                                name=companion_name("ct_slice", "boxes"), scale=image[1]["scale"],
                                 class_names=sorted(set(cats), key=cats.index))
     kwargs["ndim"] = ndim
     return [image, (boxes_to_rectangles(boxes, plane=plane), kwargs, "shapes")]
