@@ -986,7 +986,9 @@ def save_box_folder(
     _check_file_names(images)  # before any file is written: one may be the folder's own
     cats = [{"id": int(c["id"]), "name": str(c["name"])} for c in categories]
     cat_ids = {c["id"] for c in cats}
-    seen: dict[str, Any] = {}  # file_name -> its volume or stack, None: a 2D image
+    # Stacks and volumes written so far: their other planes' entries reuse the file
+    # (_check_file_names has already ruled out two sources under one name).
+    written: set[str] = set()
     coco_images, annotations = [], []
     for image_id, item in enumerate(images, start=1):
         if len(item) not in (5, 6):
@@ -1001,28 +1003,26 @@ def save_box_folder(
             plane, image = int(slice_index), np.asarray(image)
             if not 0 <= plane < len(image):
                 raise ValueError(f"{file_name}: plane {plane} outside 0..{len(image) - 1}")
-            if file_name not in seen:
+            if file_name not in written:
                 _write_stack(root / "images" / file_name, image)
-            seen[file_name] = image
+                written.add(file_name)
             h, w = image.shape[1:3]
             entry["plane"] = plane
         elif slice_index is not None:
             depth, h, w = image.array.shape
             if not 0 <= int(slice_index) < depth:
                 raise ValueError(f"{file_name}: slice_index {slice_index} outside 0..{depth - 1}")
-            if file_name not in seen:
+            if file_name not in written:
                 write_volume(root / "images" / file_name, image)
-            seen[file_name] = image
+                written.add(file_name)
             entry["slice_index"] = int(slice_index)
         elif isinstance(image, (str, os.PathLike)):  # an image file, kept byte for byte
             h, w = _image_size(Path(image))
             _copy_image(Path(image), root / "images" / file_name)
-            seen[file_name] = None
         else:
             image = np.asarray(image)
             h, w = image.shape[:2]
             _write_image(root / "images" / file_name, image)
-            seen[file_name] = None
         entry.update(width=int(w), height=int(h))
         entry.update(_extra_fields(entry, entry_fields[image_id - 1] if entry_fields else {},
                                    file_name))
