@@ -311,10 +311,10 @@ def _boxes_and_masks(folder: Any, records: list, planes: Any, labels: np.ndarray
         for j, box in enumerate(np.asarray(record.boxes, dtype=np.float64).reshape(-1, 4)):
             if (k, j) in owners:
                 continue  # a slice of an object whose box is elsewhere
-            label_of[(k, j)] = len(ids) + 1
+            box_id = label_of[(k, j)] = len(ids) + 1
             rects.extend(boxes_to_rectangles(box[None], plane=plane))
             cats.append(cat_names.get(int(record.category_ids[j]), str(record.category_ids[j])))
-            ids.append(len(ids) + 1)
+            ids.append(box_id)
     has_masks = False
     for k, (record, plane) in enumerate(zip(records, planes)):
         gt = folder.gt_masks(record)
