@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import tifffile
 from napari.layers import Layer
+from test_plugin_io import _write_ct
 
 from boxlevelset.data import load_box_folder
 from boxlevelset.export import read_coco_masks
@@ -182,17 +182,6 @@ def test_a_stack_folder_with_one_annotated_plane_stays_a_stack(tmp_path,
     boxes.add_rectangles(boxes_to_rectangles(np.array([[12.0, 10.0, 30.0, 26.0]]), plane=2))
     again, again_boxes, _ = _open(widget.export("folder", str(tmp_path / "saved")))
     assert again.data.shape == (4, 40, 48) and rectangle_to_box(again_boxes.data[0])[0] == 2
-
-
-def _write_ct(path: Path) -> np.ndarray:
-    """A small anisotropic CT volume: a 'liver' (60 HU) block on slices 1..4, in water."""
-    arr = np.full((6, 40, 48), -1000, np.int16)
-    arr[:, 5:35, 5:43] = 0
-    arr[1:5, 10:26, 12:30] = 60
-    image = sitk.GetImageFromArray(arr)
-    image.SetSpacing((0.7, 0.8, 2.5))
-    sitk.WriteImage(image, str(path))
-    return arr
 
 
 def test_a_propagated_ct_box_reopens_as_one_object(tmp_path, make_napari_viewer_proxy):
