@@ -73,7 +73,8 @@ def apply_window(image: np.ndarray, window: Window) -> np.ndarray:
 
 
 def as_float_image(image: np.ndarray, window: Window = None,
-                   allow_nonfinite: bool = False) -> np.ndarray:
+                   allow_nonfinite: bool = False,
+                   region: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """Return an HxWxC float32 image in [0, 1].
 
     uint8 is divided by 255; other integer types are stretched to the image's own range
@@ -81,6 +82,10 @@ def as_float_image(image: np.ndarray, window: Window = None,
     window, values are treated as Hounsfield units and windowed first. Raises ValueError
     for wrong dimensions, and for non-finite values unless ``allow_nonfinite`` (they are
     then NaN in the result and left out of the scaling).
+
+    ``region`` (x0, y0, x1, y1), in pixels: only those pixels are converted, scaled as in
+    the whole image (the same values as that crop of the whole result), so that a few
+    boxes on a 12-megapixel photo do not pay for converting all of it.
     """
     arr = np.asarray(image)
     if arr.ndim == 3 and arr.shape[2] not in (1, 2, 3, 4) and arr.shape[0] in (1, 3, 4):
@@ -91,21 +96,26 @@ def as_float_image(image: np.ndarray, window: Window = None,
         arr = arr.astype(np.float32)
     if not np.issubdtype(arr.dtype, np.number):
         raise ValueError(f"image must be numeric, got dtype {arr.dtype}")
+    has_values = True
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
         if not allow_nonfinite:
             raise ValueError("image contains NaN or inf values")
-        arr = np.where(np.isfinite(arr), arr, np.nan)  # inf too: it has no place on a scale
+        finite = np.isfinite(arr)
+        has_values = bool(finite.any())
+        arr = np.where(finite, arr, np.nan)  # inf too: it has no place on a scale
     if arr.ndim == 3 and arr.shape[2] == 4:  # drop alpha
         arr = arr[..., :3]
+    part = arr if region is None else arr[region[1]:region[3], region[0]:region[2]]
     resolved = resolve_window(window)
     if resolved is not None:
-        out = apply_window(arr, resolved)
+        out = apply_window(part, resolved)
     elif arr.dtype == np.uint8:
-        out = arr.astype(np.float32) / 255.0
+        out = part.astype(np.float32) / 255.0
     else:
-        out = arr.astype(np.float32)
-        finite = out[np.isfinite(out)] if allow_nonfinite else out
-        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        out = part.astype(np.float32)
+        # The range of the whole image, in float32 as ``out`` holds it (rounding keeps order).
+        lo = float(np.float32(np.nanmin(arr))) if has_values else 0.0
+        hi = float(np.float32(np.nanmax(arr))) if has_values else 0.0
         if arr.dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
             pass
         elif hi > lo:

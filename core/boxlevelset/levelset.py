@@ -19,7 +19,7 @@ import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -293,14 +293,30 @@ PAPER_ENERGY: dict[str, Any] = {"histogram": 0.0, "edge": 0.0, "gamma": 0.15, "s
 LOOSE_BOXES: dict[str, Any] = {"context": 0.0, "alpha": 0.0, "border": 1.0}
 
 
-def _grey_as_one_channel(img: np.ndarray) -> np.ndarray:
+def _grey_as_one_channel(img: np.ndarray, stored: np.ndarray | None = None) -> np.ndarray:
     """A grey image stored as RGB (R = G = B, as most microscopy PNGs) as one channel: it is
     not a colour image, so it gets no Lab transform, and two constant channels would not
-    dilute the region terms, which average over channels."""
-    if img.shape[2] == 3 and np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(
-            img[..., 0], img[..., 2]):
+    dilute the region terms, which average over channels. ``stored``: the whole image as
+    given, when ``img`` is a region of it (grey or colour is the whole image's property)."""
+    if img.shape[2] == 3 and _stored_grey(img if stored is None else np.asarray(stored)):
         return img[..., :1]
     return img
+
+
+def _stored_grey(image: np.ndarray) -> bool:
+    """R = G = B everywhere (NaN and inf count as differing), compared a block of rows at a
+    time: a colour photo differs within its first block."""
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        return False
+    rows = max(1, (1 << 18) // image.shape[1])
+    for r in range(0, image.shape[0], rows):
+        block = image[r:r + rows]
+        if image.dtype.kind == "f" and not np.isfinite(block[..., :3]).all():
+            return False
+        if not (np.array_equal(block[..., 0], block[..., 1])
+                and np.array_equal(block[..., 0], block[..., 2])):
+            return False
+    return True
 
 
 def _crop_raw(img: np.ndarray, bounds, scale: float, smooth: float, lab: bool) -> np.ndarray:
@@ -572,19 +588,46 @@ def _cut(
     return [u.reshape(c.shape[:2]) for u, c in zip(masks, crops)]
 
 
+class _BoxInput(NamedTuple):
+    """segment_boxes' view of its input (``_image_and_boxes``)."""
+
+    img: np.ndarray  # float HxWxC in [0, 1], or the region of it that the energy reads
+    boxes: np.ndarray  # the boxes clipped to the image, in its pixels
+    bounds: np.ndarray  # their pixel ranges in ``img``
+    origin: tuple[int, int]  # (x, y) of img's first pixel in the image
+    size: tuple[int, int]  # the image's (height, width)
+
+
 def _image_and_boxes(
-    image: np.ndarray, boxes: np.ndarray, window: Window, model_free: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """segment_boxes' view of its input: the float image (a grey image stored as RGB as one
-    channel; model-free, NaN pixels outside every box filled in), the boxes clipped to it
-    and their pixel bounds."""
-    img = _grey_as_one_channel(as_float_image(image, window, allow_nonfinite=model_free))
-    height, width = img.shape[:2]
-    clipped = clip_boxes(as_boxes(boxes), height, width)
-    bounds = pixel_bounds(clipped, height, width)
-    if model_free and len(bounds) and np.asarray(image).dtype.kind == "f":  # floats hold NaN
+    image: np.ndarray, boxes: np.ndarray, window: Window, model_free: bool,
+    context: float | None = None,
+) -> _BoxInput:
+    """The float image (a grey image stored as RGB as one channel; model-free, NaN pixels
+    outside every box filled in), the boxes clipped to it and their pixel bounds. Given the
+    ring width ``context`` (0: no ring), only the region holding the boxes and what the
+    energy reads around them (ring, ``_differs_around``'s frame) is converted: the masks
+    are the same, and a box on a 12-megapixel photo no longer costs converting all of it."""
+    arr = np.asarray(image)
+    region = None
+    if context is not None and arr.ndim in (2, 3) and arr.shape[0] and arr.shape[1]:
+        height, width = arr.shape[:2]
+        bounds = pixel_bounds(clip_boxes(as_boxes(boxes), height, width), height, width)
+        # NaN is filled from the nearest pixel with data, which may lie beyond any margin.
+        if len(bounds) and not (arr.dtype.kind == "f" and not np.isfinite(arr).all()):
+            margin = [round(context * max(x1 - x0, y1 - y0)) + _FRAME  # as _crop_features
+                      for x0, y0, x1, y1 in bounds.tolist()]
+            grown = bounds + np.array(margin, np.int64)[:, None] * np.array([-1, -1, 1, 1])
+            region = (max(0, int(grown[:, 0].min())), max(0, int(grown[:, 1].min())),
+                      min(width, int(grown[:, 2].max())), min(height, int(grown[:, 3].max())))
+    img = as_float_image(arr, window, allow_nonfinite=model_free, region=region)
+    img = _grey_as_one_channel(img, arr if region is not None else None)
+    origin = (0, 0) if region is None else region[:2]
+    size = arr.shape[:2]
+    clipped = clip_boxes(as_boxes(boxes), *size)
+    bounds = pixel_bounds(clipped, *size) - np.array([*origin, *origin], np.int64)
+    if model_free and len(bounds) and arr.dtype.kind == "f":  # floats hold NaN
         img = _fill_outside_boxes(img, bounds)
-    return img, clipped, bounds
+    return _BoxInput(img, clipped, bounds, origin, size)
 
 
 def _box_crops(
@@ -624,7 +667,7 @@ def mask_energy(
         raise TypeError(f"mask_energy takes the energy options {ENERGY_OPTIONS}, not {unknown}")
     defaults = inspect.signature(segment_boxes).parameters
     o = {name: options.get(name, defaults[name].default) for name in ENERGY_OPTIONS}
-    img, _, bounds = _image_and_boxes(image, boxes, window, model_free=True)
+    img, _, bounds, _, _ = _image_and_boxes(image, boxes, window, model_free=True)
     if len(bounds) == 0:
         return np.zeros(0)
     crops, hist = _box_crops(img, bounds, o["max_side"], o["smooth"], o["lab"],
@@ -742,10 +785,12 @@ def segment_boxes(
         raise ValueError(f"solver must be 'evolve' or 'cut', got {solver!r}")
     if refine < 0:
         raise ValueError(f"refine must be >= 0 level-set steps, got {refine}")
-    img, clipped, bounds = _image_and_boxes(image, boxes, window, model_free=model is None)
+    model_free = model is None
+    img, clipped, bounds, origin, (height, width) = _image_and_boxes(
+        image, boxes, window, model_free,
+        context=(context if histogram > 0 else 0.0) if model_free else None)
     if len(clipped) == 0:
         return []
-    height, width = img.shape[:2]
     predictor = None
     if model is not None:
         from boxlevelset.model import Predictor
@@ -775,7 +820,7 @@ def segment_boxes(
             init.append(np.log(prob / (1 - prob)))
     elif init_masks is not None:
         init = [np.where(u, INIT_LEVEL, -INIT_LEVEL)
-                for u in _crop_masks(init_masks, bounds, crops)]
+                for u in _crop_masks(init_masks, bounds + np.array([*origin, *origin]), crops)]
     evolve_border = 0.0 if border is None else border
     if predictor is None and solver == "cut":
         start = None if init is None else [phi > 0 for phi in init]
@@ -799,18 +844,20 @@ def segment_boxes(
                        evolve_border)
 
     masks = []
+    ox, oy = origin
     for (x0, y0, x1, y1), phi in zip(bounds, phis):
         mask = np.zeros((height, width), dtype=bool)
         masks.append(mask)
+        inside = mask[oy + y0:oy + y1, ox + x0:ox + x1]
         if predictor is None and img[y0:y1, x0:x1].std() < FLAT:
             # Nothing to separate inside: the object fills the box if its surroundings
             # differ, else there is no object (the evolution drew an arbitrary blob here).
-            mask[y0:y1, x0:x1] = _differs_around(img, (x0, y0, x1, y1))
+            inside[:] = _differs_around(img, (x0, y0, x1, y1))
             continue
         bh, bw = y1 - y0, x1 - x0
         if phi.shape != (bh, bw):
             phi = cv2.resize(phi, (bw, bh), interpolation=cv2.INTER_LINEAR)
-        mask[y0:y1, x0:x1] = clean_mask(phi > 0, fill_holes, largest_component)
+        inside[:] = clean_mask(phi > 0, fill_holes, largest_component)
     return masks
 
 
@@ -836,13 +883,17 @@ def _hist_subset(hist: tuple[np.ndarray, np.ndarray, float] | None, crops: list[
 FLAT = 1.0 / 512
 
 
+# The frame around a flat box that _differs_around compares it with, in pixels.
+_FRAME = 2
+
+
 def _differs_around(img: np.ndarray, bounds: tuple[int, int, int, int]) -> bool:
-    """True when the 2-pixel frame around a flat box differs from its inside (the box
-    holds a uniform object); False when it does not, or the box has no frame."""
+    """True when the ``_FRAME``-pixel frame around a flat box differs from its inside (the
+    box holds a uniform object); False when it does not, or the box has no frame."""
     x0, y0, x1, y1 = bounds
     height, width = img.shape[:2]
-    fx0, fy0 = max(0, x0 - 2), max(0, y0 - 2)
-    frame = img[fy0:min(height, y1 + 2), fx0:min(width, x1 + 2)]
+    fx0, fy0 = max(0, x0 - _FRAME), max(0, y0 - _FRAME)
+    frame = img[fy0:min(height, y1 + _FRAME), fx0:min(width, x1 + _FRAME)]
     outside = np.ones(frame.shape[:2], bool)
     outside[y0 - fy0:y1 - fy0, x0 - fx0:x1 - fx0] = False
     if not outside.any():
@@ -912,7 +963,9 @@ def clean_mask(mask: np.ndarray, fill_holes: bool, largest_component: bool) -> n
         labels, count = ndimage.label(mask)
         if count > 1:
             sizes = np.bincount(labels.ravel())[1:]
-            mask = np.isin(labels, 1 + np.flatnonzero(sizes >= MIN_PIECE * sizes.max()))
+            keep = np.zeros(count + 1, bool)  # a lookup per label: isin sorts every pixel
+            keep[1:] = sizes >= MIN_PIECE * sizes.max()
+            mask = keep[labels]
     if fill_holes:
         mask = ndimage.binary_fill_holes(mask)
     return mask
