@@ -249,6 +249,28 @@ def latency(max_side_px: int = 256, repeats: int = 3) -> dict:
             "p90": float(np.percentile(per_box, 90))}
 
 
+def latency_one_box(boxes_per_image: int = 5, repeats: int = 3) -> dict:
+    """ms of one box per call (the plugin's live mode: each finished box is segmented on
+    its own), on COCO photos as they are and scaled up to a 12-megapixel phone photo
+    (4032x3024, the boxes with them): median and p90 over the first 20 photos' first
+    ``boxes_per_image`` boxes."""
+    folder = load_box_folder(DATA / "coco128-dev")
+    times: dict[str, list[float]] = {"photo": [], "12 MP": []}
+    for rec in folder.records[:20]:
+        img = folder.load_image(rec)
+        big = cv2.resize(img, (4032, 3024), interpolation=cv2.INTER_LINEAR)
+        scale = np.array([4032 / rec.width, 3024 / rec.height] * 2)
+        for box in rec.boxes[:boxes_per_image]:
+            for name, arr, b in (("photo", img, box), ("12 MP", big, box * scale)):
+                best = np.inf
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    segment_boxes(arr, b[None])
+                    best = min(best, time.perf_counter() - t0)
+                times[name].append(best * 1000)
+    return {name: (float(np.median(v)), float(np.percentile(v, 90))) for name, v in times.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="*", type=Path)
@@ -298,6 +320,9 @@ def main() -> int:
         print("\nours, boxes up to 256 px, batched per image: "
               f"median {lat['median_ms_per_box']:.1f}"
               f" ms/box (p90 {lat['p90']:.1f})")
+        for name, (median, p90) in latency_one_box().items():
+            print(f"ours, one box per call, COCO boxes on the {name}: median {median:.1f} ms "
+                  f"(p90 {p90:.1f})")
     return 0
 
 
