@@ -11,6 +11,7 @@ import tifffile
 from pycocotools import mask as mask_utils
 
 from boxlevelset.export import (
+    BoxMasks,
     atomic_write,
     coco_results,
     masks_to_labels,
@@ -171,3 +172,42 @@ def test_write_label_image_png_and_tiff(tmp_path):
         write_label_image(tmp_path / "big.png", big)
     with pytest.raises(ValueError, match="jpg"):
         write_label_image(tmp_path / "labels.jpg", labels)
+
+
+def test_box_masks_give_the_rle_and_labels_of_their_whole_image_masks():
+    # Masks kept over their boxes: RLE (run starts and ends, column-major) and labels come
+    # from the crops, equal to those of the HxW masks, boxes on the image's edges included
+    # (a run down a whole column goes on into the next one), empty and full boxes too.
+    rng = np.random.default_rng(0)
+    for trial in range(400):
+        h, w = (int(v) for v in rng.integers(1, 12, 2))
+        bounds, crops, full = [], [], []
+        for _ in range(int(rng.integers(1, 4))):
+            x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+            x1, y1 = int(rng.integers(x0 + 1, w + 1)), int(rng.integers(y0 + 1, h + 1))
+            crop = rng.random((y1 - y0, x1 - x0)) < rng.choice([0.0, 0.4, 0.8, 1.0])
+            mask = np.zeros((h, w), bool)
+            mask[y0:y1, x0:x1] = crop
+            bounds.append([x0, y0, x1, y1])
+            crops.append(crop)
+            full.append(mask)
+        masks = BoxMasks(np.array(bounds), crops, (h, w))
+        assert masks.to_rle() == masks_to_rle(np.stack(full)), trial
+        np.testing.assert_array_equal(masks.to_labels(), masks_to_labels(np.stack(full)))
+        assert all((a == b).all() for a, b in zip(masks.to_masks(), full))
+    empty = BoxMasks(np.zeros((0, 4), np.int64), [], (5, 7))
+    assert len(empty) == 0 and empty.to_rle() == [] and empty.to_labels().shape == (5, 7)
+
+
+def test_overlay_from_box_masks_equals_overlay_from_whole_masks():
+    from boxlevelset.predict import overlay_image
+
+    rng = np.random.default_rng(1)
+    image = (rng.random((30, 40, 3)) * 255).astype(np.uint8)
+    bounds = np.array([[0, 0, 12, 30], [5, 3, 40, 20], [30, 25, 40, 30]])  # image edges too
+    crops = [rng.random((y1 - y0, x1 - x0)) < 0.7 for x0, y0, x1, y1 in bounds]
+    masks = BoxMasks(bounds, crops, (30, 40))
+    whole = overlay_image(image, np.stack(masks.to_masks()))
+    np.testing.assert_array_equal(overlay_image(image, masks), whole)
+    untouched = ~np.stack(masks.to_masks()).any(0)
+    assert (whole[untouched] == image[untouched]).all() and (whole != image).any()

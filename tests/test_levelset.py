@@ -432,6 +432,21 @@ def test_only_the_boxes_region_is_converted_and_masks_stay_the_same(kind, monkey
         assert masks[0].shape == base.shape and masks[0][40:80, 60:110].mean() > 0.8
 
 
+def test_cropped_masks_are_the_masks_over_their_boxes():
+    img = io.imread(SAMPLES / "nuclei.png")
+    boxes = np.array(json.loads((SAMPLES / "nuclei_boxes.json").read_text())["boxes_xyxy"])[:8]
+    boxes[0] = [-5.5, -3, 20.2, 30]  # clipped to the image
+    for solver in ("evolve", "cut"):
+        full = boxlevelset.segment_boxes(img, boxes, solver=solver)
+        cropped = boxlevelset.segment_boxes(img, boxes, solver=solver, cropped=True)
+        assert cropped.size == img.shape[:2] and len(cropped) == len(full)
+        np.testing.assert_array_equal(cropped.bounds, L.pixel_bounds(boxes, 256, 256))
+        assert all((a == b).all() for a, b in zip(cropped.to_masks(), full))
+        x0, y0, x1, y1 = cropped.bounds[3]
+        assert cropped.crops[3].shape == (y1 - y0, x1 - x0)
+    assert len(boxlevelset.segment_boxes(img, np.zeros((0, 4)), cropped=True)) == 0
+
+
 def test_segment_boxes_ct_window():
     hu = np.full((64, 64), -100.0, np.float32)  # fat
     hu[20:44, 16:48] = 60.0  # liver

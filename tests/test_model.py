@@ -362,4 +362,7 @@ def test_predictor_rescales_non_square_and_windowed_images(trained):
 
     via = segment_boxes(big, big_box, model=model, window="abdomen")
     assert np.array_equal(via[0], masks[0])
+    cropped = segment_boxes(big, big_box, model=model, window="abdomen", cropped=True)
+    assert cropped.bounds.tolist() == [[57, 39, 123, 105]]
+    np.testing.assert_array_equal(cropped.crops[0], masks[0][39:105, 57:123])
     assert p.predict_boxes(np.zeros((0, 4))) == []

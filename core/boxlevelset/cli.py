@@ -189,7 +189,7 @@ def run_segment(args: argparse.Namespace) -> int:
     """Masks from boxes for every image: COCO JSON (RLE), label images, overlay PNGs."""
     from tqdm import tqdm
 
-    from boxlevelset.export import masks_to_labels, write_coco, write_label_image
+    from boxlevelset.export import write_coco, write_label_image
     from boxlevelset.levelset import LOOSE_BOXES, segment_boxes
     from boxlevelset.data import coco_image_entry
     from boxlevelset.predict import OutputStems, overlay_image, write_png
@@ -204,7 +204,7 @@ def run_segment(args: argparse.Namespace) -> int:
 
         model = load_model(args.model, device=args.device)
     out = Path(args.out)
-    images, annotations = [], []
+    images, annotations, empty = [], [], 0
     stems = OutputStems()
     for record, image in folder.readable(tqdm(folder.records, desc="segment", unit="image")):
         boxes = np.asarray(record.boxes, float).reshape(-1, 4)
@@ -221,18 +221,20 @@ def run_segment(args: argparse.Namespace) -> int:
             # CT: the slice in Hounsfield units with the folder's window, not the uint8
             # picture of it; segment_boxes then applies its CT defaults (the cut).
             pixels, window = folder.slice_hu(record), folder.window
-        masks = segment_boxes(pixels, boxes, model=model, window=window, **options)
-        stack = np.stack(masks) if masks else np.zeros((0,) + image.shape[:2], bool)
+        # Each mask over its box only, kept as RLE: memory follows the boxes' area, not
+        # masks x image size (961 nuclei on a 2048x2048 image held 6 GB as HxW masks).
+        masks = segment_boxes(pixels, boxes, model=model, window=window, cropped=True,
+                              **options)
         images.append(coco_image_entry(record))
-        annotations.append({"image_id": int(record.image_id), "masks": stack,
-                            "category_ids": np.asarray(record.category_ids, np.int64)})
+        annotations += [{"image_id": int(record.image_id), "category_id": int(category),
+                         "segmentation": rle}
+                        for rle, category in zip(masks.to_rle(), record.category_ids)]
+        empty += sum(not crop.any() for crop in masks.crops)
         stem = stems(record)
-        labels = masks_to_labels(stack) if len(stack) else np.zeros(image.shape[:2], np.int32)
-        write_label_image(out / "labels" / f"{stem}.{args.label_format}", labels)
-        write_png(out / "overlays" / f"{stem}.png", overlay_image(image, stack))
+        write_label_image(out / "labels" / f"{stem}.{args.label_format}", masks.to_labels())
+        write_png(out / "overlays" / f"{stem}.png", overlay_image(image, masks))
     path = write_coco(out / "masks.json", images, annotations, folder.categories)
-    n = sum(len(a["masks"]) for a in annotations)
-    empty = sum(not m.any() for a in annotations for m in a["masks"])
+    n = len(annotations)
     found = f"{n} masks" + (f" ({empty} empty: no object found in the box)" if empty else "")
     print(f"{len(images)} images, {found} -> {path}, {out / 'labels'}, {out / 'overlays'}")
     return 0

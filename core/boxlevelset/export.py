@@ -11,6 +11,7 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -113,6 +114,70 @@ def masks_to_rle(masks: np.ndarray | Sequence[np.ndarray]) -> list[dict]:
     for rle in rles:
         rle["counts"] = rle["counts"].decode("ascii")  # bytes are not JSON serialisable
     return rles
+
+
+@dataclass(frozen=True)
+class BoxMasks:
+    """N instance masks of one image, each stored over its box only (it is zero outside):
+    memory and work grow with the boxes' area, not with N whole images (961 nuclei on a
+    2048x2048 image: 17 MB here, 4 GB as HxW masks). ``segment_boxes(..., cropped=True)``
+    returns one.
+
+    bounds: [N, 4] int pixel ranges (x0, y0, x1, y1), end exclusive; crops: N bool arrays,
+    crop i of shape (y1 - y0, x1 - x0); size: the image's (height, width).
+    """
+
+    bounds: np.ndarray
+    crops: list[np.ndarray]
+    size: tuple[int, int]
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def full(self, i: int) -> np.ndarray:
+        """Mask i as an HxW bool array."""
+        x0, y0, x1, y1 = (int(v) for v in self.bounds[i])
+        mask = np.zeros(self.size, bool)
+        mask[y0:y1, x0:x1] = self.crops[i]
+        return mask
+
+    def to_masks(self) -> list[np.ndarray]:
+        """Every mask as an HxW bool array."""
+        return [self.full(i) for i in range(len(self))]
+
+    def to_rle(self) -> list[dict]:
+        """COCO RLE of each mask, the same as ``masks_to_rle`` of the HxW masks, computed
+        from the crops (run starts and ends in column-major order)."""
+        height, width = self.size
+        out = []
+        for (x0, y0, x1, y1), crop in zip(self.bounds.tolist(), self.crops):
+            # Zero rows above and below each column: a run ends inside its column.
+            column = np.zeros((crop.shape[0] + 2, crop.shape[1]), np.int8)
+            column[1:-1] = crop
+            steps = np.diff(column, axis=0).T  # columns first: image order is column-major
+            cols, rows = np.nonzero(steps == 1)
+            starts = (x0 + cols) * height + y0 + rows
+            cols, rows = np.nonzero(steps == -1)
+            ends = (x0 + cols) * height + y0 + rows
+            # A run down to the image's last row goes on at the next column's first row.
+            joined = np.flatnonzero(ends[:-1] == starts[1:])
+            starts, ends = np.delete(starts, joined + 1), np.delete(ends, joined)
+            edges = np.stack([starts, ends], 1).ravel()
+            counts = np.diff(np.concatenate([[0], edges, [height * width]]))
+            if len(counts) > 1 and counts[-1] == 0:  # no zeros after a run to the end
+                counts = counts[:-1]
+            out.append(segmentation_to_rle({"size": [height, width], "counts": counts.tolist()},
+                                           height, width))
+        return out
+
+    def to_labels(self) -> np.ndarray:
+        """An int32 label image (1..N), earlier masks winning overlaps, as
+        ``masks_to_labels`` paints the HxW masks."""
+        labels = np.zeros(self.size, np.int32)
+        for i, ((x0, y0, x1, y1), crop) in enumerate(zip(self.bounds.tolist(), self.crops), 1):
+            region = labels[y0:y1, x0:x1]
+            region[crop & (region == 0)] = i
+        return labels
 
 
 def segmentation_to_rle(segmentation: Any, height: int, width: int) -> dict:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from boxlevelset.export import BoxMasks
 from boxlevelset.image import (
     Window,
     as_boxes,
@@ -708,7 +709,8 @@ def segment_boxes(
     fill_holes: bool = True,
     largest_component: bool = True,
     init_masks: Sequence[np.ndarray] | None = None,
-) -> list[np.ndarray]:
+    cropped: bool = False,
+) -> list[np.ndarray] | BoxMasks:
     """One instance mask per box.
 
     Without a model, a level set evolves inside each box on the image alone (region
@@ -768,9 +770,13 @@ def segment_boxes(
             inscribed ellipse (the evolution's level set, or the cut's first region models):
             e.g. the object's mask on the neighbouring slice when propagating through a
             volume (``boxlevelset.propagate``).
+        cropped: return the masks over their boxes only, as a ``BoxMasks`` (bounds, one
+            box-sized mask per box; ``to_rle``, ``to_labels``): many boxes on a large image
+            then cost their area, not N whole images.
 
     Returns:
-        N boolean HxW masks, each zero outside its box. An empty box list gives []. Without
+        N boolean HxW masks, each zero outside its box. An empty box list gives [] (with
+        ``cropped``, a ``BoxMasks`` of them, of no masks for no boxes). Without
         a model, a box with no contrast inside (``FLAT``) gets the whole box when the pixels
         around it differ (a uniform object it fits), else an empty mask (no object).
 
@@ -790,7 +796,7 @@ def segment_boxes(
         image, boxes, window, model_free,
         context=(context if histogram > 0 else 0.0) if model_free else None)
     if len(clipped) == 0:
-        return []
+        return BoxMasks(np.zeros((0, 4), np.int64), [], (height, width)) if cropped else []
     predictor = None
     if model is not None:
         from boxlevelset.model import Predictor
@@ -806,7 +812,7 @@ def segment_boxes(
             predictor = Predictor(model)
             predictor.set_image(image, window=window)
         if refine == 0:  # the model's masks as they are: no crops needed
-            return predictor.predict_boxes(clipped)
+            return predictor.predict_boxes(clipped, cropped=cropped)
         iterations = refine
     crops, hist = _box_crops(img, bounds, max_side, smooth, lab, histogram, context)
     init = None
@@ -843,22 +849,19 @@ def segment_boxes(
         phis = _evolve(crops, iterations, step_size, gamma, alpha, init, hist, edge,
                        evolve_border)
 
-    masks = []
-    ox, oy = origin
+    crops = []
     for (x0, y0, x1, y1), phi in zip(bounds, phis):
-        mask = np.zeros((height, width), dtype=bool)
-        masks.append(mask)
-        inside = mask[oy + y0:oy + y1, ox + x0:ox + x1]
         if predictor is None and img[y0:y1, x0:x1].std() < FLAT:
             # Nothing to separate inside: the object fills the box if its surroundings
             # differ, else there is no object (the evolution drew an arbitrary blob here).
-            inside[:] = _differs_around(img, (x0, y0, x1, y1))
+            crops.append(np.full((y1 - y0, x1 - x0), _differs_around(img, (x0, y0, x1, y1))))
             continue
         bh, bw = y1 - y0, x1 - x0
         if phi.shape != (bh, bw):
             phi = cv2.resize(phi, (bw, bh), interpolation=cv2.INTER_LINEAR)
-        inside[:] = clean_mask(phi > 0, fill_holes, largest_component)
-    return masks
+        crops.append(clean_mask(phi > 0, fill_holes, largest_component))
+    masks = BoxMasks(bounds + np.array([*origin, *origin]), crops, (height, width))
+    return masks if cropped else masks.to_masks()
 
 
 # A cut mask under this share of its box's pixels is taken for the trivial empty minimum

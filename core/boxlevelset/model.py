@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from boxlevelset.export import BoxMasks
 from boxlevelset.heads import FPN, GridHead, MaskFeatureHead
 from boxlevelset.image import Window, as_boxes, as_rgb, pixel_bounds
 from boxlevelset.losses import (
@@ -668,18 +669,16 @@ class Predictor:
         return int(np.argmin(dist))
 
     @torch.no_grad()
-    def predict_boxes(self, boxes: np.ndarray | Sequence[Sequence[float]]) -> list[np.ndarray]:
-        """One bool HxW mask (original image size) per xyxy box, zero outside its box."""
+    def predict_boxes(self, boxes: np.ndarray | Sequence[Sequence[float]],
+                      cropped: bool = False) -> list[np.ndarray] | BoxMasks:
+        """One bool HxW mask (original image size) per xyxy box, zero outside its box; with
+        ``cropped``, the masks over their boxes only (``BoxMasks``)."""
         threshold = self.model.config.mask_threshold
         self._require()
         h0, w0 = self._orig
-        out = []
-        for crop, (c0, r0, c1, r1) in zip(self.box_probabilities(boxes),
-                                          pixel_bounds(boxes, h0, w0)):
-            mask = np.zeros((h0, w0), bool)
-            mask[r0:r1, c0:c1] = crop > threshold
-            out.append(mask)
-        return out
+        masks = BoxMasks(pixel_bounds(boxes, h0, w0),
+                         [p > threshold for p in self.box_probabilities(boxes)], (h0, w0))
+        return masks if cropped else masks.to_masks()
 
     @torch.no_grad()
     def box_logits(self, boxes: np.ndarray | Sequence[Sequence[float]]) -> Tensor:

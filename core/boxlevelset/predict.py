@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from boxlevelset.data import IMAGE_SUFFIXES, VOLUME_SUFFIXES, coco_image_entry
-from boxlevelset.export import lower_suffix
+from boxlevelset.export import BoxMasks, lower_suffix
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +122,10 @@ def _palette(n: int, seed: int = 0) -> np.ndarray:
     return cv2.cvtColor(hsv[None], cv2.COLOR_HSV2RGB)[0]
 
 
-def overlay_image(image: np.ndarray, masks: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """RGB uint8 picture of `image` with each mask tinted and outlined in its own colour."""
+def overlay_image(image: np.ndarray, masks: np.ndarray | BoxMasks,
+                  alpha: float = 0.45) -> np.ndarray:
+    """RGB uint8 picture of `image` with each mask ([N, H, W], or a ``BoxMasks``) tinted and
+    outlined in its own colour."""
     import cv2
 
     from boxlevelset.image import as_rgb
@@ -131,14 +133,22 @@ def overlay_image(image: np.ndarray, masks: np.ndarray, alpha: float = 0.45) -> 
     rgb = (as_rgb(image) * 255.0).round().clip(0, 255).astype(np.uint8)
     if len(masks) == 0:
         return rgb
+    if isinstance(masks, BoxMasks):  # work on each box, not on N whole images
+        parts = [((y0, y1), (x0, x1), crop)
+                 for (x0, y0, x1, y1), crop in zip(masks.bounds.tolist(), masks.crops)]
+    else:
+        parts = [((0, rgb.shape[0]), (0, rgb.shape[1]), mask) for mask in masks]
     out = rgb.astype(np.float32)
     colours = _palette(len(masks))
-    for mask, colour in zip(masks, colours):
-        out[mask] = (1 - alpha) * out[mask] + alpha * colour
+    for ((y0, y1), (x0, x1), mask), colour in zip(parts, colours):
+        region = out[y0:y1, x0:x1]
+        region[mask] = (1 - alpha) * region[mask] + alpha * colour
     out = out.round().clip(0, 255).astype(np.uint8)
-    for mask, colour in zip(masks, colours):
-        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL,
-                                       cv2.CHAIN_APPROX_NONE)
+    for ((y0, _), (x0, _), mask), colour in zip(parts, colours):
+        # A zero frame around the mask: outlines along its crop's edge close as in the image.
+        framed = cv2.copyMakeBorder(mask.astype(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, 0)
+        contours, _ = cv2.findContours(framed, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE,
+                                       offset=(x0 - 1, y0 - 1))
         cv2.drawContours(out, contours, -1, tuple(int(c) for c in colour), 1)
     return out
 
