@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from boxlevelset.image import apply_window, bounding_box
+from boxlevelset.export import BoxMasks
+from boxlevelset.image import apply_window
 
 from ._layers import DEFAULT_CATEGORY, contrast_window, plugin_meta, rectangle_to_box
 
@@ -159,10 +160,12 @@ def export_coco(path: str | os.PathLike, image: Any, boxes: Any, labels: Any,
             continue
         image_id = len(images) + 1
         images.append(_entry(image, plane, image_id))
-        for label_id in ids:
+        # RLE from each label's bounding box: a plane-sized mask per label held 4 GB for
+        # 961 nuclei of a 2048x2048 tile.
+        for label_id, rle in zip(ids, BoxMasks.from_labels(lab, ids).to_rle()):
             annotations.append({
                 "image_id": image_id,
-                "mask": lab == label_id,
+                "segmentation": rle,
                 "category_id": cat_id.get(box_cat.get(label_id, ""), default_cat),
             })
     if not images:
@@ -235,9 +238,10 @@ def _add_mask_boxes(per_plane: dict, image: Any, labels: Any, default_class: str
         height, width = _plane_size(image, plane)
         lab = _plane(labels.data, plane)[:height, :width]
         drawn = {bid for bid, _box, _cat in per_plane.get(plane, [])}
-        for label_id in (int(v) for v in np.unique(lab) if v != 0 and int(v) not in drawn):
+        ids = [int(v) for v in np.unique(lab) if v != 0 and int(v) not in drawn]
+        for label_id, box in zip(ids, BoxMasks.from_labels(lab, ids).bounds.tolist()):
             per_plane.setdefault(plane, []).append(
-                (label_id, bounding_box(lab == label_id), box_cat.get(label_id, default_class)))
+                (label_id, np.array(box, np.float64), box_cat.get(label_id, default_class)))
 
 
 def save_annotations(folder: str | os.PathLike, image: Any, boxes: Any, labels: Any,
@@ -312,9 +316,9 @@ def save_annotations(folder: str | os.PathLike, image: Any, boxes: Any, labels: 
         masks = None
         if labels is not None:
             lab = _plane(labels.data, plane)[:height, :width]
-            stack = np.array([lab == bid for bid, _box, _cat in entries], bool)
-            if stack.any():
-                masks = stack
+            found = BoxMasks.from_labels(lab, [bid for bid, _box, _cat in entries])
+            if any(crop.any() for crop in found.crops):
+                masks = found
         # A plane of a stack saved whole names its plane (a CT slice its slice_index).
         items.append((name, pixels, box_arr, cat_ids, masks) +
                      (() if volume is None and whole is None else (plane,)))

@@ -317,14 +317,15 @@ def _boxes_and_masks(folder: Any, records: list, planes: Any, labels: np.ndarray
             ids.append(box_id)
     has_masks = False
     for k, (record, plane) in enumerate(zip(records, planes)):
-        gt = folder.gt_masks(record)
+        # Each mask over its own box: a 2048x2048 tile's 961 nuclei decoded whole took 4 GB.
+        gt = folder.gt_box_masks(record)
         if gt is None:
             continue
         has_masks = has_masks or len(gt) > 0
-        for j, mask in enumerate(gt):
-            target = labels[plane, : mask.shape[0], : mask.shape[1]]
+        for j, ((x0, y0, x1, y1), crop) in enumerate(zip(gt.bounds.tolist(), gt.crops)):
+            target = labels[plane, y0:y1, x0:x1]
             # Earlier boxes win overlaps.
-            target[mask & (target == 0)] = label_of[owners.get((k, j), (k, j))]
+            target[crop & (target == 0)] = label_of[owners.get((k, j), (k, j))]
     box_kwargs = boxes_layer_kwargs(cats, ids, name=companion_name(name, "boxes"),
                                     class_names=class_names,
                                     default_category=class_names[0])

@@ -12,6 +12,7 @@ from pycocotools import mask as mask_utils
 
 from boxlevelset.export import (
     BoxMasks,
+    _rle_string_counts,
     atomic_write,
     coco_results,
     masks_to_labels,
@@ -195,6 +196,14 @@ def test_box_masks_give_the_rle_and_labels_of_their_whole_image_masks():
         assert masks.to_rle() == masks_to_rle(np.stack(full)), trial
         np.testing.assert_array_equal(masks.to_labels(), masks_to_labels(np.stack(full)))
         assert all((a == b).all() for a, b in zip(masks.to_masks(), full))
+        # ... and back: each RLE decoded over its own box, compressed or as plain counts.
+        rles = masks.to_rle()
+        plain = [{"size": [h, w], "counts": _rle_string_counts(r["counts"])} for r in rles]
+        for given in (rles, plain):
+            back = BoxMasks.from_rle(given, (h, w))
+            assert all((a == b).all() for a, b in zip(back.to_masks(), full)), trial
+            assert all(c.size == 0 or (c[0].any() and c[-1].any() and c[:, 0].any()
+                                       and c[:, -1].any()) for c in back.crops)  # tight
     empty = BoxMasks(np.zeros((0, 4), np.int64), [], (5, 7))
     assert len(empty) == 0 and empty.to_rle() == [] and empty.to_labels().shape == (5, 7)
 
@@ -211,3 +220,17 @@ def test_overlay_from_box_masks_equals_overlay_from_whole_masks():
     np.testing.assert_array_equal(overlay_image(image, masks), whole)
     untouched = ~np.stack(masks.to_masks()).any(0)
     assert (whole[untouched] == image[untouched]).all() and (whole != image).any()
+
+
+def test_rle_string_counts_read_large_and_falling_counts():
+    # Counts stored as differences, several characters each: a 3000x4000 mask with a hole.
+    mask = np.zeros((3000, 4000), bool)
+    mask[100:2900, 5:3990] = True
+    mask[1500:1600, 2000:2100] = False
+    rle = masks_to_rle(mask[None])[0]
+    plain = mask_utils.frPyObjects({"size": [3000, 4000],
+                                    "counts": _rle_string_counts(rle["counts"])}, 3000, 4000)
+    np.testing.assert_array_equal(mask_utils.decode(plain), mask)
+    back = BoxMasks.from_rle([rle], (3000, 4000))
+    assert back.bounds.tolist() == [[5, 100, 3990, 2900]]
+    np.testing.assert_array_equal(back.full(0), mask)

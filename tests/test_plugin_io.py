@@ -206,6 +206,36 @@ def test_sample_data_segments_and_coco_round_trip(tmp_path, make_napari_viewer_p
     assert np.array_equal(cv2.imread(str(png), cv2.IMREAD_UNCHANGED), labels.data)
 
 
+def test_export_and_save_read_each_label_over_its_bounding_box(
+        tmp_path, make_napari_viewer_proxy, monkeypatch):
+    # COCO export and Save annotations held a plane-sized mask per label (4 GB for 961
+    # nuclei on a 2048x2048 tile): they now read each label over its bounding box.
+    import boxlevelset.export as E
+
+    viewer = make_napari_viewer_proxy()
+    for layer in _layers(make_sample_nuclei()):
+        viewer.add_layer(layer)
+    widget = BoxToMaskWidget(viewer)
+    widget.segment()
+    labels = widget.labels_layer(create=False).data.copy()
+    labels[250:, 250:] = 999  # a mask painted by hand, with no box: saved with its tight box
+    widget.labels_layer(create=False).data = labels
+    ids = sorted(set(np.unique(labels).tolist()) - {0})
+
+    def whole(*args):
+        raise AssertionError("a plane-sized mask per label was made")
+
+    monkeypatch.setattr(E.BoxMasks, "full", whole)
+    monkeypatch.setattr(E, "masks_to_rle", whole)
+    (masks, _), = read_coco_masks(widget.export("coco", str(tmp_path / "coco.json"))).values()
+    np.testing.assert_array_equal(masks, np.stack([labels == i for i in ids]))
+    saved = load_box_folder(widget.export("folder", str(tmp_path / "saved")))
+    rec, = saved.records
+    assert len(rec.boxes) == len(ids) and [250, 250, 256, 256] in rec.boxes.tolist()
+    got = saved.gt_masks(rec)
+    assert all(np.array_equal(m, labels == labels[m][0]) for m in got)
+
+
 def test_box_folder_open_export_save_reopen(tmp_path, tiny_box_folder, make_napari_viewer_proxy):
     layer_data = napari_get_reader(str(tiny_box_folder))(str(tiny_box_folder))
     image, boxes, labels = _layers(layer_data)

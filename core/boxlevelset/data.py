@@ -24,11 +24,11 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from .export import (
+    BoxMasks,
     atomic_path,
     atomic_write,
     decode_segmentation,
     lower_suffix,
-    masks_to_rle,
     segmentation_to_rle,
 )
 from .image import Window, apply_window, resolve_window
@@ -483,6 +483,15 @@ class BoxFolder:
             except ValueError as err:
                 raise ValueError(f"{record.file_name}: annotation {i}: {err}") from err
         return masks
+
+    def gt_box_masks(self, record: Record) -> BoxMasks | None:
+        """The record's segmentations, each decoded over its own bounding box only
+        (``BoxMasks``); None if any box has none. A 2048x2048 tile's 961 nuclei take 17 MB
+        here, 4 GB from ``gt_masks``."""
+        rles = self._gt_rles(record)
+        if any(r is None for r in rles):
+            return None
+        return BoxMasks.from_rle(rles, (record.height, record.width))
 
     def _gt_rles(self, record: Record) -> list[dict | None]:
         # Convert straight to RLE (no decode/encode round trip: thousands of nuclei stay fast).
@@ -959,8 +968,9 @@ def save_box_folder(
     """Write a box-labeled folder: images/<file_name> and a COCO annotations.json.
 
     images: per image a tuple (file_name, image HxW(xC) or the path of an image file to copy
-    as it is, boxes Nx4 xyxy, category_ids N, masks [N,H,W] or None). For a CT slice use a
-    6-tuple (file_name, volume: Volume, boxes, category_ids, masks or None, slice_index):
+    as it is, boxes Nx4 xyxy, category_ids N, masks [N,H,W], a ``BoxMasks`` or None). For a
+    CT slice use a 6-tuple (file_name, volume: Volume, boxes, category_ids, masks or None,
+    slice_index):
     the volume is written once under file_name (.nii.gz/.nrrd/.mha) and each slice becomes
     an image entry with `slice_index`. For a
     plane of a stack that is not CT (microscopy) use a 6-tuple (file_name, stack ZxHxW(xC)
@@ -1036,11 +1046,18 @@ def save_box_folder(
         if unknown:
             raise ValueError(f"{file_name}: category ids {sorted(unknown)} are not in categories")
         rles: list[dict | None] = [None] * len(boxes)
+        areas: list[float | None] = [None] * len(boxes)
         if masks is not None:
-            masks = np.asarray(masks, dtype=bool).reshape(-1, h, w)
+            if not isinstance(masks, BoxMasks):  # whole-image masks: each box is the image
+                stack = np.asarray(masks, dtype=bool).reshape(-1, h, w)
+                masks = BoxMasks(np.tile([0, 0, w, h], (len(stack), 1)), list(stack), (h, w))
+            if masks.size != (h, w):
+                raise ValueError(f"{file_name}: masks of a {masks.size[1]}x{masks.size[0]} "
+                                 f"image for a {w}x{h} one")
             if len(masks) != len(boxes):
                 raise ValueError(f"{file_name}: {len(boxes)} boxes but {len(masks)} masks")
-            rles = masks_to_rle(masks)
+            rles = masks.to_rle()
+            areas = [float(crop.sum()) for crop in masks.crops]
         extras = list(box_fields[image_id - 1]) if box_fields else [{}] * len(boxes)
         if len(extras) != len(boxes):
             raise ValueError(f"{file_name}: {len(boxes)} boxes but {len(extras)} box_fields")
@@ -1049,7 +1066,7 @@ def save_box_folder(
             x0, y0, x1, y1 = (float(v) for v in box)
             ann = {"id": len(annotations) + 1, "image_id": image_id, "category_id": int(cat),
                    "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0,
-                   "area": float(masks[i].sum()) if rle is not None else (x1 - x0) * (y1 - y0)}
+                   "area": areas[i] if rle is not None else (x1 - x0) * (y1 - y0)}
             if rle is not None:
                 ann["segmentation"] = rle
             ann.update(_extra_fields(ann, extras[i], file_name))

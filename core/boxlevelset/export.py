@@ -134,6 +134,66 @@ class BoxMasks:
     def __len__(self) -> int:
         return len(self.crops)
 
+    @classmethod
+    def from_labels(cls, labels: np.ndarray, ids: Sequence[int]) -> BoxMasks:
+        """The masks of label ids ``ids`` in an HxW label image, each over the bounding box
+        of its pixels (an id without pixels: an empty mask at (0, 0, 0, 0))."""
+        from scipy import ndimage
+
+        lab = np.asarray(labels)
+        ids = [int(i) for i in ids]
+        found: list = []
+        if any(i > 0 for i in ids) and np.issubdtype(lab.dtype, np.integer):
+            # One pass finds every positive label's bounding slices (index label - 1).
+            found = ndimage.find_objects(lab, max_label=max(ids))
+        bounds, crops = [], []
+        for i in ids:
+            if 0 < i <= len(found):
+                span = found[i - 1]
+            else:  # a negative or non-integer label: its own pass
+                rows, cols = np.nonzero(lab == i)
+                span = None if rows.size == 0 else (
+                    slice(int(rows.min()), int(rows.max()) + 1),
+                    slice(int(cols.min()), int(cols.max()) + 1))
+            if span is None:
+                bounds.append([0, 0, 0, 0])
+                crops.append(np.zeros((0, 0), bool))
+                continue
+            bounds.append([span[1].start, span[0].start, span[1].stop, span[0].stop])
+            crops.append(lab[span] == i)
+        return cls(np.array(bounds, np.int64).reshape(-1, 4), crops,
+                   (int(lab.shape[0]), int(lab.shape[1])))
+
+    @classmethod
+    def from_rle(cls, rles: Sequence[dict], size: tuple[int, int]) -> BoxMasks:
+        """COCO RLEs (compressed or not) of an image of ``size`` (height, width), each
+        decoded over the bounding box of its pixels only."""
+        height, width = size
+        bounds, crops = [], []
+        for rle in rles:
+            counts = rle["counts"]
+            if not isinstance(counts, list):
+                counts = _rle_string_counts(counts)
+            edges = np.cumsum(np.asarray(counts, np.int64))  # run ends, zeros first
+            starts, ends = edges[0:-1:2], edges[1::2]  # the runs of ones
+            keep = ends > starts
+            starts, ends = starts[keep], ends[keep]
+            if starts.size == 0:
+                bounds.append([0, 0, 0, 0])
+                crops.append(np.zeros((0, 0), bool))
+                continue
+            # Column-major: only the columns the runs cross are laid out, whole.
+            x0, x1 = int(starts[0] // height), int((ends[-1] - 1) // height) + 1
+            edges = np.concatenate([[x0 * height], np.stack([starts, ends], 1).ravel(),
+                                    [x1 * height]])
+            values = np.tile([False, True], len(starts) + 1)[:len(edges) - 1]
+            columns = np.repeat(values, np.diff(edges)).reshape(x1 - x0, height).T
+            rows = np.flatnonzero(columns.any(1))
+            y0, y1 = int(rows[0]), int(rows[-1]) + 1
+            bounds.append([x0, y0, x1, y1])
+            crops.append(columns[y0:y1])
+        return cls(np.array(bounds, np.int64).reshape(-1, 4), crops, (height, width))
+
     def full(self, i: int) -> np.ndarray:
         """Mask i as an HxW bool array."""
         x0, y0, x1, y1 = (int(v) for v in self.bounds[i])
@@ -178,6 +238,28 @@ class BoxMasks:
             region = labels[y0:y1, x0:x1]
             region[crop & (region == 0)] = i
         return labels
+
+
+def _rle_string_counts(counts: str | bytes) -> list[int]:
+    """The run lengths of a compressed COCO RLE string (pycocotools' rleFrString: 5 bits a
+    character, a sign bit, and each count after the second stored as a difference)."""
+    data = counts.encode("ascii") if isinstance(counts, str) else counts
+    out: list[int] = []
+    p = 0
+    while p < len(data):
+        x, k, more = 0, 0, True
+        while more:
+            c = data[p] - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(out) > 2:
+            x += out[-2]
+        out.append(x)
+    return out
 
 
 def segmentation_to_rle(segmentation: Any, height: int, width: int) -> dict:
