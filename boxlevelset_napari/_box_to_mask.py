@@ -55,7 +55,7 @@ from ._layers import (
     companion_name,
     contrast_window,
     plugin_meta,
-    rectangle_to_box,
+    rectangles_to_boxes,
 )
 
 NEW_LAYER = "<new layer>"
@@ -757,11 +757,8 @@ class BoxToMaskWidget(QWidget):
                 layer.features = new
             finally:
                 self._busy = False
-        out = []
-        for box_id, vertices, cat in zip(ids, layer.data, cats):
-            plane, box = rectangle_to_box(vertices)
-            out.append((int(box_id), plane, box, str(cat)))
-        return out
+        return [(int(box_id), plane, box, str(cat))
+                for box_id, (plane, box), cat in zip(ids, rectangles_to_boxes(layer.data), cats)]
 
     def _new_label_id(self, ids: np.ndarray) -> int:
         labels = self.labels_combo.layer()
@@ -805,8 +802,9 @@ class BoxToMaskWidget(QWidget):
                 # Live edits redo the boxes that moved; a new method or window applies to
                 # the existing masks only when the user presses Segment.
                 n = None if settings_changed else 5  # plane + 4 coordinates
-                todo = [b for b in boxes if b[0] not in self._locked
-                        and (self._geom.get(b[0]) or ())[:n] != self._key(b[1], b[2])[:n]]
+                settings = self._settings()  # once: thousands of boxes on a nuclei tile
+                todo = [b for b in boxes if b[0] not in self._locked and
+                        (self._geom.get(b[0]) or ())[:n] != self._key(b[1], b[2], settings)[:n]]
                 if settings_changed:  # Segment also redoes what an undo took back
                     queued = {b[0] for b in todo}
                     todo += [b for b in self._undone(boxes)
@@ -823,13 +821,17 @@ class BoxToMaskWidget(QWidget):
         finally:
             self.last_latency_s = time.perf_counter() - t0
 
-    def _key(self, plane: int | None, box: np.ndarray) -> tuple:
+    def _key(self, plane: int | None, box: np.ndarray, settings: tuple | None = None) -> tuple:
         """What a box's mask was made from: its place, and the settings that change the mask
-        (method, loose boxes, the CT window), so Segment redoes boxes whose settings changed."""
+        (``_settings``), so Segment redoes boxes whose settings changed."""
+        return (plane, *np.asarray(box, dtype=np.float64).tolist(),
+                *(self._settings() if settings is None else settings))
+
+    def _settings(self) -> tuple:
+        """The settings that change a mask: method, loose boxes, the CT window."""
         image = self.image_combo.layer()
         window = self._window(image) if image is not None else None
-        return (plane, *np.asarray(box, dtype=np.float64).tolist(),
-                self.method_combo.currentText(), self.loose_check.isChecked(), window)
+        return self.method_combo.currentText(), self.loose_check.isChecked(), window
 
     def segment(self) -> None:
         """Segment every box that has no mask yet, was moved, or was segmented with other

@@ -9,6 +9,7 @@ stacked folder) live under `layer.metadata["boxlevelset"]`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -73,6 +74,23 @@ def rectangle_to_box(vertices: np.ndarray) -> tuple[int | None, np.ndarray]:
         plane = int(round(float(v[0, -3])))
     rows, cols = v[:, -2], v[:, -1]
     return plane, np.array([cols.min(), rows.min(), cols.max(), rows.max()], dtype=np.float64)
+
+
+def rectangles_to_boxes(rectangles: Sequence[np.ndarray]) -> list[tuple[int | None, np.ndarray]]:
+    """``rectangle_to_box`` of each rectangle, over all of them at once when they have the
+    same shape (the boxes layer of a nuclei tile holds thousands: one by one, they cost
+    11 ms per box drawn at 960)."""
+    if not rectangles:
+        return []
+    try:
+        v = np.stack([np.asarray(r, dtype=np.float64) for r in rectangles])
+    except ValueError:  # vertex arrays of different shapes
+        return [rectangle_to_box(r) for r in rectangles]
+    rows, cols = v[..., -2], v[..., -1]
+    boxes = np.stack([cols.min(1), rows.min(1), cols.max(1), rows.max(1)], 1)
+    planes = ([int(round(float(z))) for z in v[:, 0, -3]] if v.shape[2] >= 3
+              else [None] * len(v))
+    return list(zip(planes, boxes))
 
 
 def box_features(categories: list[str], box_ids: list[int]) -> pd.DataFrame:

@@ -18,7 +18,12 @@ from boxlevelset.data import load_box_folder
 from boxlevelset.propagate import BAND
 from boxlevelset_napari._box_to_mask import METHOD_LEVELSET, BoxToMaskWidget
 from boxlevelset_napari._export import export_label_image
-from boxlevelset_napari._layers import boxes_layer_kwargs, boxes_to_rectangles
+from boxlevelset_napari._layers import (
+    boxes_layer_kwargs,
+    boxes_to_rectangles,
+    rectangle_to_box,
+    rectangles_to_boxes,
+)
 
 pytestmark = pytest.mark.plugin
 BOX = (12, 10, 30, 26)  # the bright block of _volume, x0 y0 x1 y1
@@ -53,6 +58,20 @@ def _walk_setup(volume_widget, box=BOX, plane=2):
     _add_box(boxes, box, plane=plane)
     boxes.selected_data = {0}
     return widget, boxes, widget.labels_layer(create=False), int(boxes.features["box_id"][0])
+
+
+def test_rectangles_to_boxes_is_rectangle_to_box_of_each():
+    # All at once (the boxes of a nuclei tile), one by one where the shapes differ.
+    rng = np.random.default_rng(0)
+    flat = boxes_to_rectangles(rng.uniform(0, 50, (6, 4)).cumsum(1))
+    rotated = [r @ np.array([[0.8, 0.6], [-0.6, 0.8]]) for r in flat]
+    stacked = boxes_to_rectangles(np.array([[1, 2, 9, 12], [3, 4, 5, 6]], float), plane=7)
+    polygon = [rng.uniform(0, 30, (5, 2))]
+    for rects in (flat, rotated, stacked, flat + polygon, []):
+        got = rectangles_to_boxes(rects)
+        want = [rectangle_to_box(r) for r in rects]
+        assert [g[0] for g in got] == [w[0] for w in want]
+        assert all(np.array_equal(g[1], w[1]) for g, w in zip(got, want))
 
 
 def test_propagate_button_walks_the_slices(volume_widget, qtbot):
