@@ -371,6 +371,15 @@ def test_predict_folder_and_evaluate(trained, tmp_path):
     assert len(list((tmp_path / "pred" / "overlays").iterdir())) == 3
     masks = read_coco_masks(out)
     assert set(masks) == {"tiny_0.png", "tiny_1.png", "tiny_2.png"}
+    # Each image's masks are encoded as it is predicted (whole-image masks kept to the end
+    # grew with the folder): the model's own masks, most confident first.
+    from boxlevelset.data import read_image
+
+    inst = model.predict(read_image(data / "images" / "tiny_1.png"), score_threshold=0.0)
+    order = np.argsort(-inst.scores, kind="stable")
+    np.testing.assert_array_equal(masks["tiny_1.png"][0], inst.masks[order])
+    scores = [a["score"] for a in coco["annotations"] if a["image_id"] == 2]
+    np.testing.assert_allclose(scores, inst.scores[order], rtol=1e-6)
     single = predict_folder(model, data / "images" / "tiny_1.png", tmp_path / "one")
     assert len(json.loads(single.read_text())["images"]) == 1
     # A file damaged after the folder check is skipped with a warning; the others are kept.

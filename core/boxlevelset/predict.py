@@ -211,8 +211,8 @@ def predict_folder(
         inst = model.predict(image, score_threshold=score_threshold)
         masks, labs, scores = _sorted_instances(inst)
         images.append(coco_image_entry(record))
-        annotations.append({"image_id": int(record.image_id), "masks": masks,
-                            "category_ids": labs + 1, "scores": scores})
+        # As RLE at once: a folder's whole-image masks, kept to the end, grew with images.
+        annotations += _rle_annotations(int(record.image_id), masks, labs + 1, scores)
         stem = stems(record)
         if labels:
             label_image = (masks_to_labels(masks) if len(masks)
@@ -222,9 +222,17 @@ def predict_folder(
         if overlays:
             write_png(out_dir / "overlays" / f"{stem}.png", overlay_image(image, masks))
     path = write_coco(out_dir / "predictions.json", images, annotations, categories)
-    logger.info("%d images, %d instances -> %s", len(images),
-                sum(len(a["masks"]) for a in annotations), path)
+    logger.info("%d images, %d instances -> %s", len(images), len(annotations), path)
     return path
+
+
+def _rle_annotations(image_id: int, masks: np.ndarray, category_ids: np.ndarray,
+                     scores: np.ndarray) -> list[dict]:
+    """write_coco's annotations of one image's instances, masks encoded now (RLE)."""
+    from boxlevelset.export import masks_to_rle
+
+    return [{"image_id": image_id, "segmentation": rle, "category_id": int(c),
+             "score": float(s)} for rle, c, s in zip(masks_to_rle(masks), category_ids, scores)]
 
 
 def _file_stem(file_name: str) -> str:
@@ -276,8 +284,7 @@ def predict_volume(
             next_label += 1
         images.append({"id": image_id, "file_name": name, "height": volume.shape[1],
                        "width": volume.shape[2], "slice_index": z})
-        annotations.append({"image_id": image_id, "masks": masks, "category_ids": labs + 1,
-                            "scores": scores})
+        annotations += _rle_annotations(image_id, masks, labs + 1, scores)
     if labels:
         stem = _file_stem(name)
         write_label_volume(out_dir / f"{stem}_labels.nii.gz", label_volume, like=volume)
