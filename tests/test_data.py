@@ -263,8 +263,10 @@ def test_box_masks_from_a_label_image():
     for trial in range(200):
         h, w = (int(v) for v in rng.integers(1, 15, 2))
         labels = rng.integers(-2, 6, (h, w)) * (rng.random((h, w)) < 0.5)
-        labels = [labels, np.abs(labels).astype(np.uint16), labels.astype(np.float32)][trial % 3]
-        ids = [1, 2, 3, 5, 7, -1, -2]  # 7 and maybe others absent: empty masks
+        huge = np.where(labels > 0, labels * 10**12, labels)  # sparse ids: no 10^12 list
+        labels = [labels, np.abs(labels).astype(np.uint16), labels.astype(np.float32),
+                  huge][trial % 4]
+        ids = [1, 2, 3, 5, 7, -1, -2, 10**12, 3 * 10**12]  # absent ones: empty masks
         found = BoxMasks.from_labels(labels, ids)
         assert found.size == (h, w)
         for i, mask, crop in zip(ids, found.to_masks(), found.crops):

@@ -143,13 +143,21 @@ class BoxMasks:
         lab = np.asarray(labels)
         ids = [int(i) for i in ids]
         found: list = []
-        if any(i > 0 for i in ids) and np.issubdtype(lab.dtype, np.integer):
-            # One pass finds every positive label's bounding slices (index label - 1).
-            found = ndimage.find_objects(lab, max_label=max(ids))
+        slot = {i: i for i in ids if i > 0}  # label id -> its index + 1 in found
+        if slot and np.issubdtype(lab.dtype, np.integer):
+            dense = lab
+            if max(slot) > 4 * len(slot) + 4096:  # sparse ids (found has max id entries)
+                values, inverse = np.unique(lab, return_inverse=True)
+                dense = inverse.reshape(lab.shape) + 1
+                where = np.searchsorted(values, list(slot))
+                slot = {i: int(k) + 1 for i, k in zip(slot, where)
+                        if k < len(values) and values[k] == i}
+            # One pass finds every positive label's bounding slices.
+            found = ndimage.find_objects(dense, max_label=max(slot.values(), default=0))
         bounds, crops = [], []
         for i in ids:
-            if 0 < i <= len(found):
-                span = found[i - 1]
+            if i in slot and slot[i] <= len(found):
+                span = found[slot[i] - 1]
             else:  # a negative or non-integer label: its own pass
                 rows, cols = np.nonzero(lab == i)
                 span = None if rows.size == 0 else (
