@@ -591,6 +591,10 @@ def test_segment_boxes_bad_input():
         boxlevelset.segment_boxes(bad, [[0, 0, 9, 9]])
     with pytest.raises(ValueError, match="unknown window"):
         boxlevelset.segment_boxes(img, [[0, 0, 9, 9]], window="brain")
+    # Channels first: the shape is named, before its axes are taken for height and width.
+    for shape in ((3, 40, 50), (0, 10)):
+        with pytest.raises(ValueError, match=r"image must be HxW or HxWxC.*got shape"):
+            boxlevelset.segment_boxes(np.zeros(shape, np.uint8), [[1, 1, 3, 3]])
 
 
 def test_init_masks_start_the_level_set_from_a_given_mask():

@@ -72,6 +72,15 @@ def apply_window(image: np.ndarray, window: Window) -> np.ndarray:
     return np.clip((np.asarray(image, dtype=np.float32) - lo) / width, 0.0, 1.0)
 
 
+def check_image_shape(image: np.ndarray) -> None:
+    """ValueError unless ``image`` is HxW or HxWxC (channels last) with pixels."""
+    shape = np.shape(image)
+    if len(shape) == 3 and shape[2] not in (1, 2, 3, 4) and shape[0] in (1, 3, 4):
+        raise ValueError(f"image must be HxW or HxWxC (channels last), got shape {shape}")
+    if len(shape) not in (2, 3) or shape[0] == 0 or shape[1] == 0:
+        raise ValueError(f"image must be HxW or HxWxC, got shape {shape}")
+
+
 def as_float_image(image: np.ndarray, window: Window = None,
                    allow_nonfinite: bool = False,
                    region: tuple[int, int, int, int] | None = None) -> np.ndarray:
@@ -88,10 +97,7 @@ def as_float_image(image: np.ndarray, window: Window = None,
     boxes on a 12-megapixel photo do not pay for converting all of it.
     """
     arr = np.asarray(image)
-    if arr.ndim == 3 and arr.shape[2] not in (1, 2, 3, 4) and arr.shape[0] in (1, 3, 4):
-        raise ValueError(f"image must be HxW or HxWxC (channels last), got shape {arr.shape}")
-    if arr.ndim not in (2, 3) or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"image must be HxW or HxWxC, got shape {arr.shape}")
+    check_image_shape(arr)
     if arr.dtype == bool:
         arr = arr.astype(np.float32)
     if not np.issubdtype(arr.dtype, np.number):

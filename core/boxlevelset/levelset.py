@@ -32,6 +32,7 @@ from boxlevelset.image import (
     as_boxes,
     as_float_image,
     axis_contrast,
+    check_image_shape,
     clip_boxes,
     pixel_bounds,
 )
@@ -609,8 +610,9 @@ def _image_and_boxes(
     energy reads around them (ring, ``_differs_around``'s frame) is converted: the masks
     are the same, and a box on a 12-megapixel photo no longer costs converting all of it."""
     arr = np.asarray(image)
+    check_image_shape(arr)  # before its first two axes are read as height and width
     region = None
-    if context is not None and arr.ndim in (2, 3) and arr.shape[0] and arr.shape[1]:
+    if context is not None:
         height, width = arr.shape[:2]
         bounds = pixel_bounds(clip_boxes(as_boxes(boxes), height, width), height, width)
         # NaN is filled from the nearest pixel with data, which may lie beyond any margin.
