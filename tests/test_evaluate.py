@@ -177,3 +177,23 @@ def test_mask_iou_and_matched_ious():
         matched_ious([a, b], [a])
     with pytest.raises(ValueError, match="shapes differ"):
         mask_iou(a, np.zeros((5, 6), bool))
+
+
+def test_matched_ious_and_results_of_masks_over_their_boxes():
+    # Box-prompted evaluation keeps masks over their boxes (BoxMasks): the same IoUs and
+    # COCO results as the whole-image masks, boxes apart, overlapping, nested or empty.
+    from boxlevelset.export import BoxMasks
+
+    rng = np.random.default_rng(0)
+    gt = BoxMasks.from_labels(rng.integers(0, 4, (30, 40)) * (rng.random((30, 40)) < 0.3),
+                              [1, 2, 3, 9])
+    pred = BoxMasks(np.array([[0, 0, 40, 30], [5, 5, 20, 12], [30, 20, 40, 30], [1, 1, 2, 2]]),
+                    [rng.random((30, 40)) < 0.2, rng.random((7, 15)) < 0.5,
+                     rng.random((10, 10)) < 0.5, np.zeros((1, 1), bool)], (30, 40))
+    whole = matched_ious(np.stack(gt.to_masks()), np.stack(pred.to_masks()))
+    np.testing.assert_array_equal(matched_ious(gt, pred), whole)
+    assert whole[3] == 0.0 and (whole[:3] > 0).all()
+    assert coco_results(7, pred, [1, 1, 1, 1], [2, 2, 2, 2]) == coco_results(
+        7, np.stack(pred.to_masks()), [1, 1, 1, 1], [2, 2, 2, 2])
+    with pytest.raises(ValueError, match="3 predictions"):
+        matched_ious(gt, BoxMasks(pred.bounds[:3], pred.crops[:3], (30, 40)))

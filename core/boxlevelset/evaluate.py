@@ -15,7 +15,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from .export import segmentation_to_rle
+from .export import BoxMasks, segmentation_to_rle
 
 def _quiet() -> contextlib.AbstractContextManager:
     # pycocotools prints progress ("creating index...", timings) on stdout.
@@ -222,11 +222,33 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float | np.ndarray:
 
 
 def matched_ious(
-    gt_masks: np.ndarray | Sequence[np.ndarray], pred_masks: np.ndarray | Sequence[np.ndarray]
+    gt_masks: np.ndarray | Sequence[np.ndarray] | BoxMasks,
+    pred_masks: np.ndarray | Sequence[np.ndarray] | BoxMasks,
 ) -> np.ndarray:
-    """IoU of pred_masks[i] with gt_masks[i] for each i (box-prompted evaluation), float64 [N]."""
+    """IoU of pred_masks[i] with gt_masks[i] for each i (box-prompted evaluation), float64 [N];
+    two ``BoxMasks`` are compared where their boxes overlap only."""
+    if isinstance(gt_masks, BoxMasks) and isinstance(pred_masks, BoxMasks):
+        if len(gt_masks) != len(pred_masks):
+            raise ValueError(f"{len(gt_masks)} ground-truth masks but {len(pred_masks)} "
+                             "predictions")
+        return np.array([_crop_iou(*pair) for pair in zip(
+            gt_masks.bounds.tolist(), gt_masks.crops, pred_masks.bounds.tolist(),
+            pred_masks.crops)], dtype=np.float64)
     gt = [np.asarray(m, dtype=bool) for m in gt_masks]
     pred = [np.asarray(m, dtype=bool) for m in pred_masks]
     if len(gt) != len(pred):
         raise ValueError(f"{len(gt)} ground-truth masks but {len(pred)} predictions")
     return np.array([mask_iou(g, p) for g, p in zip(gt, pred)], dtype=np.float64)
+
+
+def _crop_iou(a_box: Sequence[int], a: np.ndarray, b_box: Sequence[int], b: np.ndarray) -> float:
+    """IoU of two masks given over their boxes (x0, y0, x1, y1); 0.0 for two empty ones, as
+    ``mask_iou``."""
+    x0, y0 = max(a_box[0], b_box[0]), max(a_box[1], b_box[1])
+    x1, y1 = min(a_box[2], b_box[2]), min(a_box[3], b_box[3])
+    inter = 0
+    if x1 > x0 and y1 > y0:
+        inter = int((a[y0 - a_box[1]:y1 - a_box[1], x0 - a_box[0]:x1 - a_box[0]] &
+                     b[y0 - b_box[1]:y1 - b_box[1], x0 - b_box[0]:x1 - b_box[0]]).sum())
+    union = int(a.sum()) + int(b.sum()) - inter
+    return inter / union if union else 0.0

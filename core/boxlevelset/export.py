@@ -321,7 +321,7 @@ def _rle_bbox_area(rle: dict) -> tuple[list[float], float]:
 
 def coco_results(
     image_id: int,
-    masks: np.ndarray | Sequence[np.ndarray],
+    masks: np.ndarray | Sequence[np.ndarray] | BoxMasks,
     scores: Sequence[float] | np.ndarray,
     category_ids: Sequence[int] | np.ndarray,
 ) -> list[dict]:
@@ -330,7 +330,7 @@ def coco_results(
     `category_ids` are COCO category ids (not 0-based label indices). The bbox and area come
     from the mask so they stay consistent with the segmentation.
     """
-    rles = masks_to_rle(masks)
+    rles = masks.to_rle() if isinstance(masks, BoxMasks) else masks_to_rle(masks)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     category_ids = np.asarray(category_ids).reshape(-1)
     if not (len(rles) == len(scores) == len(category_ids)):

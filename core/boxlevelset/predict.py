@@ -382,15 +382,17 @@ def evaluate_model(
             cats = np.array([mapping[int(lab)] for lab in labs], np.int64)
         results += coco_results(record.image_id, masks, scores, cats)
         if predictor is not None and len(record.boxes):
-            gt_masks = folder.gt_masks(record)
+            # Masks over their boxes: whole-image ones cost boxes x image size (GBs for the
+            # hundreds of nuclei of a large tile).
+            gt_masks = folder.gt_box_masks(record)
             t0 = time.perf_counter()
             if refine > 0:
                 from boxlevelset.levelset import segment_boxes
 
-                box_masks = np.stack(segment_boxes(image, record.boxes, model=predictor,
-                                                   refine=refine))
+                box_masks = segment_boxes(image, record.boxes, model=predictor, refine=refine,
+                                          cropped=True)
             else:
-                box_masks = np.stack(predictor.predict_boxes(record.boxes)).astype(bool)
+                box_masks = predictor.predict_boxes(record.boxes, cropped=True)
             t_box += time.perf_counter() - t0
             ious.append(np.asarray(matched_ious(gt_masks, box_masks), np.float64))
             gt_cats = (np.ones(len(record.boxes), np.int64) if mapping is None
