@@ -41,8 +41,6 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from boxlevelset.image import bounding_box
-
 if TYPE_CHECKING:
     from boxlevelset.export import BoxMasks
 
@@ -1165,9 +1163,9 @@ class BoxToMaskWidget(QWidget):
         self.method_combo.setCurrentText(METHOD_MODEL)
         self._update_enabled()
 
-    def _add_instances(self, plane: int | None, masks: np.ndarray, boxes: np.ndarray,
-                       categories: list[str]) -> int:
-        """Add boxes with already computed masks (no re-segmentation)."""
+    def _add_instances(self, plane: int | None, masks: BoxMasks, categories: list[str]) -> int:
+        """Add the masks' tight boxes with the masks (no re-segmentation)."""
+        boxes = masks.bounds.astype(np.float64)
         layer = self.boxes_layer(create=True)
         self.labels_layer(create=True)
         if len(masks) == 0:
@@ -1186,8 +1184,8 @@ class BoxToMaskWidget(QWidget):
             layer.features = features
         finally:
             self._busy = False
-        for box_id, box, mask in zip(ids, boxes, masks):
-            self._paint(box_id, plane, mask)
+        for box_id, box, crop in zip(ids, boxes, masks.crops):
+            self._paint(box_id, plane, crop, at=(int(box[1]), int(box[0])))
             self._geom[box_id] = self._key(plane, box)
         return len(masks)
 
@@ -1200,12 +1198,16 @@ class BoxToMaskWidget(QWidget):
 
     def segment_everything(self) -> int:
         """With a model: propose all instances of the image (or current slice) as boxes + masks."""
+        from boxlevelset.export import BoxMasks
+
         if self.model is None:
             raise ValueError("segment everything needs a loaded model")
         image = self._image()
         plane = self._current_plane(image)
         threshold = self.score_slider.value() / 100.0
-        instances = self._predictor_for(image, plane).predict(score_threshold=threshold)
+        # Each mask over its box: a large image's hundreds of proposals cost their area.
+        instances = self._predictor_for(image, plane).predict(score_threshold=threshold,
+                                                              cropped=True)
         names = list(getattr(self.model.config, "class_names", []) or [])
         cats = [names[int(k)] if int(k) < len(names) else str(int(k)) for k in instances.labels]
         # A proposal at least half on labelled pixels (an object already annotated, or one
@@ -1213,17 +1215,17 @@ class BoxToMaskWidget(QWidget):
         # of a mask, or none: it is left out.
         taken = np.asarray(self._plane_view(self.labels_layer(create=True), plane)) != 0
         keep, duplicates = [], 0
-        for i, m in enumerate(np.asarray(instances.masks, dtype=bool)):
-            if not m.any():
+        masks = BoxMasks.from_masks(instances.masks, taken.shape)  # as it is when cropped
+        for i, ((x0, y0, x1, y1), crop) in enumerate(zip(masks.bounds.tolist(), masks.crops)):
+            if not crop.any():
                 continue
-            if (m & taken).sum() * 2 >= m.sum():
+            region = taken[y0:y1, x0:x1]
+            if (crop & region).sum() * 2 >= crop.sum():
                 duplicates += 1
                 continue
             keep.append(i)
-            taken |= m
-        masks = np.asarray(instances.masks)[keep]
-        boxes = np.stack([bounding_box(m) for m in masks]) if keep else np.zeros((0, 4))
-        n = self._add_instances(plane, masks, boxes, [cats[i] for i in keep])
+            region |= crop
+        n = self._add_instances(plane, masks.select(keep), [cats[i] for i in keep])
         self._say(_summary(f"segment everything: {n} instance(s) with score ≥ "
                            f"{threshold:.2f} added",
                            [(duplicates, "left out: already labelled")]))

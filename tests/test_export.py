@@ -234,3 +234,16 @@ def test_rle_string_counts_read_large_and_falling_counts():
     back = BoxMasks.from_rle([rle], (3000, 4000))
     assert back.bounds.tolist() == [[5, 100, 3990, 2900]]
     np.testing.assert_array_equal(back.full(0), mask)
+
+
+def test_box_masks_select_and_from_masks():
+    rng = np.random.default_rng(2)
+    whole = rng.random((4, 9, 11)) < 0.4
+    masks = BoxMasks.from_masks(whole, (9, 11))
+    assert masks.bounds.tolist() == [[0, 0, 11, 9]] * 4 and BoxMasks.from_masks(masks, (9, 11)) \
+        is masks
+    picked = masks.select([3, 1])
+    assert all((a == b).all() for a, b in zip(picked.to_masks(), whole[[3, 1]]))
+    flagged = masks.select(np.array([True, False, False, True]))
+    assert all((a == b).all() for a, b in zip(flagged.to_masks(), whole[[0, 3]]))
+    assert len(masks.select([])) == 0 and masks.select([]).bounds.shape == (0, 4)

@@ -284,11 +284,22 @@ def test_predict_instances_consistent(trained, monkeypatch):
     assert ((inst.labels >= 0) & (inst.labels < 2)).all()
     assert np.all(np.diff(inst.scores) <= 0)
     assert n <= model.config.max_per_image and n > 0
+    # Over their boxes only (a large image's hundreds of instances): the same masks, and
+    # the same as the stride-4 maps resized whole by F.interpolate.
+    cropped = model.predict(image, score_threshold=0.0, cropped=True)
+    np.testing.assert_array_equal(cropped.masks.bounds, inst.boxes.astype(np.int64))
+    assert all((a == b).all() for a, b in zip(cropped.masks.to_masks(), inst.masks))
+    np.testing.assert_array_equal(cropped.scores, inst.scores)
+    import boxlevelset.model as M
+
+    p = M.Predictor(model).set_image(image)
+    probs, _, _ = model.detect_probs(p.features, 0, 0.0)
+    whole = M._threshold_resized(probs, p.features.input_size, p._valid, p._orig,
+                                 model.config.mask_threshold).numpy()
+    np.testing.assert_array_equal(whole[whole.reshape(len(whole), -1).any(1)], inst.masks)
     # A threshold the caller gives holds for the final scores too, which the mask weighting
     # and Matrix NMS lower below the category scores it first selects on (here NMS takes
     # 10% off: the best instance passes the category test at t but ends below it).
-    import boxlevelset.model as M
-
     t = 0.95 * float(inst.scores[0])
     monkeypatch.setattr(M, "matrix_nms", lambda masks, labels, scores, *args: scores * 0.9)
     assert (model.predict(image, score_threshold=t).scores >= t).all()

@@ -490,7 +490,7 @@ def test_segment_everything_leaves_out_what_is_already_labelled(make_napari_view
                                 labels=np.array([0, 0, 0]), scores=np.array([0.9, 0.8, 0.7]))
     widget.model = SimpleNamespace(config=SimpleNamespace(class_names=["blob"]))
     widget._predictor_for = lambda image, plane: SimpleNamespace(
-        predict=lambda score_threshold: proposals)
+        predict=lambda score_threshold, cropped=False: proposals)  # whole masks either way
     assert widget.segment_everything() == 2
     labels, boxes = widget.labels_layer(create=False), widget.boxes_layer(create=False)
     ids = boxes.features["box_id"].to_numpy()

@@ -413,7 +413,7 @@ class _OracleModel:
         self.folder = folder
         self.config = argparse.Namespace(class_names=tuple(folder.class_names), num_classes=2)
 
-    def predict(self, image, score_threshold=None):
+    def predict(self, image, score_threshold=None, cropped=False):
         from boxlevelset.model import Instances
 
         record = next(r for r in self.folder.records
@@ -422,7 +422,8 @@ class _OracleModel:
         labels = np.array([c - 1 for c in record.category_ids], np.int64)
         junk = np.zeros_like(gt[:1])
         junk[0, :3, :3] = True
-        return Instances(np.concatenate([gt, junk]), np.zeros((len(gt) + 1, 4), np.float32),
+        masks = np.concatenate([gt, junk])  # whole, cropped or not: evaluate takes both
+        return Instances(masks, np.zeros((len(gt) + 1, 4), np.float32),
                          np.append(labels, 0), np.append(np.linspace(0.9, 0.5, len(gt)), 0.01))
 
 
@@ -436,8 +437,8 @@ class _OraclePredictor:
                            if np.array_equal(self.model.folder.load_image(r), image))
         return self
 
-    def predict(self, score_threshold=None):
-        return self.model.predict(self.image, score_threshold=score_threshold)
+    def predict(self, score_threshold=None, cropped=False):
+        return self.model.predict(self.image, score_threshold=score_threshold, cropped=cropped)
 
     def predict_boxes(self, boxes, cropped=False):
         from boxlevelset.export import BoxMasks
@@ -477,7 +478,7 @@ def test_a_model_that_finds_nothing_scores_as_pycocotools_says(tiny_box_folder):
     class Blind:
         config = argparse.Namespace(class_names=("blob", "block"), num_classes=2)
 
-        def predict(self, image, score_threshold=None):
+        def predict(self, image, score_threshold=None, cropped=False):
             h, w = image.shape[:2]
             return Instances(np.zeros((0, h, w), bool), np.zeros((0, 4), np.float32),
                              np.zeros(0, np.int64), np.zeros(0, np.float32))
@@ -521,7 +522,7 @@ class _ThresholdModel:
 
     config = argparse.Namespace(class_names=("organ",), num_classes=1)
 
-    def predict(self, image, window=None, score_threshold=None):
+    def predict(self, image, window=None, score_threshold=None, cropped=False):
         from boxlevelset.model import Instances
 
         assert window == "liver" and image.dtype == np.float32  # raw HU + the window

@@ -1048,9 +1048,7 @@ def save_box_folder(
         rles: list[dict | None] = [None] * len(boxes)
         areas: list[float | None] = [None] * len(boxes)
         if masks is not None:
-            if not isinstance(masks, BoxMasks):  # whole-image masks: each box is the image
-                stack = np.asarray(masks, dtype=bool).reshape(-1, h, w)
-                masks = BoxMasks(np.tile([0, 0, w, h], (len(stack), 1)), list(stack), (h, w))
+            masks = BoxMasks.from_masks(masks, (h, w))
             if masks.size != (h, w):
                 raise ValueError(f"{file_name}: masks of a {masks.size[1]}x{masks.size[0]} "
                                  f"image for a {w}x{h} one")

@@ -135,6 +135,17 @@ class BoxMasks:
         return len(self.crops)
 
     @classmethod
+    def from_masks(cls, masks: np.ndarray | Sequence[np.ndarray] | BoxMasks,
+                   size: tuple[int, int]) -> BoxMasks:
+        """HxW masks ([N, H, W], or a BoxMasks, returned as it is) of an image of ``size``,
+        each over the whole image."""
+        if isinstance(masks, BoxMasks):
+            return masks
+        height, width = size
+        stack = np.asarray(masks, dtype=bool).reshape(-1, height, width)
+        return cls(np.tile([0, 0, width, height], (len(stack), 1)), list(stack), (height, width))
+
+    @classmethod
     def from_labels(cls, labels: np.ndarray, ids: Sequence[int]) -> BoxMasks:
         """The masks of label ids ``ids`` in an HxW label image, each over the bounding box
         of its pixels (an id without pixels: an empty mask at (0, 0, 0, 0))."""
@@ -211,6 +222,13 @@ class BoxMasks:
         mask = np.zeros(self.size, bool)
         mask[y0:y1, x0:x1] = self.crops[i]
         return mask
+
+    def select(self, index: Sequence[int] | np.ndarray) -> BoxMasks:
+        """The masks at ``index`` (positions, or a bool array over the masks), in its order."""
+        index = np.asarray(index)
+        index = np.flatnonzero(index) if index.dtype == bool else index.astype(np.int64)
+        return BoxMasks(self.bounds[index].reshape(-1, 4), [self.crops[i] for i in index.tolist()],
+                        self.size)
 
     def to_masks(self) -> list[np.ndarray]:
         """Every mask as an HxW bool array."""

@@ -38,9 +38,10 @@ SIZE_DIVISOR = 32
 
 @dataclass
 class Instances:
-    """Instances of one image: masks [N, H, W] bool, boxes [N, 4] xyxy, labels [N], scores [N]."""
+    """Instances of one image: masks [N, H, W] bool (or, from ``predict(cropped=True)``, a
+    ``BoxMasks``: each mask over its box), boxes [N, 4] xyxy, labels [N], scores [N]."""
 
-    masks: np.ndarray
+    masks: np.ndarray | BoxMasks
     boxes: np.ndarray
     labels: np.ndarray
     scores: np.ndarray
@@ -531,12 +532,14 @@ class SOLOv2(nn.Module):
 
     @torch.no_grad()
     def predict(
-        self, image: np.ndarray, window: Window = None, score_threshold: float | None = None
+        self, image: np.ndarray, window: Window = None, score_threshold: float | None = None,
+        cropped: bool = False,
     ) -> Instances:
         """Every instance in one numpy image, masks at the image's own size; with
         ``score_threshold``, only instances whose final score reaches it (default: the
-        config's SOLOv2 thresholds)."""
-        return Predictor(self).set_image(image, window).predict(score_threshold)
+        config's SOLOv2 thresholds); with ``cropped``, the masks over their boxes only
+        (``Predictor.predict``)."""
+        return Predictor(self).set_image(image, window).predict(score_threshold, cropped)
 
 
 def _resized(probs: Tensor, padded: tuple[int, int], valid: tuple[int, int],
@@ -741,21 +744,61 @@ class Predictor:
         return crops
 
     @torch.no_grad()
-    def predict(self, score_threshold: float | None = None) -> Instances:
-        """Every instance of the cached image (SOLOv2 inference), masks at the original size."""
+    def predict(self, score_threshold: float | None = None, cropped: bool = False) -> Instances:
+        """Every instance of the cached image (SOLOv2 inference), masks at the original size;
+        with ``cropped``, ``masks`` is a ``BoxMasks`` (each over its tight box), so that the
+        hundreds of instances of a large image cost their area, not instances x image."""
         feats = self._require()
         probs, labels, scores = self.model.detect_probs(feats, 0, score_threshold)
-        masks = _threshold_resized(
-            probs, feats.input_size, self._valid, self._orig, self.model.config.mask_threshold
-        )
-        nonempty = masks.flatten(1).any(1)
-        masks, labels, scores = masks[nonempty], labels[nonempty], scores[nonempty]
+        masks = self._masks_over_boxes(probs.float())
+        found = np.array([crop.size > 0 for crop in masks.crops], bool)
+        masks = masks.select(found)
+        keep = torch.from_numpy(found).to(labels.device)
+        whole = (np.stack(masks.to_masks()) if len(masks)
+                 else np.zeros((0, *self._orig), bool)) if not cropped else None
         return Instances(
-            masks=masks.cpu().numpy(),
-            boxes=masks_to_boxes(masks).cpu().numpy().astype(np.float32),
-            labels=labels.cpu().numpy().astype(np.int64),
-            scores=scores.cpu().numpy().astype(np.float32),
+            masks=masks if cropped else whole,
+            boxes=masks.bounds.astype(np.float32),
+            labels=labels[keep].cpu().numpy().astype(np.int64),
+            scores=scores[keep].cpu().numpy().astype(np.float32),
         )
+
+    def _masks_over_boxes(self, probs: Tensor) -> BoxMasks:
+        """Stride-4 probabilities [N, h, w] -> masks at the original size over their tight
+        boxes (empty masks: bounds (0, 0, 0, 0)). The two bilinear resizes are one matrix
+        per axis (``_resize_matrices``); an output pixel is a convex combination of the
+        stride-4 cells under it, so only the rows and columns of cells above the threshold
+        can pass it, and only they are computed."""
+        feats = self._require()
+        threshold = self.model.config.mask_threshold
+        rows, cols = _resize_matrices(tuple(probs.shape[-2:]), feats.input_size, self._valid,
+                                      self._orig, probs.device)
+        bounds, crops = [], []
+        for prob in probs:
+            hot = prob > threshold
+            if not hot.any():
+                bounds.append([0, 0, 0, 0])
+                crops.append(np.zeros((0, 0), bool))
+                continue
+            r0, r1 = _reach(rows, hot.any(1))
+            c0, c1 = _reach(cols, hot.any(0))
+            crop = ((rows[r0:r1] @ prob @ cols[c0:c1].T) > threshold).cpu().numpy()
+            ys, xs = np.flatnonzero(crop.any(1)), np.flatnonzero(crop.any(0))
+            if ys.size == 0:
+                bounds.append([0, 0, 0, 0])
+                crops.append(np.zeros((0, 0), bool))
+                continue
+            crops.append(crop[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1])
+            bounds.append([c0 + xs[0], r0 + ys[0], c0 + xs[-1] + 1, r0 + ys[-1] + 1])
+        return BoxMasks(np.array(bounds, np.int64).reshape(-1, 4), crops, tuple(self._orig))
+
+
+def _reach(matrix: Tensor, cells: Tensor) -> tuple[int, int]:
+    """The output range [start, stop) whose resize weights (rows of ``matrix``) touch any of
+    the input ``cells`` (bool over its columns)."""
+    index = torch.nonzero(cells)[:, 0]
+    touched = torch.nonzero((matrix[:, int(index[0]):int(index[-1]) + 1] > 0).any(1))[:, 0]
+    return int(touched[0]), int(touched[-1]) + 1
 
 
 # ---------------------------------------------------------------------- checkpoints

@@ -164,10 +164,12 @@ def write_png(path: Path, rgb: np.ndarray) -> None:
             raise OSError(f"{path}: OpenCV could not write the PNG")
 
 
-def _sorted_instances(inst: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(masks, labels, scores) by decreasing score, so label images favour confident masks."""
+def _sorted_instances(inst: Any, size: tuple[int, int]) -> tuple[BoxMasks, np.ndarray,
+                                                                 np.ndarray]:
+    """(masks, labels, scores) by decreasing score, so label images favour confident masks;
+    the masks as ``BoxMasks`` of an image of ``size`` (a model may give them whole)."""
     order = np.argsort(-np.asarray(inst.scores), kind="stable")
-    masks = np.asarray(inst.masks, dtype=bool)[order]
+    masks = BoxMasks.from_masks(inst.masks, size).select(order)
     return masks, np.asarray(inst.labels, np.int64)[order], np.asarray(inst.scores)[order]
 
 
@@ -189,7 +191,7 @@ def predict_folder(
     wins overlaps; `.tif` when over 65535 instances) and `overlays/<name>.png` (the image with
     the masks tinted). Returns the JSON path.
     """
-    from boxlevelset.export import masks_to_labels, write_coco, write_label_image
+    from boxlevelset.export import write_coco, write_label_image
 
     window = resolve_window(model, window)
     if isinstance(source, (str, Path)) and _is_volume_file(Path(source)):
@@ -208,15 +210,15 @@ def predict_folder(
         from tqdm import tqdm
         records = tqdm(records, desc="predict", unit="image")
     for record, image in folder.readable(records):
-        inst = model.predict(image, score_threshold=score_threshold)
-        masks, labs, scores = _sorted_instances(inst)
+        # Each mask over its box, as RLE at once: whole-image masks cost instances x image
+        # size, and a folder's, kept to the end, grew with the folder.
+        inst = model.predict(image, score_threshold=score_threshold, cropped=True)
+        masks, labs, scores = _sorted_instances(inst, image.shape[:2])
         images.append(coco_image_entry(record))
-        # As RLE at once: a folder's whole-image masks, kept to the end, grew with images.
         annotations += _rle_annotations(int(record.image_id), masks, labs + 1, scores)
         stem = stems(record)
         if labels:
-            label_image = (masks_to_labels(masks) if len(masks)
-                           else np.zeros(image.shape[:2], np.int32))
+            label_image = masks.to_labels()
             suffix = ".png" if len(masks) < 65536 else ".tif"
             write_label_image(out_dir / "labels" / f"{stem}{suffix}", label_image)
         if overlays:
@@ -226,13 +228,11 @@ def predict_folder(
     return path
 
 
-def _rle_annotations(image_id: int, masks: np.ndarray, category_ids: np.ndarray,
+def _rle_annotations(image_id: int, masks: BoxMasks, category_ids: np.ndarray,
                      scores: np.ndarray) -> list[dict]:
     """write_coco's annotations of one image's instances, masks encoded now (RLE)."""
-    from boxlevelset.export import masks_to_rle
-
     return [{"image_id": image_id, "segmentation": rle, "category_id": int(c),
-             "score": float(s)} for rle, c, s in zip(masks_to_rle(masks), category_ids, scores)]
+             "score": float(s)} for rle, c, s in zip(masks.to_rle(), category_ids, scores)]
 
 
 def _file_stem(file_name: str) -> str:
@@ -277,10 +277,13 @@ def predict_volume(
         iterator = tqdm(indices, desc="predict", unit="slice")
     name = Path(path).name
     for image_id, z in enumerate(iterator, start=1):
-        inst = model.predict(volume.array[z], window=window, score_threshold=score_threshold)
-        masks, labs, scores = _sorted_instances(inst)
-        for mask in masks:  # confident masks first; later ones do not overwrite them
-            label_volume[z][mask & (label_volume[z] == 0)] = next_label
+        inst = model.predict(volume.array[z], window=window, score_threshold=score_threshold,
+                             cropped=True)
+        masks, labs, scores = _sorted_instances(inst, volume.shape[1:3])
+        # Confident masks first; later ones do not overwrite them.
+        for (x0, y0, x1, y1), crop in zip(masks.bounds.tolist(), masks.crops):
+            region = label_volume[z, y0:y1, x0:x1]
+            region[crop & (region == 0)] = next_label
             next_label += 1
         images.append({"id": image_id, "file_name": name, "height": volume.shape[1],
                        "width": volume.shape[2], "slice_index": z})
@@ -369,16 +372,16 @@ def evaluate_model(
         scored.add(record.image_id)
         t0 = time.perf_counter()
         if predictor is not None:  # one backbone pass serves both evaluations
-            inst = predictor.set_image(image).predict(score_threshold=None)
+            inst = predictor.set_image(image).predict(score_threshold=None, cropped=True)
         else:
-            inst = model.predict(image, score_threshold=None)
+            inst = model.predict(image, score_threshold=None, cropped=True)
         t_model += time.perf_counter() - t0
-        masks, labs, scores = _sorted_instances(inst)
+        masks, labs, scores = _sorted_instances(inst, image.shape[:2])
         if mapping is None:
             cats = np.ones(len(labs), np.int64)
         else:
             keep = np.array([int(lab) in mapping for lab in labs], bool)
-            masks, labs, scores = masks[keep], labs[keep], scores[keep]
+            masks, labs, scores = masks.select(keep), labs[keep], scores[keep]
             cats = np.array([mapping[int(lab)] for lab in labs], np.int64)
         results += coco_results(record.image_id, masks, scores, cats)
         if predictor is not None and len(record.boxes):
