@@ -116,6 +116,56 @@ def test_segment_press_paints_each_mask_from_its_box(viewer_widget, monkeypatch)
     assert np.array_equal(labels.data == ids[0], expected[0])
 
 
+def _many_discs_scene(viewer, monkeypatch, present_ids_from: int) -> np.ndarray:
+    """40 discs with a box each and a user's label over part of one; Segment, a hand edit
+    kept, then a method change that redoes every box. Returns the user's label and each
+    box's mask at the end, [41, H, W]."""
+    from boxlevelset_napari import _box_to_mask as B
+
+    monkeypatch.setattr(B, "PRESENT_IDS_FROM", present_ids_from)
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 40, (160, 200)).astype(np.uint8)
+    yy, xx = np.mgrid[:160, :200]
+    boxes = []
+    for cy in range(12, 160, 20):
+        for cx in range(12, 200, 40):
+            image[(yy - cy) ** 2 + (xx - cx) ** 2 <= 49] = 200
+            boxes.append((cx - 8, cy - 8, cx + 9, cy + 9))
+    viewer.layers.clear()
+    viewer.add_image(image, name="discs")
+    mine = np.zeros(image.shape, np.int32)
+    mine[10:16, 10:16] = 500  # the user's own label over part of the first disc
+    labels = viewer.add_labels(mine, name="mine")
+    widget = BoxToMaskWidget(viewer)
+    widget.labels_combo.select(labels)
+    widget.live_check.setChecked(False)
+    widget.hand_combo.setCurrentText("keep")
+    layer = widget.new_boxes_layer()
+    layer.add_rectangles(boxes_to_rectangles(np.array(boxes, float)))
+    widget.segment()
+    ids = layer.features["box_id"].to_numpy()
+    edited = labels.data == ids[5]
+    labels.data_setitem(np.nonzero(edited & (xx < 12)), 0)  # half of box 5 (x 4-21) erased
+    widget.method_combo.setCurrentText(B.METHOD_LEVELSET_CUT)
+    widget.segment()  # every box again, but box 5's edit is kept
+    assert (labels.data == 500).sum() == 36 and len(np.unique(labels.data)) == 42
+    assert np.array_equal(labels.data == ids[5], edited & (xx >= 12))
+    out = [labels.data == 500] + [labels.data == i for i in ids]
+    widget.close()
+    return np.stack(out)
+
+
+def test_a_press_over_many_boxes_skips_checks_of_ids_not_on_the_plane(
+        make_napari_viewer_proxy, monkeypatch):
+    # Over 32 boxes, a press lists the ids on the plane first and skips two whole-plane
+    # checks for each new box (961 boxes of a 2048x2048 tile: 1.9 -> 1.1 s): the labels are
+    # the same as with the checks, existing labels and a kept hand edit included.
+    viewer = make_napari_viewer_proxy()
+    listed = _many_discs_scene(viewer, monkeypatch, 32)
+    checked = _many_discs_scene(viewer, monkeypatch, 10**9)
+    np.testing.assert_array_equal(listed, checked)
+
+
 def test_existing_labels_win_and_hand_edits_are_kept(viewer_widget):
     viewer, widget, image = viewer_widget
     existing = np.zeros((96, 96), np.int32)
