@@ -625,7 +625,10 @@ def test_init_masks_start_the_level_set_from_a_given_mask():
 
 def test_public_api_is_listed_by_dir():
     """The API is imported lazily; dir() and tab completion still show it."""
-    assert {"segment_boxes", "propagate_mask", "load_model", "train"} <= set(dir(boxlevelset))
+    assert {"segment_boxes", "propagate_mask", "load_model", "train", "BoxMasks"} <= set(
+        dir(boxlevelset))
+    assert boxlevelset.BoxMasks is type(boxlevelset.segment_boxes(
+        np.zeros((4, 4), np.uint8), np.zeros((0, 4)), cropped=True))
 
 
 def test_a_box_without_contrast_gets_an_empty_mask():

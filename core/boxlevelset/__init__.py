@@ -3,6 +3,7 @@
 Public API (everything else -- plugin, command line, benchmarks -- goes through it):
 
     segment_boxes(image, boxes, model=None, **options) -> list of HxW bool masks
+        (cropped=True: a BoxMasks, each mask over its box)
     propagate_mask(volume, plane, mask, **options) -> (slice, mask) through a volume
     load_model(path_or_name, device=None) -> model ready for inference
     model.predict(image) -> instances (masks, boxes, labels, scores)
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 # Lazy attributes keep `import boxlevelset` cheap (the plugin imports it at napari start-up).
 _LAZY = {
     "segment_boxes": "boxlevelset.levelset",
+    "BoxMasks": "boxlevelset.export",
     "propagate_mask": "boxlevelset.propagate",
     "load_model": "boxlevelset.model",
     "SOLOv2": "boxlevelset.model",
