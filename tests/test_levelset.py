@@ -395,6 +395,11 @@ def test_grey_stored_as_rgb_segments_as_grey():
     colour = img.astype(np.float32) / 255
     colour[..., 2] = 1 - colour[..., 2]
     assert L._grey_as_one_channel(colour).shape[2] == 3
+    # The check reads blocks of rows: one coloured pixel in the last row still makes colour.
+    tall = np.repeat(img, 12, axis=0)  # 3072 rows: several blocks
+    assert L._stored_grey(tall)
+    tall[-1, -1, 1] ^= 1
+    assert not L._stored_grey(tall)
 
 
 @pytest.mark.parametrize("kind", ["uint8", "uint16", "float", "ct", "grey rgb", "rgba"])
