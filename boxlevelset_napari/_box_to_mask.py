@@ -999,11 +999,14 @@ class BoxToMaskWidget(QWidget):
     def _plane_view(self, labels: Any, plane: int | None) -> np.ndarray:
         return labels.data[plane] if plane is not None and labels.data.ndim == 3 else labels.data
 
-    def _hand_edited(self, box_id: int, planes: list | None = None) -> bool:
+    def _hand_edited(self, box_id: int, planes: list | None = None,
+                     known: dict | None = None) -> bool:
         """True when the label's pixels differ from what the widget last wrote there. A plane
         where the label has no pixels left has nothing to lose: napari's undo of the
         widget's own painting leaves such planes, and they count as free, not edited; so
-        does a mask the widget painted there before (undo and redo bring those back)."""
+        does a mask the widget painted there before (undo and redo bring those back).
+        ``known``: plane -> the label's pixels there (plane == box_id), already compared,
+        or None for none."""
         labels = self.labels_combo.layer()
         if labels is None:
             return False
@@ -1013,9 +1016,13 @@ class BoxToMaskWidget(QWidget):
                 return bool((np.asarray(labels.data) == box_id).any())
             planes = list(written)
         for plane in planes:
-            if self._absent(box_id, plane):
+            if known is not None and plane in known:
+                current = known[plane]
+            else:
+                current = (None if self._absent(box_id, plane)
+                           else self._plane_view(labels, plane) == box_id)
+            if current is None:
                 continue  # no pixels: nothing to lose
-            current = self._plane_view(labels, plane) == box_id
             owned = written.get(plane)
             if current.any() and (owned is None or not owned.equals(current)) and \
                     _digest(current) not in self._painted.get((box_id, plane), ()):
@@ -1036,8 +1043,9 @@ class BoxToMaskWidget(QWidget):
             QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
         return answer == QMessageBox.Yes
 
-    def _may_replace(self, box_id: int, planes: list | None = None) -> bool:
-        if not self._hand_edited(box_id, planes):
+    def _may_replace(self, box_id: int, planes: list | None = None,
+                     known: dict | None = None) -> bool:
+        if not self._hand_edited(box_id, planes, known):
             return True
         policy = self.hand_combo.currentText()
         if policy == "overwrite":
@@ -1064,23 +1072,23 @@ class BoxToMaskWidget(QWidget):
         of one whose first pixel is at row, column `at`. Returns "painted", "partly"
         (existing labels win over half of it), "covered" (they win every pixel of it),
         "kept" (the user keeps a hand-edited mask) or "nothing" (an empty mask)."""
-        if not self._may_replace(box_id, [plane]):
-            return "kept"
         labels = self.labels_layer(create=True)
         if np.issubdtype(labels.data.dtype, np.integer) and \
                 box_id > np.iinfo(labels.data.dtype).max:
             # Widen the layer (e.g. a uint8 Labels layer at id 256): the id would wrap.
             labels.data = np.asarray(labels.data).astype(np.int32)
         view = self._plane_view(labels, plane)
+        # The whole plane: a hand edit may have put this id anywhere (unless it is known to
+        # have no pixels there). The hand-edit check reads the same compare.
+        old = None if self._absent(box_id, plane) else view == box_id
+        if not self._may_replace(box_id, [plane], known={plane: old}):
+            return "kept"
         mask = np.asarray(mask, dtype=bool)
         top, left = at
         if top < 0 or left < 0 or top + mask.shape[0] > view.shape[0] or \
                 left + mask.shape[1] > view.shape[1]:
             raise ValueError(f"mask shape {mask.shape} at {at} does not fit labels {view.shape}")
         overwrite = self.overwrite_check.isChecked()
-        # The whole plane: a hand edit may have put this id anywhere (unless it is known to
-        # have no pixels there).
-        old = None if self._absent(box_id, plane) else view == box_id
         # The rest works on the window of the new mask and the old one: whole-plane work
         # per box made 200 boxes on a 2000x2000 image take 17 s.
         drawn, drawn_crop = _tight((slice(top, None), slice(left, None)), mask)
