@@ -329,6 +329,8 @@ def save_annotations(folder: str | os.PathLike, image: Any, boxes: Any, labels: 
         info = {"window": [float(v) for v in contrast_window(image.contrast_limits)]}
     else:
         info = {"scale": [float(v) for v in image.scale]}
+        if np.any(np.asarray(image.translate) != 0):  # where the layer sits in the world
+            info["translate"] = [float(v) for v in image.translate]
         if z_stack:
             info["planes"] = int(image.data.shape[0])
     return Path(save_box_folder(folder, items, cats, info=info, box_fields=box_fields))

@@ -166,7 +166,7 @@ def read_box_folder(path: str | os.PathLike) -> list[LayerData]:
     opens whole, every plane with its pixels; in folders saved before the stack was kept
     whole (each plane a 2D image), the planes go back to their own z in a stack as deep as
     the saved one ("planes" in the COCO info), planes not saved left empty. The layer
-    scale saved in the info comes back.
+    scale and translate saved in the info come back.
     The boxes layer holds each box on its plane with its category, and the labels layer
     the folder's masks when it has any (label id = box id; the slices of one object of a
     stack or volume, saved under one "object_id", share its box's label; separate images
@@ -237,10 +237,13 @@ def read_box_folder(path: str | os.PathLike) -> list[LayerData]:
         stack, labels = stack[0], labels[0]
         rects = [r[:, 1:] for r in rects]
         box_kwargs["ndim"] = 2
-    scale = _saved_scale(folder.info, box_kwargs["ndim"])
-    if scale is not None:
-        for kwargs in (image_kwargs, box_kwargs, labels_kwargs):
+    scale = _saved_geometry(folder.info, "scale", box_kwargs["ndim"])
+    translate = _saved_geometry(folder.info, "translate", box_kwargs["ndim"])
+    for kwargs in (image_kwargs, box_kwargs, labels_kwargs):
+        if scale is not None:
             kwargs["scale"] = scale
+        if translate is not None:
+            kwargs["translate"] = translate
     # Boxes last: above the masks and the active layer, ready to draw (as the widget does).
     layers: list[LayerData] = [(stack, image_kwargs, "image")]
     if has_masks:
@@ -260,16 +263,17 @@ def _stack_depth(folder: Any, records: list) -> int | None:
     return max(saved, max(planes) + 1)
 
 
-def _saved_scale(info: dict, ndim: int) -> tuple[float, ...] | None:
-    """The layer scale Save annotations put in the COCO info, if it fits ``ndim``."""
-    scale = info.get("scale")
-    if not isinstance(scale, list) or len(scale) != ndim:
+def _saved_geometry(info: dict, key: str, ndim: int) -> tuple[float, ...] | None:
+    """The layer "scale" or "translate" (``key``) Save annotations put in the COCO info, if
+    it fits ``ndim`` (finite; a scale positive)."""
+    values = info.get(key)
+    if not isinstance(values, list) or len(values) != ndim:
         return None
     try:
-        values = tuple(float(v) for v in scale)
+        out = tuple(float(v) for v in values)
     except (TypeError, ValueError):
         return None
-    return values if all(np.isfinite(v) and v > 0 for v in values) else None
+    return out if all(np.isfinite(v) and (v > 0 or key != "scale") for v in out) else None
 
 
 def _ct_folder_layers(folder: Any, records: list, root: Path) -> list[LayerData]:

@@ -46,9 +46,11 @@ def _scene(shape: tuple[int, ...]) -> np.ndarray:
 
 
 def test_a_saved_2d_image_reopens_as_2d(tmp_path, make_napari_viewer_proxy):
-    """It had come back as a one-plane stack (1, H, W) with 3D boxes and masks."""
+    """It had come back as a one-plane stack (1, H, W) with 3D boxes and masks; and, at the
+    world origin, where the image had been moved (translate) elsewhere."""
     viewer = make_napari_viewer_proxy()
-    image = viewer.add_image(_scene((40, 48)), name="photo", scale=(0.5, 0.5))
+    image = viewer.add_image(_scene((40, 48)), name="photo", scale=(0.5, 0.5),
+                             translate=(3.0, -2.0))
     widget = BoxToMaskWidget(viewer)
     boxes = widget.new_boxes_layer()
     boxes.add_rectangles(boxes_to_rectangles(np.array([[10.0, 8.0, 32.0, 28.0]])))
@@ -63,6 +65,8 @@ def test_a_saved_2d_image_reopens_as_2d(tmp_path, make_napari_viewer_proxy):
     assert _objects(again_labels.data) == _objects(labels.data)
     assert tuple(again.scale) == tuple(again_boxes.scale) == tuple(again_labels.scale) == \
         pytest.approx((0.5, 0.5))
+    assert tuple(again.translate) == tuple(again_boxes.translate) == \
+        tuple(again_labels.translate) == pytest.approx((3.0, -2.0))
     assert np.allclose(rectangle_to_box(again_boxes.data[0])[1], [10, 8, 32, 28])
 
     # Reopened, annotated further and saved again: still one 2D image.
