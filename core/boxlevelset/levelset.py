@@ -611,10 +611,12 @@ def _image_and_boxes(
     are the same, and a box on a 12-megapixel photo no longer costs converting all of it."""
     arr = np.asarray(image)
     check_image_shape(arr)  # before its first two axes are read as height and width
+    height, width = arr.shape[:2]
+    clipped = bounds = None
     region = None
     if context is not None:
-        height, width = arr.shape[:2]
-        bounds = pixel_bounds(clip_boxes(as_boxes(boxes), height, width), height, width)
+        clipped = clip_boxes(as_boxes(boxes), height, width)
+        bounds = pixel_bounds(clipped, height, width)
         # NaN is filled from the nearest pixel with data, which may lie beyond any margin.
         if len(bounds) and not (arr.dtype.kind == "f" and not np.isfinite(arr).all()):
             margin = [round(context * max(x1 - x0, y1 - y0)) + _FRAME  # as _crop_features
@@ -624,13 +626,14 @@ def _image_and_boxes(
                       min(width, int(grown[:, 2].max())), min(height, int(grown[:, 3].max())))
     img = as_float_image(arr, window, allow_nonfinite=model_free, region=region)
     img = _grey_as_one_channel(img, arr if region is not None else None)
+    if clipped is None:  # the image's own errors (dtype, NaN) come first, as before
+        clipped = clip_boxes(as_boxes(boxes), height, width)
+        bounds = pixel_bounds(clipped, height, width)
     origin = (0, 0) if region is None else region[:2]
-    size = arr.shape[:2]
-    clipped = clip_boxes(as_boxes(boxes), *size)
-    bounds = pixel_bounds(clipped, *size) - np.array([*origin, *origin], np.int64)
+    bounds = bounds - np.array([*origin, *origin], np.int64)
     if model_free and len(bounds) and arr.dtype.kind == "f":  # floats hold NaN
         img = _fill_outside_boxes(img, bounds)
-    return _BoxInput(img, clipped, bounds, origin, size)
+    return _BoxInput(img, clipped, bounds, origin, (height, width))
 
 
 def _box_crops(
@@ -799,6 +802,7 @@ def segment_boxes(
         context=(context if histogram > 0 else 0.0) if model_free else None)
     if len(clipped) == 0:
         return BoxMasks(np.zeros((0, 4), np.int64), [], (height, width)) if cropped else []
+    image_bounds = bounds + np.array([*origin, *origin])  # bounds are in img, a region
     predictor = None
     if model is not None:
         from boxlevelset.model import Predictor
@@ -828,7 +832,7 @@ def segment_boxes(
             init.append(np.log(prob / (1 - prob)))
     elif init_masks is not None:
         init = [np.where(u, INIT_LEVEL, -INIT_LEVEL)
-                for u in _crop_masks(init_masks, bounds + np.array([*origin, *origin]), crops)]
+                for u in _crop_masks(init_masks, image_bounds, crops)]
     evolve_border = 0.0 if border is None else border
     if predictor is None and solver == "cut":
         start = None if init is None else [phi > 0 for phi in init]
@@ -862,7 +866,7 @@ def segment_boxes(
         if phi.shape != (bh, bw):
             phi = cv2.resize(phi, (bw, bh), interpolation=cv2.INTER_LINEAR)
         crops.append(clean_mask(phi > 0, fill_holes, largest_component))
-    masks = BoxMasks(bounds + np.array([*origin, *origin]), crops, (height, width))
+    masks = BoxMasks(image_bounds, crops, (height, width))
     return masks if cropped else masks.to_masks()
 
 
