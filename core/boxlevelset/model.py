@@ -754,10 +754,12 @@ class Predictor:
         found = np.array([crop.size > 0 for crop in masks.crops], bool)
         masks = masks.select(found)
         keep = torch.from_numpy(found).to(labels.device)
-        whole = (np.stack(masks.to_masks()) if len(masks)
-                 else np.zeros((0, *self._orig), bool)) if not cropped else None
+        if cropped:
+            out = masks
+        else:
+            out = np.stack(masks.to_masks()) if len(masks) else np.zeros((0, *self._orig), bool)
         return Instances(
-            masks=masks if cropped else whole,
+            masks=out,
             boxes=masks.bounds.astype(np.float32),
             labels=labels[keep].cpu().numpy().astype(np.int64),
             scores=scores[keep].cpu().numpy().astype(np.float32),
@@ -776,15 +778,13 @@ class Predictor:
         bounds, crops = [], []
         for prob in probs:
             hot = prob > threshold
-            if not hot.any():
-                bounds.append([0, 0, 0, 0])
-                crops.append(np.zeros((0, 0), bool))
-                continue
-            r0, r1 = _reach(rows, hot.any(1))
-            c0, c1 = _reach(cols, hot.any(0))
-            crop = ((rows[r0:r1] @ prob @ cols[c0:c1].T) > threshold).cpu().numpy()
-            ys, xs = np.flatnonzero(crop.any(1)), np.flatnonzero(crop.any(0))
-            if ys.size == 0:
+            ys = xs = np.zeros(0, np.int64)
+            if hot.any():
+                r0, r1 = _reach(rows, hot.any(1))
+                c0, c1 = _reach(cols, hot.any(0))
+                crop = ((rows[r0:r1] @ prob @ cols[c0:c1].T) > threshold).cpu().numpy()
+                ys, xs = np.flatnonzero(crop.any(1)), np.flatnonzero(crop.any(0))
+            if ys.size == 0:  # no pixel passes: an empty mask
                 bounds.append([0, 0, 0, 0])
                 crops.append(np.zeros((0, 0), bool))
                 continue
