@@ -703,6 +703,7 @@ def _load_coco(json_path: Path, root: Path, window: Window) -> BoxFolder:
         path = _resolve_file(root, file_name)
         slice_index = im.get("slice_index")
         height, width = im.get("height"), im.get("width")
+        plane = None
         if slice_index is not None or is_volume_path(path):
             slice_index = int(slice_index or 0)
             if path in bad_volumes:
@@ -771,7 +772,7 @@ def _load_coco(json_path: Path, root: Path, window: Window) -> BoxFolder:
             else np.zeros((0,), np.int64),
             segmentations=[s for s, k in zip(segs, keep) if k], slice_index=slice_index,
             crowd=crowds, areas=[a for a, k in zip(areas, keep) if k],
-            plane=None if slice_index is not None else _index_field(im, "plane"),
+            plane=plane,
             object_ids=[o for o, k in zip(objects, keep) if k],
             prompts=[p for p, k in zip(prompts, keep) if k],
         ))
@@ -970,15 +971,13 @@ def save_box_folder(
     images: per image a tuple (file_name, image HxW(xC) or the path of an image file to copy
     as it is, boxes Nx4 xyxy, category_ids N, masks [N,H,W], a ``BoxMasks`` or None). For a
     CT slice use a 6-tuple (file_name, volume: Volume, boxes, category_ids, masks or None,
-    slice_index):
-    the volume is written once under file_name (.nii.gz/.nrrd/.mha) and each slice becomes
-    an image entry with `slice_index`. For a
-    plane of a stack that is not CT (microscopy) use a 6-tuple (file_name, stack ZxHxW(xC)
-    array, boxes, category_ids, masks or None, plane): the stack is written once, whole, as
-    a multi-page TIFF under file_name (.tif/.tiff) in its own type, and each plane becomes
-    an image entry with "plane" (pass the same array object for the planes of one stack).
-    Masks are
-    stored as RLE segmentations. Every file is written atomically and annotations.json
+    slice_index): the volume is written once under file_name (.nii.gz/.nrrd/.mha) and each
+    slice becomes an image entry with `slice_index`. For a plane of a stack that is not CT
+    (microscopy) use a 6-tuple (file_name, stack ZxHxW(xC) array, boxes, category_ids, masks
+    or None, plane): the stack is written once, whole, as a multi-page TIFF under file_name
+    (.tif/.tiff) in its own type, and each plane becomes an image entry with "plane" (pass
+    the same array object for the planes of one stack). Masks are stored as RLE
+    segmentations. Every file is written atomically and annotations.json
     last, so a half-written folder never looks complete. load_box_folder reads the result
     back to the same boxes, categories, masks and pixels (CT: the same volume). ``info``
     (JSON data) goes into the COCO file's "info" and comes back as ``BoxFolder.info``.
