@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from boxlevelset.export import BoxMasks
+from boxlevelset.export import BoxMasks, lower_suffix
 from boxlevelset.image import apply_window
 
 from ._layers import DEFAULT_CATEGORY, contrast_window, plugin_meta, rectangle_to_box
+from ._reader import IMAGE_SUFFIXES
 
 
 def _is_stack(image: Any) -> bool:
@@ -294,7 +295,7 @@ def save_annotations(folder: str | os.PathLike, image: Any, boxes: Any, labels: 
         elif whole is not None:
             name, pixels = _stack_file_name(image), whole
         else:
-            if not name.lower().endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")):
+            if lower_suffix(Path(name)) not in IMAGE_SUFFIXES:
                 name = f"{Path(name).name.split('.')[0]}_{plane or 0:04d}.png"
             source = _source_file(image, plane)
             if source is not None and Path(name).suffix.lower() == source.suffix.lower():
