@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from boxlevelset.data import IMAGE_SUFFIXES
 from boxlevelset.export import BoxMasks, lower_suffix
 from boxlevelset.image import apply_window
 
 from ._layers import DEFAULT_CATEGORY, contrast_window, plugin_meta, rectangle_to_box
-from ._reader import IMAGE_SUFFIXES
 
 
 def _is_stack(image: Any) -> bool:

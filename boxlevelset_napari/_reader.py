@@ -22,6 +22,8 @@ from ._layers import (
     window_contrast,
 )
 
+# boxlevelset.data's suffixes, spelled out here: napari imports this module to ask
+# whether it reads a file, and the engine's data module is not needed for that answer.
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DEFAULT_WINDOW = "abdomen"

@@ -366,3 +366,12 @@ def test_loose_boxes_follow_the_image_kind_until_the_user_sets_them(make_napari_
     widget.image_combo.select(nuclei[0])
     widget.image_combo.select(ct[0])
     assert not widget.loose_check.isChecked()
+
+
+def test_the_readers_suffixes_are_the_engines():
+    # The reader spells them out to stay light to import; they must not drift apart.
+    from boxlevelset import data
+    from boxlevelset_napari import _reader
+
+    assert set(_reader.IMAGE_SUFFIXES) == set(data.IMAGE_SUFFIXES)
+    assert set(_reader.VOLUME_SUFFIXES) == set(data.VOLUME_SUFFIXES)
