@@ -362,6 +362,15 @@ class BoxToMaskWidget(QWidget):
             lambda v: self.score_label.setText(f"{v / 100:.2f}"))
         self.everything_btn = QPushButton("Segment everything")
         self.everything_btn.clicked.connect(self.segment_everything)
+        self.tile_spin = QSpinBox()
+        self.tile_spin.setRange(0, 8192)
+        self.tile_spin.setSingleStep(64)
+        self.tile_spin.setSpecialValueText("whole image")
+        self.tile_spin.setSuffix(" px")
+        self.tile_spin.setToolTip(
+            "Segment everything in overlapping tiles of this size, about the size of the "
+            "images the model was trained on: a large microscopy mosaic, shrunk whole to the "
+            "model's input, loses its small objects. 'whole image': no tiles")
         self.overlap_spin = QDoubleSpinBox()
         self.overlap_spin.setRange(0.05, 0.99)
         self.overlap_spin.setSingleStep(0.05)
@@ -414,6 +423,8 @@ class BoxToMaskWidget(QWidget):
         g.addWidget(QLabel("score ≥"))
         g.addWidget(self.score_slider, 1)
         g.addWidget(self.score_label)
+        g.addWidget(QLabel("tiles"))
+        g.addWidget(self.tile_spin)
         g.addWidget(self.everything_btn)
         layout.addWidget(group)
         group = QGroupBox("Volumes: propagate")
@@ -1222,6 +1233,19 @@ class BoxToMaskWidget(QWidget):
             self._geom[box_id] = self._key(plane, box)
         return len(masks)
 
+    def _predict_tiled(self, image: Any, plane: int | None, tile: int, threshold: float) -> Any:
+        """The model's instances of the plane in tiles (``boxlevelset.tiles``), the tile
+        count shown in the status line as they go."""
+        from boxlevelset.tiles import predict_tiled
+
+        def shown(done: int, total: int) -> None:
+            self._say(f"segment everything: tile {done} of {total}")
+            self.status.repaint()  # drawn now; processEvents could re-enter this handler
+
+        return predict_tiled(self.model, self._plane_image(image, plane), tile,
+                             window=self._window(image), score_threshold=threshold,
+                             progress=shown)
+
     def _current_plane(self, image: Any) -> int | None:
         if self._spatial_ndim(image) != 3:
             return None
@@ -1238,9 +1262,12 @@ class BoxToMaskWidget(QWidget):
         image = self._image()
         plane = self._current_plane(image)
         threshold = self.score_slider.value() / 100.0
-        # Each mask over its box: a large image's hundreds of proposals cost their area.
-        instances = self._predictor_for(image, plane).predict(score_threshold=threshold,
-                                                              cropped=True)
+        tile = self.tile_spin.value()
+        if tile:
+            instances = self._predict_tiled(image, plane, tile, threshold)
+        else:  # each mask over its box: a large image's hundreds of proposals cost their area
+            instances = self._predictor_for(image, plane).predict(score_threshold=threshold,
+                                                                  cropped=True)
         names = list(getattr(self.model.config, "class_names", []) or [])
         cats = [names[int(k)] if int(k) < len(names) else str(int(k)) for k in instances.labels]
         # A proposal at least half on labelled pixels (an object already annotated, or one

@@ -312,6 +312,29 @@ def test_predict_instances_consistent(trained, monkeypatch):
     assert out[0]["masks"].shape[-2:] == (96, 128)
 
 
+def test_tiled_predict_finds_objects_the_whole_image_resize_shrinks(trained):
+    model, _, _ = trained
+    image, disk, _ = disk_scene()
+    mosaic = np.tile(image, (2, 3))  # 192 x 288: resized whole to 85 x 128, disks shrink 2.3x
+    single = model.predict(image, score_threshold=0.3, cropped=True)
+    assert len(single) >= 1 and iou(single.masks.full(0), disk) > 0.6
+    tiled = model.predict(mosaic, score_threshold=0.3, cropped=True, tile=96, overlap=0)
+    # Tiles of 96 px fall on the copies: each copy's disk is found as in the image alone.
+    for ty in range(2):
+        for tx in range(3):
+            want = np.zeros(mosaic.shape, bool)
+            want[96 * ty : 96 * ty + 96, 96 * tx : 96 * tx + 96] = single.masks.full(0)
+            assert max(iou(m, want) for m in tiled.masks.to_masks()) == 1.0
+    whole = model.predict(mosaic, score_threshold=0.3)
+    assert sum(max((iou(m, d) for m in whole.masks), default=0) > 0.6 for d in
+               [np.pad(disk, ((96 * ty, 96 - 96 * ty), (96 * tx, 192 - 96 * tx)))
+                for ty in range(2) for tx in range(3)]) < 6
+    # Whole-image masks on request, as model.predict gives them untiled.
+    full = model.predict(mosaic, score_threshold=0.3, tile=96, overlap=0)
+    assert full.masks.shape == (len(tiled), 192, 288)
+    assert all((a == b).all() for a, b in zip(full.masks, tiled.masks.to_masks()))
+
+
 def test_save_load_round_trip(trained, tmp_path):
     model, _, _ = trained
     image, _, box = disk_scene()

@@ -491,7 +491,7 @@ def test_a_model_that_finds_nothing_scores_as_pycocotools_says(tiny_box_folder):
     assert -1.0 in reference.values()
 
 
-def test_predict_and_evaluate_command_line(trained, tmp_path, capsys):
+def test_predict_and_evaluate_command_line(trained, tmp_path, capsys, monkeypatch):
     from boxlevelset.predict import (add_evaluate_arguments, add_predict_arguments,
                                      run_evaluate, run_predict)
 
@@ -501,6 +501,28 @@ def test_predict_and_evaluate_command_line(trained, tmp_path, capsys):
     assert run_predict(args) == 0
     assert (tmp_path / "p" / "predictions.json").exists()
     assert not (tmp_path / "p" / "overlays").exists() and (tmp_path / "p" / "labels").exists()
+    # In tiles (the tiny folder's images are no larger than one tile: the same file).
+    import boxlevelset.tiles as tiles
+
+    real, calls = tiles.predict_tiled, []
+
+    def spy(model, image, tile, overlap, *args):
+        calls.append((tile, overlap))
+        return real(model, image, tile, overlap, *args)
+
+    monkeypatch.setattr(tiles, "predict_tiled", spy)
+    args = add_predict_arguments(argparse.ArgumentParser()).parse_args(
+        [str(path), str(data), "--out", str(tmp_path / "t"), "--device", "cpu", "--tile", "512",
+         "--overlap", "64", "--no-overlays"])
+    assert run_predict(args) == 0
+    assert calls == [(512, 64)] * 3
+    assert ((tmp_path / "t" / "predictions.json").read_text()
+            == (tmp_path / "p" / "predictions.json").read_text())
+    from boxlevelset.cli import main
+
+    assert main(["predict", str(path), str(data), "--out", str(tmp_path / "bad"), "--tile", "64",
+                 "--overlap", "64"]) == 2
+    assert "overlap must be" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     args = add_evaluate_arguments(argparse.ArgumentParser()).parse_args(
         [str(path), str(data), "--device", "cpu", "--json", str(tmp_path / "m.json")])
     assert run_evaluate(args) == 0

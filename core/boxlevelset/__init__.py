@@ -7,6 +7,7 @@ Public API (everything else -- plugin, command line, benchmarks -- goes through 
     propagate_mask(volume, plane, mask, **options) -> (slice, mask) through a volume
     load_model(path_or_name, device=None) -> model ready for inference
     model.predict(image) -> instances (masks, boxes, labels, scores)
+        (tile=N: a large image in overlapping N px tiles, ``predict_tiled``)
     train(config, callbacks=...) -> path of the final checkpoint
 """
 
@@ -25,6 +26,7 @@ _LAZY = {
     "load_model": "boxlevelset.model",
     "SOLOv2": "boxlevelset.model",
     "Predictor": "boxlevelset.model",
+    "predict_tiled": "boxlevelset.tiles",
     "train": "boxlevelset.train",
     "TrainConfig": "boxlevelset.train",
 }

@@ -533,13 +533,25 @@ class SOLOv2(nn.Module):
     @torch.no_grad()
     def predict(
         self, image: np.ndarray, window: Window = None, score_threshold: float | None = None,
-        cropped: bool = False,
+        cropped: bool = False, tile: int | None = None, overlap: int | None = None,
     ) -> Instances:
         """Every instance in one numpy image, masks at the image's own size; with
         ``score_threshold``, only instances whose final score reaches it (default: the
         config's SOLOv2 thresholds); with ``cropped``, the masks over their boxes only
-        (``Predictor.predict``)."""
-        return Predictor(self).set_image(image, window).predict(score_threshold, cropped)
+        (``Predictor.predict``). With ``tile``, the image is predicted in overlapping tiles
+        of that many pixels (``overlap``, default tile // 4) and the instances merged
+        (``boxlevelset.tiles.predict_tiled``): for images much larger than the training
+        images, e.g. a microscopy mosaic, which the whole-image resize would shrink."""
+        if tile is None:
+            return Predictor(self).set_image(image, window).predict(score_threshold, cropped)
+        from boxlevelset.tiles import predict_tiled
+
+        inst = predict_tiled(self, image, tile, overlap, window, score_threshold)
+        if not cropped:
+            size = inst.masks.size
+            inst.masks = (np.stack(inst.masks.to_masks()) if len(inst)
+                          else np.zeros((0, *size), bool))
+        return inst
 
 
 def _resized(probs: Tensor, padded: tuple[int, int], valid: tuple[int, int],

@@ -181,7 +181,8 @@ def _sorted_instances(inst: Any, size: tuple[int, int]) -> tuple[BoxMasks, np.nd
 def predict_folder(
     model: Any, source: str | Path | Any, out_dir: str | Path, *,
     score_threshold: float | None = None, window: Any = TRAINED_WINDOW, labels: bool = True,
-    overlays: bool = True, progress: bool = False,
+    overlays: bool = True, progress: bool = False, tile: int | None = None,
+    overlap: int | None = None,
 ) -> Path:
     """Predict every image of a folder (or one image) and write the results under `out_dir`.
 
@@ -189,14 +190,20 @@ def predict_folder(
     `predictions.json` (COCO, masks as RLE, categories = the model's classes with ids 1..K),
     and unless disabled `labels/<name>.png` (uint16 instance labels, the most confident mask
     wins overlaps; `.tif` when over 65535 instances) and `overlays/<name>.png` (the image with
-    the masks tinted). Returns the JSON path.
+    the masks tinted). With `tile`, each image is predicted in overlapping tiles of that
+    many pixels (`overlap`; ``boxlevelset.tiles.predict_tiled``). Returns the JSON path.
     """
     from boxlevelset.export import write_coco, write_label_image
 
     window = resolve_window(model, window)
+    if tile is not None:  # before any image is read
+        from boxlevelset.tiles import check_tiling
+
+        check_tiling(tile, tile // 4 if overlap is None else overlap)
     if isinstance(source, (str, Path)) and _is_volume_file(Path(source)):
         return predict_volume(model, source, out_dir, score_threshold=score_threshold,
-                              window=window, progress=progress, labels=labels)
+                              window=window, progress=progress, labels=labels, tile=tile,
+                              overlap=overlap)
     folder = _load_source(source, window)
     if len(folder) == 0:
         raise ValueError(f"{source}: no images to predict")
@@ -212,7 +219,7 @@ def predict_folder(
     for record, image in folder.readable(records):
         # Each mask over its box, as RLE at once: whole-image masks cost instances x image
         # size, and a folder's, kept to the end, grew with the folder.
-        inst = model.predict(image, score_threshold=score_threshold, cropped=True)
+        inst = _instances(model, image, None, score_threshold, tile, overlap)
         masks, labs, scores = _sorted_instances(inst, image.shape[:2])
         images.append(coco_image_entry(record))
         annotations += _rle_annotations(int(record.image_id), masks, labs + 1, scores)
@@ -226,6 +233,17 @@ def predict_folder(
     path = write_coco(out_dir / "predictions.json", images, annotations, categories)
     logger.info("%d images, %d instances -> %s", len(images), len(annotations), path)
     return path
+
+
+def _instances(model: Any, image: np.ndarray, window: Any, score_threshold: float | None,
+               tile: int | None, overlap: int | None) -> Any:
+    """The model's instances of one image, each mask over its box; in tiles with ``tile``."""
+    if tile is None:
+        kwargs = {} if window is None else {"window": window}
+        return model.predict(image, score_threshold=score_threshold, cropped=True, **kwargs)
+    from boxlevelset.tiles import predict_tiled
+
+    return predict_tiled(model, image, tile, overlap, window, score_threshold)
 
 
 def _rle_annotations(image_id: int, masks: BoxMasks, category_ids: np.ndarray,
@@ -248,10 +266,11 @@ def _is_volume_file(path: Path) -> bool:
 def predict_volume(
     model: Any, path: str | Path, out_dir: str | Path, *, score_threshold: float | None = None,
     window: Any = TRAINED_WINDOW, slices: Sequence[int] | None = None, progress: bool = False,
-    labels: bool = True,
+    labels: bool = True, tile: int | None = None, overlap: int | None = None,
 ) -> Path:
     """Predict every axial slice (or `slices`) of a CT volume file, windowed with `window`
-    (by default the window the model was trained with).
+    (by default the window the model was trained with), in tiles with `tile` (as
+    `predict_folder`).
 
     Writes `predictions.json` (COCO, one image entry per slice with its slice_index) and,
     unless `labels` is False, `<name>_labels.nii.gz` (instance labels numbered across the
@@ -277,8 +296,7 @@ def predict_volume(
         iterator = tqdm(indices, desc="predict", unit="slice")
     name = Path(path).name
     for image_id, z in enumerate(iterator, start=1):
-        inst = model.predict(volume.array[z], window=window, score_threshold=score_threshold,
-                             cropped=True)
+        inst = _instances(model, volume.array[z], window, score_threshold, tile, overlap)
         masks, labs, scores = _sorted_instances(inst, volume.shape[1:3])
         # Confident masks first; later ones do not overwrite them.
         for (x0, y0, x1, y1), crop in zip(masks.bounds.tolist(), masks.crops):
@@ -493,6 +511,13 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("-o", "--output", "--out", dest="output", default="predictions",
                         help="output directory")
     parser.add_argument("--score-threshold", type=float, help="keep instances above this score")
+    parser.add_argument("--tile", type=int, metavar="PX",
+                        help="predict large images in overlapping tiles of PX x PX pixels, "
+                             "about the size of the training images (default: whole images, "
+                             "resized to the model's input size)")
+    parser.add_argument("--overlap", type=int, metavar="PX",
+                        help="pixels neighbouring tiles share (default: a quarter of --tile); "
+                             "larger than the objects")
     _add_window_and_device(parser)
     parser.add_argument("--no-labels", action="store_true", help="skip label images")
     parser.add_argument("--no-overlays", action="store_true", help="skip overlay PNGs")
@@ -506,6 +531,7 @@ def run_predict(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device)
     path = predict_folder(model, args.input, args.output, score_threshold=args.score_threshold,
                           window=args.window, labels=not args.no_labels,
-                          overlays=not args.no_overlays, progress=True)
+                          overlays=not args.no_overlays, progress=True, tile=args.tile,
+                          overlap=args.overlap)
     print(path)
     return 0
