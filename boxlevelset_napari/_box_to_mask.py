@@ -368,9 +368,10 @@ class BoxToMaskWidget(QWidget):
         self.tile_spin.setSpecialValueText("whole image")
         self.tile_spin.setSuffix(" px")
         self.tile_spin.setToolTip(
-            "Segment everything in overlapping tiles of this size, about the size of the "
-            "images the model was trained on: a large microscopy mosaic, shrunk whole to the "
-            "model's input, loses its small objects. 'whole image': no tiles")
+            "Run the model (box prompts and Segment everything) in overlapping tiles of "
+            "this size, about the size of the images it was trained on: a large microscopy "
+            "mosaic, shrunk whole to the model's input, loses its small objects. 'whole "
+            "image': no tiles")
         self.overlap_spin = QDoubleSpinBox()
         self.overlap_spin.setRange(0.05, 0.99)
         self.overlap_spin.setSingleStep(0.05)
@@ -407,6 +408,7 @@ class BoxToMaskWidget(QWidget):
         form.addRow("Model", hbox(self.model_edit, browse, stretch_first=True))
         form.addRow("Device", hbox(self.device_combo, self.load_btn))
         form.addRow("", self.model_label)
+        form.addRow("Model tiles", self.tile_spin)
         self.hand_combo.setToolTip("Masks edited by hand, when their box is moved or "
                                    "deleted or a propagation reaches their slice: ask, keep "
                                    "them (a propagation carries on from a kept one), or "
@@ -423,8 +425,6 @@ class BoxToMaskWidget(QWidget):
         g.addWidget(QLabel("score ≥"))
         g.addWidget(self.score_slider, 1)
         g.addWidget(self.score_label)
-        g.addWidget(QLabel("tiles"))
-        g.addWidget(self.tile_spin)
         g.addWidget(self.everything_btn)
         layout.addWidget(group)
         group = QGroupBox("Volumes: propagate")
@@ -880,15 +880,26 @@ class BoxToMaskWidget(QWidget):
         from boxlevelset.model import Predictor
 
         window = self._window(image)
-        key = (id(self.model), id(_unwrap(image)), plane, window, image.data.shape)
+        tile = self.tile_spin.value()
+        key = (id(self.model), id(_unwrap(image)), plane, window, image.data.shape, tile)
         if self._predictor is None or self._predictor_key != key:
-            # The backbone runs once per image (seconds on a CPU); say so before it starts.
-            self._say("computing the model's features for this image…")
-            self.status.repaint()  # drawn now; processEvents could re-enter this handler
-            predictor = Predictor(self.model)
+            if tile:  # features per tile, computed as boxes need them
+                from boxlevelset.tiles import TiledPredictor
+
+                predictor = TiledPredictor(self.model, tile, progress=self._tile_done)
+            else:
+                # The backbone runs once per image (seconds on a CPU); say so before it starts.
+                self._say("computing the model's features for this image…")
+                self.status.repaint()  # drawn now; processEvents could re-enter this handler
+                predictor = Predictor(self.model)
             predictor.set_image(self._plane_image(image, plane), window=window)
             self._predictor, self._predictor_key = predictor, key
         return self._predictor
+
+    def _tile_done(self, done: int, total: int) -> None:
+        """Segment everything's progress over the tiles, in the status line."""
+        self._say(f"segment everything: tile {done} of {total}")
+        self.status.repaint()  # drawn now; processEvents could re-enter this handler
 
     def masks_for(self, plane: int | None, boxes: np.ndarray, loose: bool | None = None,
                   cropped: bool = False) -> list[np.ndarray] | BoxMasks:
@@ -1233,19 +1244,6 @@ class BoxToMaskWidget(QWidget):
             self._geom[box_id] = self._key(plane, box)
         return len(masks)
 
-    def _predict_tiled(self, image: Any, plane: int | None, tile: int, threshold: float) -> Any:
-        """The model's instances of the plane in tiles (``boxlevelset.tiles``), the tile
-        count shown in the status line as they go."""
-        from boxlevelset.tiles import predict_tiled
-
-        def shown(done: int, total: int) -> None:
-            self._say(f"segment everything: tile {done} of {total}")
-            self.status.repaint()  # drawn now; processEvents could re-enter this handler
-
-        return predict_tiled(self.model, self._plane_image(image, plane), tile,
-                             window=self._window(image), score_threshold=threshold,
-                             progress=shown)
-
     def _current_plane(self, image: Any) -> int | None:
         if self._spatial_ndim(image) != 3:
             return None
@@ -1262,12 +1260,9 @@ class BoxToMaskWidget(QWidget):
         image = self._image()
         plane = self._current_plane(image)
         threshold = self.score_slider.value() / 100.0
-        tile = self.tile_spin.value()
-        if tile:
-            instances = self._predict_tiled(image, plane, tile, threshold)
-        else:  # each mask over its box: a large image's hundreds of proposals cost their area
-            instances = self._predictor_for(image, plane).predict(score_threshold=threshold,
-                                                                  cropped=True)
+        # Each mask over its box: a large image's hundreds of proposals cost their area.
+        instances = self._predictor_for(image, plane).predict(score_threshold=threshold,
+                                                              cropped=True)
         names = list(getattr(self.model.config, "class_names", []) or [])
         cats = [names[int(k)] if int(k) < len(names) else str(int(k)) for k in instances.labels]
         # A proposal at least half on labelled pixels (an object already annotated, or one

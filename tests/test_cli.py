@@ -261,6 +261,8 @@ def test_boxes_json_categories_and_boxes_outside_the_image(tmp_path):
     (["{tmp}/plain"], "no boxes to segment"),
     (["--sample", "{tmp}/a.png"], "either --sample or images"),
     (["--sample", "--refine", "5"], "give --model too"),
+    (["--sample", "--tile", "256"], "give --model too"),
+    (["--sample", "--model", "{tmp}/none.pt", "--tile", "8"], "tile must be"),
     (["{tmp}/a.png", "--boxes", "[[1, 1, 9, 9]]", "-o", "{tmp}/a.png"], "a.png"),
     (["{tmp}/a.png", "--boxes", '{"boxes_xyxy": [[1, 1, 9, 9]], "categories": []}'],
      "a name for each of the 1 boxes"),

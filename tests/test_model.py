@@ -214,6 +214,11 @@ def test_mask_supervision_uses_dice():
 @pytest.fixture(scope="module")
 def trained():
     """A tiny model fitted for a few steps to one disk: (model, before IoU, losses)."""
+    return fit_disk_model()
+
+
+def fit_disk_model() -> tuple[SOLOv2, float, list[float]]:
+    """(model, box-prompt IoU before, losses) of a tiny model fitted 25 steps to one disk."""
     image, disk, box = disk_scene()
     model = tiny_model(seed=1)
     before = iou(Predictor(model).set_image(image).predict_boxes(box)[0], disk)
@@ -333,6 +338,51 @@ def test_tiled_predict_finds_objects_the_whole_image_resize_shrinks(trained):
     full = model.predict(mosaic, score_threshold=0.3, tile=96, overlap=0)
     assert full.masks.shape == (len(tiled), 192, 288)
     assert all((a == b).all() for a, b in zip(full.masks, tiled.masks.to_masks()))
+
+
+def test_tiled_box_prompts_are_the_tiles_own(trained):
+    from boxlevelset.levelset import segment_boxes
+    from boxlevelset.tiles import TiledPredictor
+
+    model, _, _ = trained
+    image, disk, box = disk_scene()
+    mosaic = np.tile(image, (2, 3))
+    shifts = np.array([[96 * tx, 96 * ty] * 2 for ty in range(2) for tx in range(3)], np.float32)
+    boxes = box + shifts
+    alone = Predictor(model).set_image(image).box_probabilities(box)[0]
+    tiled = TiledPredictor(model, tile=96, overlap=0)
+    with pytest.raises(RuntimeError, match="set_image"):
+        tiled.predict_boxes(boxes)
+    tiled.set_image(mosaic)
+    assert tiled.image_size == (192, 288) and tiled.is_image_set
+    # Each box is prompted on its own copy's tile: the single image's probabilities.
+    for prob in tiled.box_probabilities(boxes):
+        np.testing.assert_array_equal(prob, alone)
+    masks = tiled.predict_boxes(boxes, cropped=True)
+    np.testing.assert_array_equal(masks.bounds, (boxes).astype(np.int64))
+    assert len(tiled._tiles) == 6
+    # The whole mosaic, shrunk to the 128 px input, prompts coarser masks (0.79 against 0.83).
+    whole = Predictor(model).set_image(mosaic).predict_boxes(boxes)
+    want = [np.pad(disk, ((96 * ty, 96 - 96 * ty), (96 * tx, 192 - 96 * tx)))
+            for ty in range(2) for tx in range(3)]
+    assert np.mean([iou(m, d) for m, d in zip(masks.to_masks(), want)]) > np.mean(
+        [iou(m, d) for m, d in zip(whole, want)]) + 0.02
+    # segment_boxes takes it as a Predictor: refined masks as on the single image.
+    refined = segment_boxes(mosaic, boxes, model=tiled, refine=5, cropped=True)
+    single = segment_boxes(image, box, model=model, refine=5, cropped=True)
+    assert all((c == single.crops[0]).all() for c in refined.crops)
+    # A box no tile holds (wider than a tile) gets a tile of its own around it.
+    big = np.array([[40.0, 20.0, 200.0, 80.0]])
+    (window,) = tiled._windows_for(big.astype(np.int64))
+    assert window[0] <= 40 and window[2] >= 200 and window[1] <= 20 and window[3] >= 80
+    assert tiled.box_probabilities(big)[0].shape == (60, 160)
+    with pytest.raises(ValueError, match="logits"):
+        tiled.box_probabilities(boxes, logits=torch.zeros(6, 24, 24))
+    with pytest.raises(RuntimeError, match="per tile"):
+        tiled.features
+    # No larger than one tile: the Predictor's own masks.
+    small = TiledPredictor(model, tile=128).set_image(image)
+    np.testing.assert_array_equal(small.box_probabilities(box)[0], alone)
 
 
 def test_save_load_round_trip(trained, tmp_path):

@@ -528,6 +528,38 @@ def test_segment_everything_in_tiles_finds_each_object_once(make_napari_viewer_p
     assert len(pairs) == n and len({a for a, _ in pairs}) == len({b for _, b in pairs}) == n
 
 
+def test_model_boxes_in_tiles_are_prompted_on_their_tile(make_napari_viewer_proxy):
+    """With *Model tiles* set, a drawn box is prompted on the tile that holds it (each
+    tile's features computed once), as boxlevelset.tiles.TiledPredictor does."""
+    from test_model import disk_scene, fit_disk_model
+
+    from boxlevelset.model import Predictor
+    from boxlevelset.tiles import TiledPredictor
+    from boxlevelset_napari import _box_to_mask as B
+
+    viewer = make_napari_viewer_proxy()
+    image = np.tile(disk_scene()[0], (2, 3))  # six disks on 288 x 192 pixels
+    viewer.add_image(image, name="mosaic")
+    widget = BoxToMaskWidget(viewer)
+    model = fit_disk_model()[0]
+    widget.set_model(model)
+    widget.method_combo.setCurrentText(B.METHOD_MODEL)
+    widget.tile_spin.setValue(96)
+    boxes = widget.new_boxes_layer()
+    box = (122, 26, 166, 70)  # the second disk of the top row
+    _add_box(boxes, box)
+    labels = widget.labels_layer(create=False)
+    want = TiledPredictor(model, 96).set_image(image).predict_boxes(np.array([box], float))[0]
+    whole = Predictor(model).set_image(image).predict_boxes(np.array([box], float))[0]
+    assert want.sum() > 1000 and not np.array_equal(want, whole)  # the tile's, not the whole's
+    np.testing.assert_array_equal(labels.data != 0, want)
+    assert isinstance(widget._predictor, TiledPredictor) and len(widget._predictor._tiles) == 1
+    # Back to the whole image: the next box is prompted on it.
+    widget.tile_spin.setValue(0)
+    _add_box(boxes, (26, 122, 70, 166))
+    assert type(widget._predictor) is Predictor
+
+
 def test_a_loaded_model_brings_its_classes_in_place_of_the_unused_default(
         make_napari_viewer_proxy):
     """The dropdown had stayed on 'object': drawn boxes got 'object', Segment everything the

@@ -115,5 +115,8 @@ def test_merge_prefers_whole_masks_and_keeps_other_classes():
     # A whole (uncut) small mask inside a large one is another object: kept.
     keep = merge_instances(masks, labels, scores, np.zeros(4, bool))
     assert sorted(keep.tolist()) == [0, 1, 3]
+    # What one tile found together stays: its Matrix NMS has weighed it.
+    keep = merge_instances(masks, labels, scores, cut, source=np.zeros(4, int))
+    assert sorted(keep.tolist()) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="iou_threshold"):
         predict_tiled(ComponentModel(), full.astype(np.uint8), tile=32, iou_threshold=2.0)

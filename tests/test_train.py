@@ -404,6 +404,16 @@ def test_predict_folder_and_evaluate(trained, tmp_path):
         assert key in metrics
     assert 0.0 <= metrics["box_mIoU"] <= 1.0 and -1.0 <= metrics["AP"] <= 1.0
     assert metrics["images"] == 3 and metrics["instances"] == 7
+    # In tiles of the images' own size, the same numbers (one tile is the image); in
+    # smaller tiles, every image and prompt still scored.
+    keys = ("AP", "AP50", "voc_AP50", "box_mIoU", "box_AP", "images", "instances")
+    same = evaluate_model(model, data, tile=64)
+    assert {k: same[k] for k in keys} == {k: metrics[k] for k in keys}
+    tiled = evaluate_model(model, data, tile=32, overlap=8)
+    assert tiled["images"] == 3 and 0.0 <= tiled["box_mIoU"] <= 1.0
+    assert tiled["box_mIoU"] != metrics["box_mIoU"]
+    alone = evaluate_model(model, data, tile=64, box_prompted=False)
+    assert {k: alone[k] for k in keys[:3]} == {k: metrics[k] for k in keys[:3]}
 
 
 class _OracleModel:
@@ -523,6 +533,13 @@ def test_predict_and_evaluate_command_line(trained, tmp_path, capsys, monkeypatc
     assert main(["predict", str(path), str(data), "--out", str(tmp_path / "bad"), "--tile", "64",
                  "--overlap", "64"]) == 2
     assert "overlap must be" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    # Box prompts in tiles: a tile the size of the images gives the whole-image masks.
+    for out, tiling in (("s", []), ("s64", ["--tile", "64"]), ("s32", ["--tile", "32"])):
+        assert main(["segment", str(data), "--model", str(path), "--device", "cpu",
+                     "-o", str(tmp_path / out), *tiling]) == 0
+    s, s64, s32 = (json.loads((tmp_path / d / "masks.json").read_text())["annotations"]
+                   for d in ("s", "s64", "s32"))
+    assert s64 == s and len(s32) == len(s) == 7 and s32 != s
     args = add_evaluate_arguments(argparse.ArgumentParser()).parse_args(
         [str(path), str(data), "--device", "cpu", "--json", str(tmp_path / "m.json")])
     assert run_evaluate(args) == 0

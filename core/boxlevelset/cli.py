@@ -196,6 +196,12 @@ def run_segment(args: argparse.Namespace) -> int:
 
     if args.refine and not args.model:
         raise ValueError("--refine refines a model's masks: give --model too")
+    if args.tile is not None:
+        if not args.model:
+            raise ValueError("--tile prompts a model in tiles: give --model too")
+        from boxlevelset.tiles import check_tiling
+
+        check_tiling(args.tile, args.tile // 4 if args.overlap is None else args.overlap)
     resolve_window(args.window)  # a bad window is an error before any work
     folder = _folder_for(args)
     model = None
@@ -223,7 +229,12 @@ def run_segment(args: argparse.Namespace) -> int:
             pixels, window = folder.slice_hu(record), folder.window
         # Each mask over its box only, kept as RLE: memory follows the boxes' area, not
         # masks x image size (961 nuclei on a 2048x2048 image held 6 GB as HxW masks).
-        masks = segment_boxes(pixels, boxes, model=model, window=window, cropped=True,
+        prompt = model
+        if model is not None and args.tile is not None:  # each box on the tile holding it
+            from boxlevelset.tiles import TiledPredictor
+
+            prompt = TiledPredictor(model, args.tile, args.overlap).set_image(pixels, window)
+        masks = segment_boxes(pixels, boxes, model=prompt, window=window, cropped=True,
                               **options)
         images.append(coco_image_entry(record))
         annotations += [{"image_id": int(record.image_id), "category_id": int(category),
@@ -275,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
                      default=Path("boxlevelset-out"), help="output folder")
     seg.add_argument("--model", help="checkpoint for model-based masks (default: model-free)")
     seg.add_argument("--device", default=None, help="cpu / cuda (model only)")
+    seg.add_argument("--tile", type=int, metavar="PX",
+                     help="with --model, on images far larger than its training images: "
+                          "prompt each box on an overlapping tile of PX x PX pixels around "
+                          "it (default: the whole image, resized to the model's input)")
+    seg.add_argument("--overlap", type=int, metavar="PX",
+                     help="pixels neighbouring tiles share (default: a quarter of --tile)")
     seg.add_argument("--window", default=None,
                      help="CT window: a preset (abdomen, liver, lung, bone) or level,width "
                           "(--window=-600,1500 for a negative level); for a folder's volumes "

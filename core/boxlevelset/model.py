@@ -544,14 +544,10 @@ class SOLOv2(nn.Module):
         images, e.g. a microscopy mosaic, which the whole-image resize would shrink."""
         if tile is None:
             return Predictor(self).set_image(image, window).predict(score_threshold, cropped)
-        from boxlevelset.tiles import predict_tiled
+        from boxlevelset.tiles import TiledPredictor
 
-        inst = predict_tiled(self, image, tile, overlap, window, score_threshold)
-        if not cropped:
-            size = inst.masks.size
-            inst.masks = (np.stack(inst.masks.to_masks()) if len(inst)
-                          else np.zeros((0, *size), bool))
-        return inst
+        return TiledPredictor(self, tile, overlap).set_image(image, window).predict(
+            score_threshold, cropped)
 
 
 def _resized(probs: Tensor, padded: tuple[int, int], valid: tuple[int, int],

@@ -196,10 +196,7 @@ def predict_folder(
     from boxlevelset.export import write_coco, write_label_image
 
     window = resolve_window(model, window)
-    if tile is not None:  # before any image is read
-        from boxlevelset.tiles import check_tiling
-
-        check_tiling(tile, tile // 4 if overlap is None else overlap)
+    _check_tile(tile, overlap)  # before any image is read
     if isinstance(source, (str, Path)) and _is_volume_file(Path(source)):
         return predict_volume(model, source, out_dir, score_threshold=score_threshold,
                               window=window, progress=progress, labels=labels, tile=tile,
@@ -244,6 +241,14 @@ def _instances(model: Any, image: np.ndarray, window: Any, score_threshold: floa
     from boxlevelset.tiles import predict_tiled
 
     return predict_tiled(model, image, tile, overlap, window, score_threshold)
+
+
+def _check_tile(tile: int | None, overlap: int | None) -> None:
+    """ValueError for tile settings ``predict_tiled`` would refuse (none: no tiles)."""
+    if tile is not None:
+        from boxlevelset.tiles import check_tiling
+
+        check_tiling(tile, tile // 4 if overlap is None else overlap)
 
 
 def _rle_annotations(image_id: int, masks: BoxMasks, category_ids: np.ndarray,
@@ -337,7 +342,7 @@ def _category_map(model_names: Sequence[str], folder: Any, class_agnostic: bool 
 def evaluate_model(
     model: Any, folder: str | Path | Any, max_dets: int = 1000, *, box_prompted: bool = True,
     refine: int = 0, class_agnostic: bool | None = None, window: Any = TRAINED_WINDOW,
-    progress: bool = False,
+    progress: bool = False, tile: int | None = None, overlap: int | None = None,
 ) -> dict[str, float]:
     """Score a model on a folder with ground-truth masks.
 
@@ -351,11 +356,13 @@ def evaluate_model(
     are the model's masks refined by that many level-set steps (``segment_boxes(...,
     model=, refine=)``, the plugin's "Model + level set"). Class-agnostic when the model's
     classes do not cover the folder's (or when asked): every category is then merged into
-    one. Images without objects are predicted too, so their false positives count.
+    one. Images without objects are predicted too, so their false positives count. With
+    `tile`, images are predicted, and prompted, in tiles (``boxlevelset.tiles``).
     """
     from boxlevelset.evaluate import coco_mask_ap, matched_ious, voc_mask_ap
     from boxlevelset.export import coco_results
 
+    _check_tile(tile, overlap)  # before any image is read
     folder = _load_source(folder, resolve_window(model, window))
     # Every image is predicted (images without objects count false positives); box prompts
     # only exist where there are boxes.
@@ -380,7 +387,10 @@ def evaluate_model(
     predictor = None
     if box_prompted:
         from boxlevelset.model import Predictor
-        predictor = Predictor(model)
+        from boxlevelset.tiles import TiledPredictor
+
+        predictor = (Predictor(model) if tile is None
+                     else TiledPredictor(model, tile, overlap))
     iterator = records
     if progress:
         from tqdm import tqdm
@@ -392,7 +402,7 @@ def evaluate_model(
         if predictor is not None:  # one backbone pass serves both evaluations
             inst = predictor.set_image(image).predict(score_threshold=None, cropped=True)
         else:
-            inst = model.predict(image, score_threshold=None, cropped=True)
+            inst = _instances(model, image, None, None, tile, overlap)
         t_model += time.perf_counter() - t0
         masks, labs, scores = _sorted_instances(inst, image.shape[:2])
         if mapping is None:
@@ -470,6 +480,17 @@ def _add_window_and_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
 
 
+def _add_tile_arguments(parser: argparse.ArgumentParser) -> None:
+    """The --tile and --overlap options of the commands that run a model."""
+    parser.add_argument("--tile", type=int, metavar="PX",
+                        help="run the model on large images in overlapping tiles of PX x PX "
+                             "pixels, about the size of the training images (default: whole "
+                             "images, resized to the model's input size)")
+    parser.add_argument("--overlap", type=int, metavar="PX",
+                        help="pixels neighbouring tiles share (default: a quarter of --tile); "
+                             "more than the objects' size")
+
+
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of `boxlevelset evaluate MODEL FOLDER`."""
     parser.add_argument("model", help="model checkpoint (.pth)")
@@ -481,6 +502,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--refine", type=int, default=0, metavar="N",
                         help="box prompts: refine the model's masks by N level-set steps")
     parser.add_argument("--class-agnostic", action="store_true", help="merge all categories")
+    _add_tile_arguments(parser)
     _add_window_and_device(parser)
     parser.add_argument("--json", help="also write the metrics to this JSON file")
     return parser
@@ -495,7 +517,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate_model(model, args.data, max_dets=args.max_dets,
                              box_prompted=not args.no_box_prompted, refine=args.refine,
                              class_agnostic=True if args.class_agnostic else None,
-                             window=args.window, progress=True)
+                             window=args.window, progress=True, tile=args.tile,
+                             overlap=args.overlap)
     print(format_metrics(metrics))
     if args.json:
         with atomic_write(args.json) as f:
@@ -511,13 +534,7 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("-o", "--output", "--out", dest="output", default="predictions",
                         help="output directory")
     parser.add_argument("--score-threshold", type=float, help="keep instances above this score")
-    parser.add_argument("--tile", type=int, metavar="PX",
-                        help="predict large images in overlapping tiles of PX x PX pixels, "
-                             "about the size of the training images (default: whole images, "
-                             "resized to the model's input size)")
-    parser.add_argument("--overlap", type=int, metavar="PX",
-                        help="pixels neighbouring tiles share (default: a quarter of --tile); "
-                             "larger than the objects")
+    _add_tile_arguments(parser)
     _add_window_and_device(parser)
     parser.add_argument("--no-labels", action="store_true", help="skip label images")
     parser.add_argument("--no-overlays", action="store_true", help="skip overlay PNGs")

@@ -18,12 +18,13 @@ it: ``overlap`` should exceed the objects' size.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from boxlevelset.export import BoxMasks
-from boxlevelset.image import Window, as_rgb
+from boxlevelset.image import Window, as_boxes, as_rgb, pixel_bounds
+from boxlevelset.model import Instances, Predictor
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -78,8 +79,6 @@ def predict_tiled(
         ``Instances`` with ``BoxMasks`` masks (each over its box) in image pixels, by
         decreasing score.
     """
-    from boxlevelset.model import Instances
-
     overlap = tile // 4 if overlap is None else overlap
     check_tiling(tile, overlap)
     if not 0.0 <= iou_threshold <= 1.0:
@@ -87,7 +86,7 @@ def predict_tiled(
     rgb = as_rgb(image, window)  # one scale for all tiles: floats in [0, 1] stay as they are
     height, width = rgb.shape[:2]
     windows = tile_windows(height, width, tile, overlap)
-    bounds, crops, labels, scores, cut = [], [], [], [], []
+    bounds, crops, labels, scores, cut, source = [], [], [], [], [], []
     for done, (x0, y0, x1, y1) in enumerate(windows, start=1):
         inst = model.predict(rgb[y0:y1, x0:x1], score_threshold=score_threshold, cropped=True)
         b = inst.masks.bounds + np.array([x0, y0, x0, y0])
@@ -99,12 +98,14 @@ def predict_tiled(
         labels.append(inst.labels)
         scores.append(inst.scores)
         cut.append((on_side & inner).any(1))
+        source.append(np.full(len(b), done))
         if progress is not None:
             progress(done, len(windows))
     masks = BoxMasks(np.concatenate(bounds).astype(np.int64).reshape(-1, 4), crops,
                      (height, width))
     labels_a, scores_a = np.concatenate(labels), np.concatenate(scores)
-    keep = merge_instances(masks, labels_a, scores_a, np.concatenate(cut), iou_threshold)
+    keep = merge_instances(masks, labels_a, scores_a, np.concatenate(cut), iou_threshold,
+                           np.concatenate(source))
     order = keep[np.argsort(-scores_a[keep], kind="stable")]
     masks = masks.select(order)
     return Instances(masks=masks, boxes=masks.bounds.astype(np.float32),
@@ -113,12 +114,15 @@ def predict_tiled(
 
 
 def merge_instances(masks: BoxMasks, labels: np.ndarray, scores: np.ndarray, cut: np.ndarray,
-                    iou_threshold: float = 0.5) -> np.ndarray:
+                    iou_threshold: float = 0.5, source: np.ndarray | None = None) -> np.ndarray:
     """Indices of the instances to keep when several tiles found one object: greedily,
     whole masks (``cut`` False) before cut ones, each by decreasing score; a candidate goes
-    when its IoU with a kept mask of its label exceeds ``iou_threshold``, or when it is cut
-    and more than half of it lies in a kept mask of its label."""
+    when its IoU with a kept mask of its label from another tile (``source``: the tile of
+    each; default: each its own) exceeds ``iou_threshold``, or when it is cut and more than
+    half of it lies in such a mask. What one tile found together, its Matrix NMS has
+    already weighed: a tile on its own gives the model's instances."""
     n = len(masks)
+    source = np.arange(n) if source is None else np.asarray(source)
     areas = np.array([int(c.sum()) for c in masks.crops], np.int64)
     order = np.lexsort((-np.asarray(scores, np.float64), np.asarray(cut, bool)))
     kept: list[int] = []
@@ -133,7 +137,7 @@ def merge_instances(masks: BoxMasks, labels: np.ndarray, scores: np.ndarray, cut
         duplicate = False
         for k in near:
             j = kept[k]
-            if labels[j] != labels[i]:
+            if labels[j] != labels[i] or source[j] == source[i]:
                 continue
             inter = _intersection(masks, i, j)
             union = areas[i] + areas[j] - inter
@@ -155,3 +159,114 @@ def _intersection(masks: BoxMasks, i: int, j: int) -> int:
     a = masks.crops[i][y0 - ay0 : y1 - ay0, x0 - ax0 : x1 - ax0]
     b = masks.crops[j][y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0]
     return int((a & b).sum())
+
+
+class TiledPredictor(Predictor):
+    """``Predictor`` for images far larger than the model's training images: each box is
+    prompted on the tile that holds it with the widest margin (the tile grid of
+    ``tile_windows``; a box no tile holds gets a tile centred on it, grown to the box),
+    each tile's features computed once, when a box first needs them; ``predict`` runs
+    ``predict_tiled``. An image no larger than one tile gives ``Predictor``'s masks.
+    ``segment_boxes(image, boxes, model=tiled_predictor, refine=N)`` refines its masks as
+    it does a ``Predictor``'s."""
+
+    def __init__(self, model: Any, tile: int, overlap: int | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        # Predictor's check that this is a SOLOv2 falls to the tiles' own Predictors (box
+        # prompts): predict needs only the model's predict.
+        self.model = model
+        self._feats, self._orig = None, (0, 0)
+        self.overlap = tile // 4 if overlap is None else int(overlap)
+        check_tiling(tile, self.overlap)
+        self.tile = int(tile)
+        self.progress = progress
+        self._rgb: np.ndarray | None = None
+        self._tiles: dict[tuple[int, int, int, int], Predictor] = {}
+
+    @property
+    def is_image_set(self) -> bool:
+        return self._rgb is not None
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        return None if self._rgb is None else tuple(self._rgb.shape[:2])
+
+    def set_image(self, image: np.ndarray, window: Window = None) -> TiledPredictor:
+        """Hold ``image`` scaled to [0, 1] as a whole (one intensity scale for every tile);
+        no network pass yet."""
+        self._rgb = as_rgb(image, window)
+        self._orig = tuple(self._rgb.shape[:2])
+        self._tiles = {}
+        return self
+
+    def reset_image(self) -> None:
+        self._rgb, self._tiles = None, {}
+
+    def _require(self) -> Any:
+        if self._rgb is None:
+            raise RuntimeError("call set_image(image) before predicting")
+        return self._rgb
+
+    @property
+    def features(self) -> Any:
+        raise RuntimeError("a TiledPredictor holds features per tile, not for the whole image")
+
+    def box_logits(self, boxes: np.ndarray | Sequence[Sequence[float]]) -> Any:
+        raise RuntimeError("a TiledPredictor gives box probabilities (box_probabilities), not "
+                           "logits over the whole image")
+
+    def box_probabilities(self, boxes: np.ndarray | Sequence[Sequence[float]],
+                          logits: Any = None) -> list[np.ndarray]:
+        """``Predictor.box_probabilities`` of each box, prompted on its tile."""
+        if logits is not None:
+            raise ValueError("a TiledPredictor computes its logits per tile: pass no logits")
+        rgb = self._require()
+        arr = as_boxes(boxes)
+        height, width = rgb.shape[:2]
+        out: list[np.ndarray] = [np.zeros((0, 0), np.float32)] * len(arr)
+        groups: dict[tuple[int, int, int, int], list[int]] = {}
+        for i, win in enumerate(self._windows_for(pixel_bounds(arr, height, width))):
+            groups.setdefault(win, []).append(i)
+        for (x0, y0, x1, y1), members in groups.items():
+            predictor = self._tiles.get((x0, y0, x1, y1))
+            if predictor is None:
+                predictor = Predictor(self.model).set_image(rgb[y0:y1, x0:x1])
+                self._tiles[(x0, y0, x1, y1)] = predictor
+            shifted = arr[members] - np.array([x0, y0, x0, y0], arr.dtype)
+            for i, prob in zip(members, predictor.box_probabilities(shifted)):
+                out[i] = prob
+        return out
+
+    def _windows_for(self, bounds: np.ndarray) -> list[tuple[int, int, int, int]]:
+        """Per box (pixel bounds), the grid tile holding it with the widest margin, else a
+        tile centred on the box (grown to it), inside the image."""
+        height, width = self._orig
+        grid = np.array(tile_windows(height, width, self.tile, self.overlap), np.int64)
+        b = np.asarray(bounds, np.int64).reshape(-1, 1, 4)
+        margin = np.minimum.reduce([b[..., 0] - grid[:, 0], b[..., 1] - grid[:, 1],
+                                    grid[:, 2] - b[..., 2], grid[:, 3] - b[..., 3]])
+        best = margin.argmax(1)
+        out = []
+        for (bx0, by0, bx1, by1), k, m in zip(b[:, 0].tolist(), best.tolist(),
+                                              margin[np.arange(len(b)), best].tolist()):
+            if m >= 0:
+                out.append(tuple(grid[k].tolist()))
+                continue
+            sides = []
+            for lo, hi, length in ((bx0, bx1, width), (by0, by1, height)):
+                side = min(length, max(self.tile, hi - lo))
+                start = min(max(0, (lo + hi) // 2 - side // 2), length - side)
+                sides.append((start, start + side))
+            (x0, x1), (y0, y1) = sides
+            out.append((x0, y0, x1, y1))
+        return out
+
+    def predict(self, score_threshold: float | None = None, cropped: bool = False) -> Any:
+        """Every instance of the held image, in tiles (``predict_tiled``)."""
+        inst = predict_tiled(self.model, self._require(), self.tile, self.overlap,
+                             score_threshold=score_threshold, progress=self.progress)
+        if not cropped:
+            size = inst.masks.size
+            inst.masks = (np.stack(inst.masks.to_masks()) if len(inst)
+                          else np.zeros((0, *size), bool))
+        return inst
