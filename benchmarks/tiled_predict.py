@@ -9,7 +9,10 @@ ground-truth masks. Printed, as mask AP (pycocotools, up to 1000 detections) and
 
 * each image predicted on its own (what the model does at the size it trained at),
 * the mosaic predicted whole (the model shrinks it to its input size),
-* the mosaic in tiles of each size given (``boxlevelset.tiles.predict_tiled``).
+* the mosaic in tiles of each size given (``boxlevelset.tiles.predict_tiled``),
+
+each for the model alone and prompted with the ground-truth boxes (mean IoU and mask AP,
+every prompt scored 1.0; in tiles, ``TiledPredictor``: each box on the tile holding it).
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from boxlevelset.data import load_box_folder
-from boxlevelset.evaluate import coco_mask_ap
+from boxlevelset.evaluate import coco_mask_ap, matched_ious
 from boxlevelset.export import BoxMasks
 from boxlevelset.image import as_rgb
-from boxlevelset.model import load_model
+from boxlevelset.model import Predictor, load_model
+from boxlevelset.tiles import TiledPredictor
 
 
 def mosaic(folder_path: Path) -> tuple[np.ndarray, BoxMasks, list[tuple[np.ndarray, BoxMasks]]]:
@@ -81,27 +85,41 @@ def main() -> int:
           f"model input {model.config.input_size} px (max {model.config.max_size}), at most "
           f"{model.config.max_per_image} instances per call\n")
     rows = []
-    gt, results = empty_gt(), []
+    gt, results, prompted_gt, prompted, ious = empty_gt(), [], empty_gt(), [], []
     t0 = time.perf_counter()
     found = 0
     for k, (img, masks) in enumerate(parts, start=1):
-        inst = model.predict(img, cropped=True)
+        predictor = Predictor(model).set_image(img)
+        inst = predictor.predict(cropped=True)
         coco_pair(k, masks, inst.masks, inst.scores, gt, results)
         found += len(inst)
+        boxes = masks.bounds.astype(np.float64)
+        box_masks = predictor.predict_boxes(boxes, cropped=True)
+        coco_pair(k, masks, box_masks, np.ones(len(boxes)), prompted_gt, prompted)
+        ious += list(matched_ious(masks, box_masks))
     rows.append(("each image on its own", found, coco_mask_ap(gt, results)["AP"],
-                 time.perf_counter() - t0))
+                 time.perf_counter() - t0, float(np.mean(ious)),
+                 coco_mask_ap(prompted_gt, prompted)["AP"]))
+    boxes = truth.bounds.astype(np.float64)
     runs = [("mosaic, whole", None)] + [(f"mosaic, tiles of {t} px", t) for t in args.tiles]
     for name, tile in runs:
-        gt, results = empty_gt(), []
+        predictor = (Predictor(model) if tile is None
+                     else TiledPredictor(model, tile, args.overlap))
         t0 = time.perf_counter()
-        inst = model.predict(canvas, cropped=True, tile=tile,
-                             overlap=None if tile is None else args.overlap)
+        inst = predictor.set_image(canvas).predict(cropped=True)
         seconds = time.perf_counter() - t0
+        gt, results = empty_gt(), []
         coco_pair(1, truth, inst.masks, inst.scores, gt, results)
-        rows.append((name, len(inst), coco_mask_ap(gt, results)["AP"], seconds))
-    print("| input | instances found | mask AP | seconds |\n|---|---|---|---|")
-    for name, n, ap, seconds in rows:
-        print(f"| {name} | {n} | {ap:.3f} | {seconds:.1f} |")
+        box_masks = predictor.predict_boxes(boxes, cropped=True)
+        prompted_gt, prompted = empty_gt(), []
+        coco_pair(1, truth, box_masks, np.ones(len(boxes)), prompted_gt, prompted)
+        rows.append((name, len(inst), coco_mask_ap(gt, results)["AP"], seconds,
+                     float(np.mean(matched_ious(truth, box_masks))),
+                     coco_mask_ap(prompted_gt, prompted)["AP"]))
+    print("| input | instances found | mask AP | seconds | GT box prompts: mIoU | AP |\n"
+          "|---|---|---|---|---|---|")
+    for name, n, ap, seconds, miou, box_ap in rows:
+        print(f"| {name} | {n} | {ap:.3f} | {seconds:.1f} | {miou:.3f} | {box_ap:.3f} |")
     return 0
 
 
