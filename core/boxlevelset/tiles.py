@@ -10,9 +10,10 @@ tiles both found is kept once.
 Merging, as segment-anything's automatic mask generator does across its crops: a mask
 whose box touches a tile side that lies inside the image may be cut off there, so whole
 masks come first, then by score; a candidate is dropped when it overlaps a kept mask of
-its class by more than ``iou_threshold`` (IoU), or, when it is such a cut mask, when more
-than half of it lies in a kept mask. An object survives whole when some tile holds all of
-it: ``overlap`` should exceed the objects' size.
+its class from another tile by more than ``iou_threshold`` (IoU), or, when it is such a
+cut mask, when more than half of it lies in one. Masks from one tile are never merged:
+the model's Matrix NMS has weighed them. An object survives whole when some tile holds
+all of it: ``overlap`` should exceed the objects' size.
 """
 
 from __future__ import annotations
