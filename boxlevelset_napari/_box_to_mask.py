@@ -822,13 +822,14 @@ class BoxToMaskWidget(QWidget):
                 settings = self._settings()  # once: thousands of boxes on a nuclei tile
                 todo = [b for b in boxes if b[0] not in self._locked and
                         (self._geom.get(b[0]) or ())[:n] != self._key(b[1], b[2], settings)[:n]]
+                plane_ids: dict = {}  # the label ids on each plane, once per press
                 if settings_changed:  # Segment also redoes what an undo took back
                     queued = {b[0] for b in todo}
-                    todo += [b for b in self._undone(boxes)
+                    todo += [b for b in self._undone(boxes, plane_ids)
                              if b[0] not in self._locked and b[0] not in queued]
                     if not todo:  # say so, rather than leave the last action's message
                         self._say("every mask is up to date: nothing to segment")
-                self._segment(todo)
+                self._segment(todo, plane_ids)
             elif removed:
                 self._say(f"{len(removed)} box(es) removed")
         except Exception as err:  # shown in the viewer, not only in the terminal
@@ -926,7 +927,10 @@ class BoxToMaskWidget(QWidget):
         return segment_boxes(plane_image, boxes, window=self._window(image), cropped=cropped,
                              **options)
 
-    def _segment(self, todo: list[tuple[int, int | None, np.ndarray, str]]) -> None:
+    def _segment(self, todo: list[tuple[int, int | None, np.ndarray, str]],
+                 plane_ids: dict | None = None) -> None:
+        """Segment and paint ``todo``'s boxes; ``plane_ids``: the label ids on planes whose
+        ids were listed since the last paint (``_undone``), not listed again."""
         if not todo:
             return
         image = self._image()
@@ -953,8 +957,11 @@ class BoxToMaskWidget(QWidget):
         # as a propagated walk is: napari recorded one step per box painted.
         labels = self.labels_layer(create=True) if by_plane else None
         if labels is not None and len(todo) > PRESENT_IDS_FROM:
-            self._present = {plane: set(np.unique(self._plane_view(labels, plane)).tolist())
-                             for plane in by_plane}
+            known = plane_ids or {}
+            self._present = {
+                plane: known[plane] if plane in known
+                else set(np.unique(self._plane_view(labels, plane)).tolist())
+                for plane in by_plane}
         try:
             with labels.block_history() if labels is not None else contextlib.nullcontext():
                 for plane, items in by_plane.items():
@@ -996,10 +1003,11 @@ class BoxToMaskWidget(QWidget):
         self._erase(labels, box_id, old)
         del written[old]
 
-    def _undone(self, boxes: list) -> list:
+    def _undone(self, boxes: list, plane_ids: dict | None = None) -> list:
         """Boxes whose mask napari's undo or redo swapped for an earlier one the widget had
         painted: their settings key still says they are up to date, so Segment would leave
-        the earlier mask. Hand edits are not among them (their pixels were never painted)."""
+        the earlier mask. Hand edits are not among them (their pixels were never painted).
+        The label ids found on each plane go into ``plane_ids`` (for ``_segment``)."""
         labels = self.labels_combo.layer()
         if labels is None:
             return []
@@ -1013,6 +1021,8 @@ class BoxToMaskWidget(QWidget):
             if plane not in counts:  # one pass over each plane, not one per box
                 ids, n = np.unique(np.asarray(view), return_counts=True)
                 counts[plane] = dict(zip(ids.tolist(), n.tolist()))
+                if plane_ids is not None:
+                    plane_ids[plane] = set(counts[plane])
             if not owned.matches(view, box_id, counts[plane].get(box_id, 0)) and \
                     _digest(np.asarray(view) == box_id) in self._painted.get((box_id, plane), ()):
                 out.append(item)
