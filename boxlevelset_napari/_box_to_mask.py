@@ -340,7 +340,7 @@ class BoxToMaskWidget(QWidget):
             "for boxes drawn loosely (no box projection, no background ring, and the mask "
             "pays for running along the box's edge). Ticked by itself for CT images until "
             "you set it")
-        # On CT the loose-box energy holds its masks at any looseness and gives up 0.01 mean
+        # On CT the loose-box energy holds its masks at any looseness and gives up 0.014 mean
         # IoU on exact boxes (README "Loose boxes"): boxes drawn by hand get it by default,
         # until the user sets the box themselves (clicked: user actions only).
         self._loose_set_by_user = False

@@ -666,3 +666,25 @@ def test_a_cut_that_keeps_nothing_gives_way_to_the_evolution(monkeypatch):
     assert _iou(L.segment_boxes(image, box, **options)[0], disc) > 0.7
     monkeypatch.setattr(L, "MIN_CUT_SHARE", 0.0)  # the cut's own answer
     assert L.segment_boxes(image, box, **options)[0].sum() < 0.05 * disc.sum()
+
+
+def test_the_cut_keeps_the_holes_it_leaves_and_the_evolution_fills_its_own():
+    """A ring (a vertebra around its spinal canal): the cut leaves the dark middle out,
+    paying for its whole outline, and by default that hole stays; the evolution's holes
+    are filled unless asked otherwise."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:80, :80]
+    r = np.hypot(yy - 40, xx - 40)
+    ring = (r <= 24) & (r >= 11)
+    image = (np.where(ring, 0.8, 0.2) + rng.normal(0, 0.03, r.shape)).astype(np.float32)
+    box = np.array([[15.0, 15.0, 65.0, 65.0]])
+
+    def iou(m):
+        return (m & ring).sum() / (m | ring).sum()
+
+    cut = L.segment_boxes(image, box, solver="cut")[0]
+    assert not cut[r < 9].any() and iou(cut) > 0.95
+    assert L.segment_boxes(image, box, solver="cut", fill_holes=True)[0][r < 9].all()
+    evolved = L.segment_boxes(image, box, solver="evolve")[0]
+    assert evolved[r < 9].all()
+    assert not L.segment_boxes(image, box, solver="evolve", fill_holes=False)[0][r < 9].any()

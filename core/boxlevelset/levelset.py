@@ -711,7 +711,7 @@ def segment_boxes(
     solver: str | None = None,
     polish: int = 10,
     border: float | None = None,
-    fill_holes: bool = True,
+    fill_holes: bool | None = None,
     largest_component: bool = True,
     init_masks: Sequence[np.ndarray] | None = None,
     cropped: bool = False,
@@ -770,7 +770,9 @@ def segment_boxes(
             the sides). ``LOOSE_BOXES`` sets 1.
         fill_holes, largest_component: clean-up of each mask inside its box (holes filled;
             the largest connected piece kept with any piece of at least ``MIN_PIECE`` of
-            its area, smaller ones dropped).
+            its area, smaller ones dropped). ``fill_holes=None`` fills the evolution's holes
+            and keeps the cut's: a hole the global cut leaves pays for its whole outline,
+            so it is a structure (the spinal canal inside a vertebra), not noise.
         init_masks: without a model, an HxW mask per box to start from instead of the
             inscribed ellipse (the evolution's level set, or the cut's first region models):
             e.g. the object's mask on the neighbouring slice when propagating through a
@@ -855,6 +857,8 @@ def segment_boxes(
         phis = _evolve(crops, iterations, step_size, gamma, alpha, init, hist, edge,
                        evolve_border)
 
+    if fill_holes is None:  # the evolution's holes are noise, the cut's structures
+        fill_holes = not (predictor is None and solver == "cut")
     crops = []
     for (x0, y0, x1, y1), phi in zip(bounds, phis):
         if predictor is None and img[y0:y1, x0:x1].std() < FLAT:
