@@ -201,7 +201,7 @@ def run_segment(args: argparse.Namespace) -> int:
             raise ValueError("--tile prompts a model in tiles: give --model too")
         from boxlevelset.tiles import check_tiling
 
-        check_tiling(args.tile, args.tile // 4 if args.overlap is None else args.overlap)
+        check_tiling(args.tile, args.overlap)
     resolve_window(args.window)  # a bad window is an error before any work
     folder = _folder_for(args)
     model = None

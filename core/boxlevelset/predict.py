@@ -248,7 +248,7 @@ def _check_tile(tile: int | None, overlap: int | None) -> None:
     if tile is not None:
         from boxlevelset.tiles import check_tiling
 
-        check_tiling(tile, tile // 4 if overlap is None else overlap)
+        check_tiling(tile, overlap)
 
 
 def _rle_annotations(image_id: int, masks: BoxMasks, category_ids: np.ndarray,

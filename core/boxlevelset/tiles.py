@@ -46,13 +46,16 @@ def tile_windows(height: int, width: int, tile: int,
             for y in tile_starts(height, tile, overlap) for x in tile_starts(width, tile, overlap)]
 
 
-def check_tiling(tile: int, overlap: int) -> None:
-    """ValueError unless ``tile`` >= 32 and 0 <= ``overlap`` < ``tile`` are whole pixels."""
+def check_tiling(tile: int, overlap: int | None = None) -> int:
+    """The overlap to use (None: ``tile // 4``); ValueError unless ``tile`` >= 32 and
+    0 <= overlap < ``tile`` are whole pixels."""
     if int(tile) != tile or tile < 32:
         raise ValueError(f"tile must be a whole number of pixels >= 32, got {tile}")
+    overlap = tile // 4 if overlap is None else overlap
     if int(overlap) != overlap or not 0 <= overlap < tile:
         raise ValueError(f"overlap must be a whole number of pixels in [0, tile={tile}), "
                          f"got {overlap}")
+    return int(overlap)
 
 
 def predict_tiled(
@@ -80,8 +83,7 @@ def predict_tiled(
         ``Instances`` with ``BoxMasks`` masks (each over its box) in image pixels, by
         decreasing score.
     """
-    overlap = tile // 4 if overlap is None else overlap
-    check_tiling(tile, overlap)
+    overlap = check_tiling(tile, overlap)
     if not 0.0 <= iou_threshold <= 1.0:
         raise ValueError(f"iou_threshold must lie in [0, 1], got {iou_threshold}")
     rgb = as_rgb(image, window)  # one scale for all tiles: floats in [0, 1] stay as they are
@@ -177,8 +179,7 @@ class TiledPredictor(Predictor):
         # prompts): predict needs only the model's predict.
         self.model = model
         self._feats, self._orig = None, (0, 0)
-        self.overlap = tile // 4 if overlap is None else int(overlap)
-        check_tiling(tile, self.overlap)
+        self.overlap = check_tiling(tile, overlap)
         self.tile = int(tile)
         self.progress = progress
         self._rgb: np.ndarray | None = None
