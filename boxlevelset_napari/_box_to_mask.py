@@ -22,7 +22,7 @@ import napari
 import numpy as np
 import pandas as pd
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QEvent, Qt
+from qtpy.QtCore import QEvent, Qt, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -254,6 +254,8 @@ class BoxToMaskWidget(QWidget):
 
     # Live widgets, so a finished fine-tune run can hand its model to the viewer's widget.
     _instances: weakref.WeakSet = weakref.WeakSet()
+    # (tiles done, tiles) from Segment everything's worker thread, shown in the GUI thread.
+    tiles_done = Signal(int, int)
 
     @classmethod
     def instances(cls) -> list[BoxToMaskWidget]:
@@ -267,6 +269,9 @@ class BoxToMaskWidget(QWidget):
         self.model_path: str | None = None
         self._predictor: Any = None
         self._predictor_key: tuple | None = None
+        self.everything_worker: Any = None  # Segment everything's tiles, while they run
+        self._detached = False
+        self.tiles_done.connect(self._tile_done)
         self._bound: Any = None  # the boxes layer whose events we listen to
         self._busy = False
         self._defer_refresh = False  # while Segment paints many boxes: one redraw at the end
@@ -540,6 +545,7 @@ class BoxToMaskWidget(QWidget):
 
     def detach(self) -> None:
         """Stop listening to the boxes layer and release the keys (the widget was closed)."""
+        self._detached = True  # a Segment everything still running adds nothing
         self.boxes_combo.blockSignals(True)  # no re-binding from layer-list events
         self.viewer.layers.events.inserted.disconnect(self._match_masks_layer)
         self._unbind_boxes()
@@ -550,7 +556,8 @@ class BoxToMaskWidget(QWidget):
 
     def _update_enabled(self) -> None:
         image = self.image_combo.layer()
-        self.everything_btn.setEnabled(self.model is not None and image is not None)
+        self.everything_btn.setEnabled(self.model is not None and image is not None
+                                       and self.everything_worker is None)
         self.propagate_btn.setEnabled(image is not None and self._spatial_ndim(image) == 3)
         self.export_nifti_btn.setEnabled(
             image is not None and plugin_meta(image).get("kind") == "ct")
@@ -887,7 +894,7 @@ class BoxToMaskWidget(QWidget):
             if tile:  # features per tile, computed as boxes need them
                 from boxlevelset.tiles import TiledPredictor
 
-                predictor = TiledPredictor(self.model, tile, progress=self._tile_done)
+                predictor = TiledPredictor(self.model, tile, progress=self.tiles_done.emit)
             else:
                 # The backbone runs once per image (seconds on a CPU); say so before it starts.
                 self._say("computing the model's features for this image…")
@@ -899,8 +906,7 @@ class BoxToMaskWidget(QWidget):
 
     def _tile_done(self, done: int, total: int) -> None:
         """Segment everything's progress over the tiles, in the status line."""
-        self._say(f"segment everything: tile {done} of {total}")
-        self.status.repaint()  # drawn now; processEvents could re-enter this handler
+        self._say(f"segment everything: tile {done} of {total}…")
 
     def masks_for(self, plane: int | None, boxes: np.ndarray, loose: bool | None = None,
                   cropped: bool = False) -> list[np.ndarray] | BoxMasks:
@@ -1261,18 +1267,64 @@ class BoxToMaskWidget(QWidget):
         return int(np.clip(round((world - image.translate[0]) / image.scale[0]), 0,
                            image.data.shape[0] - 1))
 
-    def segment_everything(self) -> int:
-        """With a model: propose all instances of the image (or current slice) as boxes + masks."""
-        from boxlevelset.export import BoxMasks
+    def segment_everything(self) -> int | None:
+        """With a model: propose all instances of the image (or current slice) as boxes +
+        masks; returns how many were added. In *Model tiles* (a large image: seconds of
+        work) the tiles run in a ``thread_worker``, the viewer stays usable, the status
+        line counts the tiles, and the instances are added when they are done (returns
+        None; ``everything_worker`` is the running worker)."""
+        from boxlevelset.tiles import TiledPredictor
 
         if self.model is None:
             raise ValueError("segment everything needs a loaded model")
+        if self.everything_worker is not None:
+            return None  # one run at a time: the button is disabled while it runs
         image = self._image()
         plane = self._current_plane(image)
         threshold = self.score_slider.value() / 100.0
-        # Each mask over its box: a large image's hundreds of proposals cost their area.
-        instances = self._predictor_for(image, plane).predict(score_threshold=threshold,
-                                                              cropped=True)
+        predictor = self._predictor_for(image, plane)
+        if not isinstance(predictor, TiledPredictor):
+            # Each mask over its box: a large image's hundreds of proposals cost their area.
+            instances = predictor.predict(score_threshold=threshold, cropped=True)
+            return self._add_everything(instances, plane, threshold)
+        from napari.qt.threading import thread_worker
+
+        worker = thread_worker(predictor.predict, start_thread=False)(
+            score_threshold=threshold, cropped=True)
+        key = self._predictor_key
+
+        def added(instances: Any) -> None:
+            if self._detached:
+                return
+            now = self.image_combo.layer()
+            if (self._predictor_key != key or now is None or _unwrap(now) is not _unwrap(image)
+                    or self._current_plane(now) != plane):
+                self._say("segment everything: the image or its slice changed while the "
+                          "tiles ran; nothing added")
+                return
+            self._add_everything(instances, plane, threshold)
+
+        def failed(err: Exception) -> None:
+            show_error(f"boxlevelset: {err}")
+            self._say(f"error: {err}")
+
+        def done() -> None:
+            self.everything_worker = None
+            self._update_enabled()
+
+        worker.returned.connect(added)
+        worker.errored.connect(failed)
+        worker.finished.connect(done)
+        self.everything_worker = worker
+        self._update_enabled()
+        self._say("segment everything: starting the tiles…")
+        worker.start()
+        return None
+
+    def _add_everything(self, instances: Any, plane: int | None, threshold: float) -> int:
+        """Add the proposals not already labelled as boxes + masks; say how many."""
+        from boxlevelset.export import BoxMasks
+
         names = list(getattr(self.model.config, "class_names", []) or [])
         cats = [names[int(k)] if int(k) < len(names) else str(int(k)) for k in instances.labels]
         # A proposal at least half on labelled pixels (an object already annotated, or one

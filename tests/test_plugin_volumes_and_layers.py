@@ -500,10 +500,11 @@ def test_segment_everything_leaves_out_what_is_already_labelled(make_napari_view
     assert "3 left out: already labelled" in widget.status.text()
 
 
-def test_segment_everything_in_tiles_finds_each_object_once(make_napari_viewer_proxy):
-    """A mosaic larger than the model's input, in tiles: each object once, whole, though
-    many lie across tile sides. The model is a stand-in that finds bright blobs (the
-    merging is checked against a whole-image reference in test_tiles.py)."""
+def test_segment_everything_in_tiles_finds_each_object_once(make_napari_viewer_proxy, qtbot):
+    """A mosaic larger than the model's input, in tiles, in a worker thread: each object
+    once, whole, though many lie across tile sides. The model is a stand-in that finds
+    bright blobs (the merging is checked against a whole-image reference in
+    test_tiles.py)."""
     from scipy import ndimage
     from test_tiles import ComponentModel, blob_image
     from types import SimpleNamespace
@@ -517,7 +518,14 @@ def test_segment_everything_in_tiles_finds_each_object_once(make_napari_viewer_p
     widget.set_model(model)
     widget.score_slider.setValue(10)
     widget.tile_spin.setValue(64)
+    shown = []
+    widget.tiles_done.connect(lambda done, total: shown.append((done, total)))
     widget.everything_btn.click()
+    # The tiles run in a thread: the button waits, the status line counts the tiles.
+    assert widget.everything_worker is not None and not widget.everything_btn.isEnabled()
+    qtbot.waitUntil(lambda: widget.everything_worker is None, timeout=20_000)
+    assert widget.everything_btn.isEnabled()
+    assert shown == [(k, 12) for k in range(1, 13)]
     truth, n = ndimage.label(image > 0, structure=np.ones((3, 3)))
     assert len(model.calls) == 12 and n > 30  # 3 x 4 tiles of 64 px, 16 px or more shared
     labels, boxes = widget.labels_layer(create=False), widget.boxes_layer(create=False)
@@ -526,6 +534,35 @@ def test_segment_everything_in_tiles_finds_each_object_once(make_napari_viewer_p
     # Every blob is one label, whole.
     pairs = {(int(a), int(b)) for a, b in zip(truth.ravel(), labels.data.ravel()) if a or b}
     assert len(pairs) == n and len({a for a, _ in pairs}) == len({b for _, b in pairs}) == n
+
+
+def test_segment_everything_adds_nothing_when_the_image_changed_meanwhile(
+        make_napari_viewer_proxy, qtbot):
+    """The tiles' instances belong to the image they ran on: picked another image while
+    they ran, the widget adds none (they would land on the other image's layers)."""
+    import threading
+    from types import SimpleNamespace
+
+    from test_tiles import ComponentModel, blob_image
+
+    viewer = make_napari_viewer_proxy()
+    viewer.add_image(blob_image(150, 170, radius=8), name="mosaic")
+    viewer.add_image(np.zeros((150, 170), np.uint8), name="other")
+    widget = BoxToMaskWidget(viewer)
+    widget.image_combo.select(viewer.layers["mosaic"])
+    gate = threading.Event()
+    model = ComponentModel()
+    real = model.predict
+    model.predict = lambda *a, **k: gate.wait(10) and real(*a, **k)
+    model.config = SimpleNamespace(class_names=["blob"])
+    widget.set_model(model)
+    widget.tile_spin.setValue(64)
+    widget.everything_btn.click()
+    widget.image_combo.select(viewer.layers["other"])
+    gate.set()
+    qtbot.waitUntil(lambda: widget.everything_worker is None, timeout=20_000)
+    assert "changed while the tiles ran; nothing added" in widget.status.text()
+    assert not any(layer.name.endswith("boxes") and len(layer.data) for layer in viewer.layers)
 
 
 def test_model_boxes_in_tiles_are_prompted_on_their_tile(make_napari_viewer_proxy):
