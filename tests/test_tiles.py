@@ -120,3 +120,20 @@ def test_merge_prefers_whole_masks_and_keeps_other_classes():
     assert sorted(keep.tolist()) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="iou_threshold"):
         predict_tiled(ComponentModel(), full.astype(np.uint8), tile=32, iou_threshold=2.0)
+
+
+def test_every_tile_shares_the_whole_image_intensity_scale():
+    """A uint16 image is stretched to its own range once, not per tile: faint blobs stay
+    faint in a tile that holds nothing brighter (a per-tile stretch would find them)."""
+    from boxlevelset.image import as_rgb
+
+    blobs = blob_image(150, 170, radius=8) > 0
+    image = np.zeros((150, 170), np.uint16)
+    image[:, :85][blobs[:, :85]] = 1000  # faint on the left
+    image[:, 85:][blobs[:, 85:]] = 40000
+    tiled = predict_tiled(ComponentModel(), image, tile=64, overlap=24)
+    whole = ComponentModel().predict(as_rgb(image))
+    assert len(tiled) == len(whole) > 0
+    assert tiled.masks.bounds[:, 0].min() >= 80  # only the bright right half
+    assert sorted(map(tuple, tiled.masks.bounds.tolist())) == sorted(
+        map(tuple, whole.masks.bounds.tolist()))
