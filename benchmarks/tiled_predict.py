@@ -21,6 +21,7 @@ import argparse
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +42,13 @@ def mosaic(folder_path: Path) -> tuple[np.ndarray, BoxMasks, list[tuple[np.ndarr
         masks = folder.gt_box_masks(record)
         if masks is not None and len(masks):
             parts.append((as_rgb(image), masks))
+    canvas, truth = lay_out(parts)
+    return canvas, truth, parts
+
+
+def lay_out(parts: list[tuple[np.ndarray, BoxMasks]]) -> tuple[np.ndarray, BoxMasks]:
+    """(RGB image in [0, 1], masks) pairs side by side in their own pixels, in a
+    near-square grid of cells as large as the largest image: the mosaic and its masks."""
     cell_h = max(img.shape[0] for img, _ in parts)
     cell_w = max(img.shape[1] for img, _ in parts)
     cols = math.ceil(math.sqrt(len(parts)))
@@ -52,7 +60,7 @@ def mosaic(folder_path: Path) -> tuple[np.ndarray, BoxMasks, list[tuple[np.ndarr
         canvas[y : y + img.shape[0], x : x + img.shape[1]] = img
         bounds.append(masks.bounds + np.array([x, y, x, y]))
         crops += masks.crops
-    return canvas, BoxMasks(np.concatenate(bounds), crops, canvas.shape[:2]), parts
+    return canvas, BoxMasks(np.concatenate(bounds), crops, canvas.shape[:2])
 
 
 def coco_pair(image_id: int, truth: BoxMasks, found: BoxMasks, scores: np.ndarray,
@@ -65,6 +73,25 @@ def coco_pair(image_id: int, truth: BoxMasks, found: BoxMasks, scores: np.ndarra
     for rle, s in zip(found.to_rle(), scores):
         results.append({"image_id": image_id, "category_id": 1, "segmentation": rle,
                         "score": float(s)})
+
+
+def score(model: Any, canvas: np.ndarray, truth: BoxMasks, tile: int | None,
+          overlap: int | None = None) -> tuple[int, float, float, float, float]:
+    """The model on the whole mosaic (``tile`` None) or in tiles: (instances found, mask AP,
+    seconds, mean IoU and mask AP of the ground-truth boxes as prompts)."""
+    predictor = Predictor(model) if tile is None else TiledPredictor(model, tile, overlap)
+    t0 = time.perf_counter()
+    inst = predictor.set_image(canvas).predict(cropped=True)
+    seconds = time.perf_counter() - t0
+    gt, results = empty_gt(), []
+    coco_pair(1, truth, inst.masks, inst.scores, gt, results)
+    boxes = truth.bounds.astype(np.float64)
+    box_masks = predictor.predict_boxes(boxes, cropped=True)
+    prompted_gt, prompted = empty_gt(), []
+    coco_pair(1, truth, box_masks, np.ones(len(boxes)), prompted_gt, prompted)
+    return (len(inst), coco_mask_ap(gt, results)["AP"], seconds,
+            float(np.mean(matched_ious(truth, box_masks))),
+            coco_mask_ap(prompted_gt, prompted)["AP"])
 
 
 def empty_gt() -> dict:
@@ -100,22 +127,9 @@ def main() -> int:
     rows.append(("each image on its own", found, coco_mask_ap(gt, results)["AP"],
                  time.perf_counter() - t0, float(np.mean(ious)),
                  coco_mask_ap(prompted_gt, prompted)["AP"]))
-    boxes = truth.bounds.astype(np.float64)
     runs = [("mosaic, whole", None)] + [(f"mosaic, tiles of {t} px", t) for t in args.tiles]
     for name, tile in runs:
-        predictor = (Predictor(model) if tile is None
-                     else TiledPredictor(model, tile, args.overlap))
-        t0 = time.perf_counter()
-        inst = predictor.set_image(canvas).predict(cropped=True)
-        seconds = time.perf_counter() - t0
-        gt, results = empty_gt(), []
-        coco_pair(1, truth, inst.masks, inst.scores, gt, results)
-        box_masks = predictor.predict_boxes(boxes, cropped=True)
-        prompted_gt, prompted = empty_gt(), []
-        coco_pair(1, truth, box_masks, np.ones(len(boxes)), prompted_gt, prompted)
-        rows.append((name, len(inst), coco_mask_ap(gt, results)["AP"], seconds,
-                     float(np.mean(matched_ious(truth, box_masks))),
-                     coco_mask_ap(prompted_gt, prompted)["AP"]))
+        rows.append((name, *score(model, canvas, truth, tile, args.overlap)))
     print("| input | instances found | mask AP | seconds | GT box prompts: mIoU | AP |\n"
           "|---|---|---|---|---|---|")
     for name, n, ap, seconds, miou, box_ap in rows:

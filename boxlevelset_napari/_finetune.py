@@ -155,6 +155,15 @@ class FineTuneWidget(QWidget):
         self.epochs_spin = QSpinBox()
         self.epochs_spin.setRange(1, 1000)
         self.epochs_spin.setValue(12)
+        self.crop_spin = QSpinBox()
+        self.crop_spin.setRange(0, 8192)
+        self.crop_spin.setSingleStep(64)
+        self.crop_spin.setSpecialValueText("whole images")
+        self.crop_spin.setSuffix(" px")
+        self.crop_spin.setToolTip(
+            "Train on random crops of this size (each around a box) of larger images: a "
+            "stitched microscopy scan, resized whole to the model's input, shrinks its "
+            "objects. Segment with Model tiles of about this size. 'whole images': no crops")
         self.device_combo = QComboBox()
         self.device_combo.addItems(["auto", "cpu", "cuda"])
         self.device_combo.setToolTip("auto: the GPU when there is one")
@@ -187,6 +196,7 @@ class FineTuneWidget(QWidget):
         form.addRow("Boxes", self.boxes_combo)
         form.addRow("Preset", self.preset_combo)
         form.addRow("Epochs", self.epochs_spin)
+        form.addRow("Crops", self.crop_spin)
         form.addRow("Device", self.device_combo)
         form.addRow("Output", hbox(self.output_edit, out_browse, stretch_first=True))
         form.addRow("Start from", self.init_edit)
@@ -252,6 +262,7 @@ class FineTuneWidget(QWidget):
             output_dir=str(output_dir),
             epochs=int(self.epochs_spin.value()),
             device=self.device_combo.currentText(),
+            crop=int(self.crop_spin.value()),
         )
         if self.init_edit.text().strip():
             values["init_checkpoint"] = self.init_edit.text().strip()

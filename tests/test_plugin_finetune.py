@@ -126,6 +126,10 @@ def test_stop_keeps_checkpoint_and_errors_are_shown(tmp_path, tiny_box_folder, q
     folder = load_box_folder(config.data)
     assert [c["name"] for c in folder.categories] == ["thing"]
     assert np.allclose(folder.records[0].boxes, [[12, 10, 28, 30]])
+    # Crops of a large image: the setting reaches training ("whole images" is 0).
+    assert config.crop == 0
+    tune.crop_spin.setValue(384)
+    assert tune.make_config().crop == 384
 
 
 def test_a_second_finetune_keeps_the_first_run(tmp_path, tiny_box_folder, qtbot,

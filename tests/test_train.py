@@ -121,6 +121,66 @@ def test_resize_flip_moves_boxes_with_masks():
     assert capped.shape[:2] == (60, 90)
 
 
+def test_random_crop_holds_a_box_centre_and_clips_the_rest():
+    from boxlevelset.train import random_crop
+
+    h, w = 300, 400
+    image = np.arange(h * w, dtype=np.float32).reshape(h, w, 1).repeat(3, 2)
+    boxes = np.array([[10, 10, 50, 40], [180, 120, 260, 200], [330, 250, 400, 300],
+                      [100, 150, 140, 190]], np.float32)
+    masks = np.zeros((4, h, w), bool)
+    for m, (x0, y0, x1, y1) in zip(masks, boxes.astype(int)):
+        m[y0:y1, x0:x1] = True
+    seen = set()
+    for seed in range(60):
+        rng = np.random.default_rng(seed)
+        img, out, out_masks, inside = random_crop(image, boxes, masks, 128, rng)
+        assert img.shape == (128, 128, 3) and len(out) == inside.sum() == len(out_masks) >= 1
+        x0, y0 = int(img[0, 0, 0]) % w, int(img[0, 0, 0]) // w  # where the window lies
+        assert 0 <= x0 <= w - 128 and 0 <= y0 <= h - 128
+        # The boxes in it, clipped to it, tight on their (cut) masks.
+        np.testing.assert_allclose(
+            out, np.clip(boxes[inside] - [x0, y0, x0, y0], 0, 128))
+        for b, m in zip(out.astype(int), out_masks):
+            ys, xs = np.nonzero(m)
+            assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == b.tolist()
+        seen |= set(np.flatnonzero(inside).tolist())
+    assert seen == {0, 1, 2, 3}  # every box is drawn sometimes
+    # An image no larger than the crop stays whole; one side larger is cut on that side.
+    small = random_crop(image[:100, :120], boxes[:1], None, 128, np.random.default_rng(0))
+    assert small[0].shape == (100, 120, 3) and small[3].all()
+    wide = random_crop(image[:100], boxes[:1], None, 128, np.random.default_rng(0))
+    assert wide[0].shape == (100, 128, 3)
+
+
+def test_dataset_crops_keep_each_box_with_its_label(tiny_box_folder):
+    from boxlevelset.data import load_box_folder
+
+    folder = load_box_folder(tiny_box_folder)
+    whole = BoxDataset(folder, folder.class_names, None)
+    cropped = BoxDataset(folder, folder.class_names, None, crop=32)  # of 64 px images
+    from boxlevelset.train import random_crop
+
+    partial = 0
+    for i in range(len(whole)):
+        full = whole[i]
+        for seed in range(10):
+            sample = cropped[(i, seed)]
+            assert sample["image"].shape[1:] == (32, 32) and len(sample["boxes"]) >= 1
+            assert sample["dropped"] == 0  # boxes outside the crop are not "degenerate"
+            # The crop the same seed draws: its boxes, each with its own label.
+            _, boxes, _, inside = random_crop(full["image"].permute(1, 2, 0).numpy(),
+                                              full["boxes"].numpy(), None, 32,
+                                              np.random.default_rng(seed))
+            np.testing.assert_array_equal(sample["boxes"].numpy(), boxes)
+            np.testing.assert_array_equal(sample["labels"].numpy(), full["labels"].numpy()[inside])
+            partial += not inside.all()
+    assert partial > 0  # some crops left boxes out
+    with pytest.raises(ValueError, match="crop"):
+        TrainConfig(data="x", crop=16)
+    assert TrainConfig(data="x", preset="lite").crop == 0
+
+
 def test_dataset_skips_an_image_that_fails_to_decode(tiny_box_folder, caplog):
     from boxlevelset.data import load_box_folder
 

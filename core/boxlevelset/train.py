@@ -90,7 +90,7 @@ _BASE_DEFAULTS: dict[str, Any] = dict(
     backbone="resnet50", epochs=12, lr=1e-4, batch_size=2, warmup_iters=500,
     lr_steps=(8 / 12, 11 / 12), min_size=(640, 800), max_size=1333,
     weight_decay=0.1, warmup_factor=0.001, lr_gamma=0.1, grad_clip=1.0, flip_prob=0.5,
-    seed=0, supervision="box",
+    seed=0, supervision="box", crop=0,
 )
 
 
@@ -139,6 +139,10 @@ class TrainConfig:
     min_size: tuple[int, int] | None = None  # random shorter side, inclusive range
     max_size: int | None = None  # cap on the longer side
     flip_prob: float | None = None  # 0.5
+    # Train on random crops of crop x crop pixels (each around a box) of images larger than
+    # that, before the resize: a stitched microscopy scan resized whole shrinks its objects
+    # (0: whole images). Predict such images with tiles of about this size.
+    crop: int | None = None
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1"
     amp: bool | None = None  # None: on for CUDA (bf16 where supported, else fp16 + GradScaler)
     checkpoint_every: int = 500
@@ -185,6 +189,8 @@ class TrainConfig:
         if any(not 0.0 < s <= 1.0 for s in self.lr_steps):
             raise ValueError(
                 f"lr_steps are fractions of the schedule in (0, 1], got {self.lr_steps}")
+        if int(self.crop) != self.crop or not (self.crop == 0 or self.crop >= 32):
+            raise ValueError(f"crop must be 0 (whole images) or a size >= 32 px, got {self.crop}")
         for name in ("batch_size", "max_size", "checkpoint_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -313,6 +319,35 @@ class ResizeFlip:
         return image, boxes.astype(np.float32).reshape(-1, 4), masks
 
 
+def random_crop(
+    image: np.ndarray, boxes: np.ndarray, masks: np.ndarray | None, size: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    """A size x size window (narrower along a shorter side) of the image that holds the
+    centre of a box drawn at random, anywhere such: (image, boxes clipped to it, their
+    masks, which boxes are in it). A clipped box stays tight: its object runs on to the
+    window's edge, as the box projection then says."""
+    h, w = image.shape[:2]
+    if max(h, w) <= size or len(boxes) == 0:
+        return image, boxes, masks, np.ones(len(boxes), bool)
+    cx, cy = (boxes[int(rng.integers(len(boxes)))].reshape(2, 2).mean(0))
+    origin = []
+    for centre, length in ((cx, w), (cy, h)):
+        span = min(size, length)
+        lo = int(np.clip(np.floor(centre) - span + 1, 0, length - span))
+        hi = int(np.clip(np.floor(centre), 0, length - span))
+        origin.append(int(rng.integers(lo, hi + 1)))
+    x0, y0 = origin
+    x1, y1 = x0 + min(size, w), y0 + min(size, h)
+    clipped = np.clip(boxes - np.array([x0, y0, x0, y0], np.float32), 0,
+                      np.array([x1 - x0, y1 - y0] * 2, np.float32))
+    inside = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    image = np.ascontiguousarray(image[y0:y1, x0:x1])
+    if masks is not None:
+        masks = np.ascontiguousarray(masks[inside][:, y0:y1, x0:x1])
+    return image, clipped[inside], masks, inside
+
+
 class BoxDataset(torch.utils.data.Dataset):
     """Records of a BoxFolder that carry boxes, as training samples.
 
@@ -322,7 +357,7 @@ class BoxDataset(torch.utils.data.Dataset):
 
     def __init__(
         self, folder: Any, class_names: Sequence[str], transform: ResizeFlip | None,
-        with_masks: bool = False, min_box_size: float = 1.0,
+        with_masks: bool = False, min_box_size: float = 1.0, crop: int = 0,
     ) -> None:
         self.folder = folder
         by_name = {name: i for i, name in enumerate(class_names)}
@@ -335,6 +370,7 @@ class BoxDataset(torch.utils.data.Dataset):
                 )
             self.category_to_label[int(cat["id"])] = by_name[cat["name"]]
         self.transform = transform
+        self.crop = int(crop)  # random crops of larger images first (random_crop)
         self.with_masks = with_masks
         self.min_box_size = float(min_box_size)
         self.records = [r for r in folder.records if len(r.boxes)]
@@ -364,8 +400,12 @@ class BoxDataset(torch.utils.data.Dataset):
             masks = self.folder.gt_masks(record)
             if masks is None:
                 raise ValueError(f"{record.file_name}: supervision='mask' but no masks")
+        rng = np.random.default_rng(seed)
+        if self.crop:
+            image, boxes, masks, inside = random_crop(image, boxes, masks, self.crop, rng)
+            labels = labels[inside]
         if self.transform is not None:
-            image, boxes, masks = self.transform(image, boxes, masks, np.random.default_rng(seed))
+            image, boxes, masks = self.transform(image, boxes, masks, rng)
         # Boxes that shrink below a pixel after resizing carry no signal: drop them.
         keep = ((boxes[:, 2] - boxes[:, 0]) >= self.min_box_size) & (
             (boxes[:, 3] - boxes[:, 1]) >= self.min_box_size)
@@ -822,7 +862,7 @@ def train(
             raise ValueError(f"{config.data}: the folder defines no categories to train on")
         dataset = BoxDataset(
             folder, class_names, ResizeFlip(config.min_size, config.max_size, config.flip_prob),
-            with_masks=config.supervision == "mask")
+            with_masks=config.supervision == "mask", crop=config.crop)
         if len(dataset) == 0:
             raise ValueError(f"{config.data}: no image has a box annotation to train on")
         if is_main and dataset.skipped_empty:
@@ -1050,6 +1090,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--min-size", type=int, nargs="+", metavar="PX",
                    help="shorter side: one value or a MIN MAX range")
     p.add_argument("--max-size", type=int, help="cap on the longer side")
+    p.add_argument("--crop", type=int, metavar="PX",
+                   help="train on random PX x PX crops (each around a box) of larger images, "
+                        "e.g. stitched microscopy scans, which whole would shrink to the "
+                        "input size; predict them with --tile of about PX (default: 0, whole "
+                        "images)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     amp = p.add_mutually_exclusive_group()
     amp.add_argument("--amp", dest="amp", action="store_true", default=None,
@@ -1088,6 +1133,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         max_iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_iters=args.warmup,
         min_size=tuple(args.min_size) if args.min_size else None, max_size=args.max_size,
+        crop=args.crop,
         device=args.device, amp=args.amp, supervision=args.supervision,
         init_checkpoint=args.init, resume=args.resume, checkpoint_every=args.checkpoint_every,
         num_workers=args.workers, seed=args.seed,
