@@ -1,6 +1,7 @@
 """Training from boxes on large mosaics: whole images against random crops (`crop`).
 
-    python benchmarks/train_mosaic.py SPLIT [--minutes 6] [--crop 384] [--tile 256] [--out DIR]
+    python benchmarks/train_mosaic.py SPLIT [--minutes 6] [--crop 384] [--tiles 256 384]
+                                      [--out DIR]
 
 SPLIT is train_dsb.py's split folder (`--out DIR` there keeps it as DIR/split, with train/
 and test/). The training images are laid side by side in their own pixels into mosaics of
@@ -8,8 +9,8 @@ and test/). The training images are laid side by side in their own pixels into m
 `lite` preset is trained on them from boxes only twice, for the same time: on whole
 images (each mosaic resized to the input size, as training did before `crop`) and on
 random crops of `--crop` pixels around a box. Both models are then scored on the test
-images' mosaic in tiles of `--tile` pixels (`TiledPredictor`): mask AP of the model alone,
-and mean IoU / AP with the ground-truth boxes as prompts.
+images' mosaic in tiles of each `--tiles` size (`TiledPredictor`): mask AP of the model
+alone, and mean IoU / AP with the ground-truth boxes as prompts.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def main() -> int:
     parser.add_argument("split", type=Path, help="folder with train/ and test/ box folders")
     parser.add_argument("--minutes", type=float, default=6.0, help="training budget per run")
     parser.add_argument("--crop", type=int, default=384)
-    parser.add_argument("--tile", type=int, default=256)
+    parser.add_argument("--tiles", type=int, nargs="+", default=[256, 384])
     parser.add_argument("--per-mosaic", type=int, default=20)
     parser.add_argument("--out", type=Path, help="working folder (default: a temporary one)")
     args = parser.parse_args()
@@ -70,12 +71,13 @@ def main() -> int:
                       max_size=512, crop=crop, seed=0)
         path, its, done = train_within(config, args.minutes, out / f"crop{crop}")
         model = load_model(path, device="cpu")
-        n_found, ap, seconds, miou, box_ap = score(model, canvas, truth, args.tile)
-        rows.append((name, done, ap, miou, box_ap))
-    print(f"\n| trained on | iterations | mask AP, tiles of {args.tile} px | GT box prompts: "
-          "mIoU / AP |\n|---|---|---|---|")
-    for name, done, ap, miou, box_ap in rows:
-        print(f"| {name} | {done} | {ap:.3f} | {miou:.3f} / {box_ap:.3f} |")
+        for tile in args.tiles:
+            n_found, ap, seconds, miou, box_ap = score(model, canvas, truth, tile)
+            rows.append((name, done, tile, ap, miou, box_ap))
+    print("\n| trained on | iterations | tiles | mask AP | GT box prompts: mIoU / AP |\n"
+          "|---|---|---|---|---|")
+    for name, done, tile, ap, miou, box_ap in rows:
+        print(f"| {name} | {done} | {tile} px | {ap:.3f} | {miou:.3f} / {box_ap:.3f} |")
     return 0
 
 
