@@ -36,14 +36,20 @@ from boxlevelset.tiles import TiledPredictor
 def mosaic(folder_path: Path) -> tuple[np.ndarray, BoxMasks, list[tuple[np.ndarray, BoxMasks]]]:
     """The folder's images in a near-square grid of cells as large as its largest image
     (black between them), the ground truth moved with them; and each (image, masks)."""
+    parts = image_parts(folder_path)
+    canvas, truth = lay_out(parts)
+    return canvas, truth, parts
+
+
+def image_parts(folder_path: Path) -> list[tuple[np.ndarray, BoxMasks]]:
+    """(RGB image in [0, 1], ground-truth masks) of each image of a box folder with masks."""
     folder = load_box_folder(folder_path)
     parts = []
     for record, image in folder.readable():
         masks = folder.gt_box_masks(record)
         if masks is not None and len(masks):
             parts.append((as_rgb(image), masks))
-    canvas, truth = lay_out(parts)
-    return canvas, truth, parts
+    return parts
 
 
 def lay_out(parts: list[tuple[np.ndarray, BoxMasks]]) -> tuple[np.ndarray, BoxMasks]:

@@ -22,23 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from boxlevelset.data import load_box_folder, save_box_folder
+from boxlevelset.data import save_box_folder
 from boxlevelset.model import load_model
-from tiled_predict import lay_out, mosaic, score
+from tiled_predict import image_parts, lay_out, mosaic, score
 from train_dsb import train_within
 
 
 def mosaic_folder(train: Path, dest: Path, per_mosaic: int) -> tuple[Path, int]:
     """The folder's images as mosaics of ``per_mosaic`` images, written as a box folder with
     their boxes and masks. Returns (folder, mosaics)."""
-    from boxlevelset.image import as_rgb
-
-    folder = load_box_folder(train)
-    parts = []
-    for record, image in folder.readable():
-        masks = folder.gt_box_masks(record)
-        if masks is not None and len(masks):
-            parts.append((as_rgb(image), masks))
+    parts = image_parts(train)
     entries = []
     for k in range(0, len(parts), per_mosaic):
         canvas, masks = lay_out(parts[k : k + per_mosaic])

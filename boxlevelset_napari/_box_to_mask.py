@@ -74,6 +74,17 @@ REFINE_STEPS = 25
 HAND_EDIT_POLICIES = ("ask", "keep", "overwrite")
 
 
+def pixels_spin(off_text: str, tooltip: str) -> QSpinBox:
+    """A size in pixels, in steps of 64, whose 0 shows ``off_text`` (tiles, crops)."""
+    spin = QSpinBox()
+    spin.setRange(0, 8192)
+    spin.setSingleStep(64)
+    spin.setSpecialValueText(off_text)
+    spin.setSuffix(" px")
+    spin.setToolTip(tooltip)
+    return spin
+
+
 def hbox(*widgets: QWidget, stretch_first: bool = False) -> QHBoxLayout:
     """A row of widgets for a form; with stretch_first the first one takes the spare width."""
     row = QHBoxLayout()
@@ -367,12 +378,8 @@ class BoxToMaskWidget(QWidget):
             lambda v: self.score_label.setText(f"{v / 100:.2f}"))
         self.everything_btn = QPushButton("Segment everything")
         self.everything_btn.clicked.connect(self.segment_everything)
-        self.tile_spin = QSpinBox()
-        self.tile_spin.setRange(0, 8192)
-        self.tile_spin.setSingleStep(64)
-        self.tile_spin.setSpecialValueText("whole image")
-        self.tile_spin.setSuffix(" px")
-        self.tile_spin.setToolTip(
+        self.tile_spin = pixels_spin(
+            "whole image",
             "Run the model (box prompts and Segment everything) in overlapping tiles of "
             "this size, about the size of the images it was trained on: a large microscopy "
             "mosaic, shrunk whole to the model's input, loses its small objects. 'whole "

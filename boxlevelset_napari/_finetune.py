@@ -30,7 +30,14 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._box_to_mask import BoxToMaskWidget, LayerCombo, _unwrap, closed_by_napari, hbox
+from ._box_to_mask import (
+    BoxToMaskWidget,
+    LayerCombo,
+    _unwrap,
+    closed_by_napari,
+    hbox,
+    pixels_spin,
+)
 from ._train_process import compiler_stack_unsafe_here, forward_warnings, train_in_subprocess
 from ._layers import DEFAULT_CATEGORY, companion_layer
 
@@ -155,12 +162,8 @@ class FineTuneWidget(QWidget):
         self.epochs_spin = QSpinBox()
         self.epochs_spin.setRange(1, 1000)
         self.epochs_spin.setValue(12)
-        self.crop_spin = QSpinBox()
-        self.crop_spin.setRange(0, 8192)
-        self.crop_spin.setSingleStep(64)
-        self.crop_spin.setSpecialValueText("whole images")
-        self.crop_spin.setSuffix(" px")
-        self.crop_spin.setToolTip(
+        self.crop_spin = pixels_spin(
+            "whole images",
             "Train on random crops of this size (each around a box) of larger images: a "
             "stitched microscopy scan, resized whole to the model's input, shrinks its "
             "objects. Segment with Model tiles of about this size. 'whole images': no crops")
