@@ -181,6 +181,35 @@ def test_dataset_crops_keep_each_box_with_its_label(tiny_box_folder):
     assert TrainConfig(data="x", preset="lite").crop == 0
 
 
+def test_cropping_dataset_decodes_each_image_once_within_its_cache(tiny_box_folder,
+                                                                     monkeypatch):
+    import boxlevelset.train as T
+    from boxlevelset.data import load_box_folder
+
+    folder = load_box_folder(tiny_box_folder)
+    decoded = []
+    real = folder.load_image
+    folder.load_image = lambda record: decoded.append(record.file_name) or real(record)
+    cropped = BoxDataset(folder, folder.class_names, None, crop=32)
+    first = [cropped[(i, seed)]["image"] for seed in range(4) for i in range(3)]
+    assert sorted(decoded) == ["tiny_0.png", "tiny_1.png", "tiny_2.png"]  # once each
+    again = [cropped[(i, seed)]["image"] for seed in range(4) for i in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # the cache is not altered
+    # Over the cache's size, images are decoded every time; without crops, never kept.
+    monkeypatch.setattr(T, "_CACHE_BYTES", 64 * 64 * 3 * 4)  # one image
+    decoded.clear()
+    small = BoxDataset(folder, folder.class_names, None, crop=32)
+    for _ in range(2):
+        for i in range(3):
+            small[i]
+    assert len(decoded) == 5
+    decoded.clear()
+    whole = BoxDataset(folder, folder.class_names, None)
+    for _ in range(2):
+        whole[0]
+    assert len(decoded) == 2
+
+
 def test_dataset_skips_an_image_that_fails_to_decode(tiny_box_folder, caplog):
     from boxlevelset.data import load_box_folder
 

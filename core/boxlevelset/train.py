@@ -348,6 +348,10 @@ def random_crop(
     return image, clipped[inside], masks, inside
 
 
+# Decoded images a cropping BoxDataset keeps (per data-loading process).
+_CACHE_BYTES = 2**30
+
+
 class BoxDataset(torch.utils.data.Dataset):
     """Records of a BoxFolder that carry boxes, as training samples.
 
@@ -379,6 +383,9 @@ class BoxDataset(torch.utils.data.Dataset):
         self.empty_names = [r.name for r in folder.records if not len(r.boxes)]
         self.skipped_empty = len(self.empty_names)
         self._unreadable: set[Path] = set()
+        # With crops, a few large images are decoded again and again (a 3480x2080 PNG:
+        # about 0.1 s a sample): the decoded pixels are kept, up to _CACHE_BYTES.
+        self._cache: dict[int, np.ndarray] = {}
         if with_masks:
             for r in self.records:
                 if any(s is None for s in r.segmentations):
@@ -428,9 +435,16 @@ class BoxDataset(torch.utils.data.Dataset):
         from boxlevelset.data import ImageReadError
 
         for step in range(len(self.records)):
-            record = self.records[(index + step) % len(self.records)]
+            position = (index + step) % len(self.records)
+            record = self.records[position]
+            if position in self._cache:
+                return record, self._cache[position]
             try:
-                return record, to_rgb255(self.folder.load_image(record))
+                pixels = to_rgb255(self.folder.load_image(record))
+                if self.crop and sum(a.nbytes for a in self._cache.values()) + pixels.nbytes \
+                        <= _CACHE_BYTES:
+                    self._cache[position] = pixels
+                return record, pixels
             except ImageReadError as err:
                 if record.path not in self._unreadable:
                     self._unreadable.add(record.path)
