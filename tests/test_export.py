@@ -247,3 +247,6 @@ def test_box_masks_select_and_from_masks():
     flagged = masks.select(np.array([True, False, False, True]))
     assert all((a == b).all() for a, b in zip(flagged.to_masks(), whole[[0, 3]]))
     assert len(masks.select([])) == 0 and masks.select([]).bounds.shape == (0, 4)
+    np.testing.assert_array_equal(masks.to_array(), whole)
+    empty = masks.select([]).to_array()
+    assert empty.shape == (0, 9, 11) and empty.dtype == bool

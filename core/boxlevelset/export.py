@@ -234,6 +234,10 @@ class BoxMasks:
         """Every mask as an HxW bool array."""
         return [self.full(i) for i in range(len(self))]
 
+    def to_array(self) -> np.ndarray:
+        """The masks as one [N, H, W] bool array ([0, H, W] for none)."""
+        return np.stack(self.to_masks()) if len(self) else np.zeros((0, *self.size), bool)
+
     def to_rle(self) -> list[dict]:
         """COCO RLE of each mask, the same as ``masks_to_rle`` of the HxW masks, computed
         from the crops (run starts and ends in column-major order)."""

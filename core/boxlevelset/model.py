@@ -762,12 +762,8 @@ class Predictor:
         found = np.array([crop.size > 0 for crop in masks.crops], bool)
         masks = masks.select(found)
         keep = torch.from_numpy(found).to(labels.device)
-        if cropped:
-            out = masks
-        else:
-            out = np.stack(masks.to_masks()) if len(masks) else np.zeros((0, *self._orig), bool)
         return Instances(
-            masks=out,
+            masks=masks if cropped else masks.to_array(),
             boxes=masks.bounds.astype(np.float32),
             labels=labels[keep].cpu().numpy().astype(np.int64),
             scores=scores[keep].cpu().numpy().astype(np.float32),

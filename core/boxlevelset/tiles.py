@@ -268,7 +268,5 @@ class TiledPredictor(Predictor):
         inst = predict_tiled(self.model, self._require(), self.tile, self.overlap,
                              score_threshold=score_threshold, progress=self.progress)
         if not cropped:
-            size = inst.masks.size
-            inst.masks = (np.stack(inst.masks.to_masks()) if len(inst)
-                          else np.zeros((0, *size), bool))
+            inst.masks = inst.masks.to_array()
         return inst
