@@ -15,7 +15,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from .export import BoxMasks, segmentation_to_rle
+from .export import BoxMasks, crop_overlap, segmentation_to_rle
 
 def _quiet() -> contextlib.AbstractContextManager:
     # pycocotools prints progress ("creating index...", timings) on stdout.
@@ -244,11 +244,6 @@ def matched_ious(
 def _crop_iou(a_box: Sequence[int], a: np.ndarray, b_box: Sequence[int], b: np.ndarray) -> float:
     """IoU of two masks given over their boxes (x0, y0, x1, y1); 0.0 for two empty ones, as
     ``mask_iou``."""
-    x0, y0 = max(a_box[0], b_box[0]), max(a_box[1], b_box[1])
-    x1, y1 = min(a_box[2], b_box[2]), min(a_box[3], b_box[3])
-    inter = 0
-    if x1 > x0 and y1 > y0:
-        inter = int((a[y0 - a_box[1]:y1 - a_box[1], x0 - a_box[0]:x1 - a_box[0]] &
-                     b[y0 - b_box[1]:y1 - b_box[1], x0 - b_box[0]:x1 - b_box[0]]).sum())
+    inter = crop_overlap(a_box, a, b_box, b)
     union = int(a.sum()) + int(b.sum()) - inter
     return inter / union if union else 0.0

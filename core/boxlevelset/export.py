@@ -273,6 +273,17 @@ class BoxMasks:
         return labels
 
 
+def crop_overlap(a_box: Sequence[int], a: np.ndarray, b_box: Sequence[int],
+                 b: np.ndarray) -> int:
+    """Pixels two masks given over their boxes (x0, y0, x1, y1) share."""
+    x0, y0 = max(a_box[0], b_box[0]), max(a_box[1], b_box[1])
+    x1, y1 = min(a_box[2], b_box[2]), min(a_box[3], b_box[3])
+    if x1 <= x0 or y1 <= y0:
+        return 0
+    return int((a[y0 - a_box[1]:y1 - a_box[1], x0 - a_box[0]:x1 - a_box[0]] &
+                b[y0 - b_box[1]:y1 - b_box[1], x0 - b_box[0]:x1 - b_box[0]]).sum())
+
+
 def _rle_string_counts(counts: str | bytes) -> list[int]:
     """The run lengths of a compressed COCO RLE string (pycocotools' rleFrString: 5 bits a
     character, a sign bit, and from the fourth count on the difference to the count two

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from boxlevelset.export import BoxMasks
+from boxlevelset.export import BoxMasks, crop_overlap
 from boxlevelset.image import Window, as_boxes, as_rgb, pixel_bounds
 from boxlevelset.model import Instances, Predictor
 
@@ -142,7 +142,8 @@ def merge_instances(masks: BoxMasks, labels: np.ndarray, scores: np.ndarray, cut
             j = kept[k]
             if labels[j] != labels[i] or source[j] == source[i]:
                 continue
-            inter = _intersection(masks, i, j)
+            inter = crop_overlap(masks.bounds[i], masks.crops[i], masks.bounds[j],
+                                 masks.crops[j])
             union = areas[i] + areas[j] - inter
             if inter > iou_threshold * union or (cut[i] and 2 * inter > areas[i]):
                 duplicate = True
@@ -151,17 +152,6 @@ def merge_instances(masks: BoxMasks, labels: np.ndarray, scores: np.ndarray, cut
             kept_bounds[len(kept)] = bx
             kept.append(int(i))
     return np.asarray(kept, np.int64)
-
-
-def _intersection(masks: BoxMasks, i: int, j: int) -> int:
-    """Pixels masks i and j share, over the overlap of their boxes."""
-    (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = masks.bounds[i], masks.bounds[j]
-    x0, y0, x1, y1 = max(ax0, bx0), max(ay0, by0), min(ax1, bx1), min(ay1, by1)
-    if x0 >= x1 or y0 >= y1:
-        return 0
-    a = masks.crops[i][y0 - ay0 : y1 - ay0, x0 - ax0 : x1 - ax0]
-    b = masks.crops[j][y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0]
-    return int((a & b).sum())
 
 
 class TiledPredictor(Predictor):
